@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs benchmark variants of the PyTorch binary on the lent GPU machine in one call and prints a
+# short table last. Usage (from the repo root on the device machine, binary carried in .device/):
+#   bash benchmarks/h200.sh NAME1 "FLAGS1" NAME2 "FLAGS2" ...
+# Every run writes under $OUT/runs/<NAME>; all of it is packed into $OUT/results.tar.gz.
+set -uo pipefail
+export LD_LIBRARY_PATH=$(python3 -c "import torch,os;print(os.path.dirname(torch.__file__)+'/lib')"):${LD_LIBRARY_PATH:-} TORCH_CPP_LOG_LEVEL=ERROR
+bin=${BIN:-.device/windows_pytorch_benchmark}
+out=${OUT:-/tmp/out}
+mkdir -p "$out/runs"
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv; python3 -c "import torch;print('torch', torch.__version__)"; } | tee "$out/machine.txt"
+while (($# >= 2)); do
+  name=$1; flags=$2; shift 2
+  echo "=== $name: $bin $flags" | tee -a "$out/log.txt"
+  # shellcheck disable=SC2086
+  "$bin" $flags --quiet --output-dir "$out/runs/$name" >>"$out/log.txt" 2>&1
+  echo "exit $?" | tee -a "$out/log.txt"
+  tail -2 "$out/log.txt"
+done
+python3 - "$out/runs" <<'PY' | tee "$out/table.txt"
+import json, os, sys
+root = sys.argv[1]
+print(f"{'variant':<22}{'status':<11}{'steps':>6}{'in tok/s':>10}{'loss tok/s':>11}{'samp/s':>8}{'e2e in/s':>10}{'step med s':>11}{'MFU%':>7}{'mem GiB':>9}{'total s':>9}{'loss':>8}")
+for name in sorted(os.listdir(root)):
+    p = os.path.join(root, name, "benchmark_summary.json")
+    if not os.path.exists(p):
+        print(f"{name:<22}no summary"); continue
+    s = json.load(open(p)); m = s["metrics"]
+    f = lambda v, d=0: "n/a" if v is None else f"{v:.{d}f}"
+    st = m.get("step_time_s") or {}
+    print(f"{name:<22}{s['status']:<11}{m['steps']:>6}{f(m['input_tokens_per_s']):>10}{f(m['tokens_per_s']):>11}{f(m['samples_per_s'],2):>8}{f(m['end_to_end_input_tokens_per_s']):>10}{f(st.get('median'),3):>11}{f(None if m['mfu'] is None else 100*m['mfu'],1):>7}{f(m['peak_memory_gib'],1):>9}{f(m['total_s'],1):>9}{f(m['final_loss'],3):>8}")
+PY
+tar czf "$out/results.tar.gz" -C "$out" runs log.txt machine.txt table.txt

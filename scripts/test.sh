@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The test suite: set-up, formatting, lints, then every test of the workspace (release mode: the
+# end-to-end tests run the real binaries). Fails when a test fails or when no test ran.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+bash scripts/setup.sh
+export LIBTORCH_USE_PYTORCH=1
+cargo fmt --all -- --check
+cargo clippy -q --workspace --all-targets --release -- -D warnings
+# Build every binary first: the parity test runs both benchmark binaries.
+cargo build -q --release --workspace --bins
+log="$(mktemp)"
+set +e
+cargo test --release --workspace 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+count() { awk -v w="$1;" '/^test result:/ { for (i = 2; i <= NF; i++) if ($i == w) s += $(i - 1) } END { print s + 0 }' "$log"; }
+passed=$(count passed)
+failed=$(count failed)
+rm -f "$log"
+echo "tests: ${passed:-0} passed, ${failed:-0} failed"
+if [[ $status -ne 0 ]]; then exit "$status"; fi
+if [[ "${passed:-0}" -eq 0 ]]; then echo "error: no test ran" >&2; exit 1; fi

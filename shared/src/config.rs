@@ -1,0 +1,1108 @@
+//! One tree of settings for a run: built-in defaults < preset < TOML file < command-line flags.
+//!
+//! Every field that changes the work done (model, data, strategy, batching, optimizer, seed) lives in
+//! [`Workload`] and is hashed into the summary; how and where it runs (device, dtype, output) lives
+//! in [`RunOptions`]. Unknown TOML keys and bad values are errors that name the value and the fix.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// `fast` trains on the first 100 records, `full` on all of dolly-15k (15,011 records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum TuningMode {
+    Fast,
+    Full,
+}
+
+impl TuningMode {
+    pub const FAST_SAMPLES: usize = 100;
+    pub const DOLLY_RECORDS: usize = 15_011;
+
+    pub fn samples(self) -> usize {
+        match self {
+            TuningMode::Fast => Self::FAST_SAMPLES,
+            TuningMode::Full => Self::DOLLY_RECORDS,
+        }
+    }
+}
+
+/// Which parameters train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum StrategyKind {
+    /// The last N blocks + the LM head train; everything before is frozen (the seed's recipe, N = 4).
+    LastN,
+    /// Every parameter trains.
+    Full,
+    /// Low-rank adapters on the target projections; the base model is frozen.
+    Lora,
+}
+
+/// The projections a LoRA adapter can wrap (Phi-3's fused names).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum, PartialOrd, Ord,
+)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum LoraTarget {
+    QkvProj,
+    OProj,
+    GateUpProj,
+    DownProj,
+}
+
+impl LoraTarget {
+    pub const ALL: [LoraTarget; 4] = [Self::QkvProj, Self::OProj, Self::GateUpProj, Self::DownProj];
+
+    /// The module path inside a decoder block, as in the Hugging Face checkpoint.
+    pub fn module(self) -> &'static str {
+        match self {
+            Self::QkvProj => "self_attn.qkv_proj",
+            Self::OProj => "self_attn.o_proj",
+            Self::GateUpProj => "mlp.gate_up_proj",
+            Self::DownProj => "mlp.down_proj",
+        }
+    }
+}
+
+/// How a step's records are laid out in micro-batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum BatchPlanKind {
+    /// Consecutive records, `micro_batch_size` per micro-batch, padded to the longest (or `pad_to`).
+    Padded,
+    /// The step's records sorted by length and cut into micro-batches under a padded-token budget.
+    Bucketed,
+    /// The step's records concatenated into rows; attention and positions stay inside each record.
+    Packed,
+}
+
+/// Initial weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum WeightsKind {
+    /// The checkpoint's weights (hub id or local folder).
+    Pretrained,
+    /// The exact architecture, initialised from the seed (see `model::init_value`).
+    Random,
+}
+
+/// Built-in model shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelPreset {
+    /// microsoft/phi-3-mini-4k-instruct: 3.82 B parameters.
+    Phi3Mini,
+    /// Two Phi-3 blocks, width 64, the real 32,064 vocabulary: runs in seconds on a CPU.
+    Tiny,
+}
+
+/// Whole-run presets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    /// The benchmark's default workload on phi-3-mini.
+    Phi3Mini,
+    /// The tiny model on synthetic data with random weights: the demo and the tests.
+    Tiny,
+    /// The seed project's own configuration for this binary (see `Config::apply_seed_preset`).
+    Seed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceChoice {
+    /// CUDA if present, then MPS (PyTorch) / the GPU (MLX), else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+    Mps,
+    /// MLX's GPU stream: Metal on a Mac.
+    Gpu,
+}
+
+/// Numeric precision of weights and compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DTypeChoice {
+    /// `bf16` on CUDA and Apple GPUs, `float32` on the CPU.
+    Auto,
+    /// fp32 weights and compute: the reference for parity tests.
+    Float32,
+    /// bf16 weights, activations and gradients; loss, norms' statistics and softmax in fp32.
+    Bf16,
+    /// fp32 master weights and optimizer state, bf16 matrix products: what `torch.autocast(bf16)` does.
+    MixedBf16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OverlongPolicy {
+    /// Keep the first `max_seq_len` tokens (counted in the summary).
+    Truncate,
+    /// Leave the record out (counted in the summary).
+    Drop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum BadRecordPolicy {
+    /// Stop before the model loads, naming the file, the record and the field.
+    Error,
+    /// Leave the record out and count it in the summary.
+    Skip,
+}
+
+/// Everything that defines the work: hashed into the summary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Workload {
+    pub mode: TuningMode,
+    /// Overrides the mode's sample count.
+    pub samples: Option<usize>,
+    pub seed: u64,
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub strategy: StrategyConfig,
+    pub batch: BatchConfig,
+    pub train: TrainConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Hub id or local folder holding `config.json` (+ safetensors for pretrained weights).
+    pub source: String,
+    /// A built-in shape; when set, `config.json` is not read.
+    pub preset: Option<ModelPreset>,
+    pub weights: WeightsKind,
+    /// Hub revision for `source`.
+    pub revision: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// `synthetic`, a hub dataset id, or a local JSONL / Parquet / CSV file with the dolly fields.
+    pub dataset: String,
+    /// Tokenizer folder or hub id (holding `tokenizer.json` + `tokenizer_config.json`);
+    /// defaults to the model source.
+    pub tokenizer: Option<String>,
+    pub max_seq_len: usize,
+    /// Train on prompt tokens too (default: loss on the response only).
+    pub train_on_prompt: bool,
+    /// Pad every record to this length (the seed padded to 2048).
+    pub pad_to: Option<usize>,
+    pub overlong: OverlongPolicy,
+    pub on_bad_record: BadRecordPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StrategyConfig {
+    pub kind: StrategyKind,
+    /// Blocks that train for `last-n` (the LM head always trains in `last-n`).
+    pub last_n: usize,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub lora_targets: Vec<LoraTarget>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    pub plan: BatchPlanKind,
+    /// Records per micro-batch (`padded`); with `grad_accum` it fixes the records per optimizer step.
+    pub micro_batch_size: usize,
+    pub grad_accum: usize,
+    /// Padded-token budget of one micro-batch (`bucketed`, `packed`).
+    pub max_tokens_per_micro_batch: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    /// Stop after this many optimizer steps.
+    pub max_steps: Option<usize>,
+    pub lr: f64,
+    /// Linear warm-up of the learning rate, in optimizer steps; cosine decay to 0 afterwards.
+    pub lr_warmup_steps: usize,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Clip the global gradient norm to this value (0 disables).
+    pub max_grad_norm: f64,
+}
+
+/// How a run is executed and measured; not part of the workload hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunOptions {
+    pub device: DeviceChoice,
+    pub dtype: DTypeChoice,
+    /// Optimizer steps left out of the steady-state figures (default: min(3, 10 % of steps), at least 1).
+    pub timing_warmup_steps: Option<usize>,
+    pub repeats: usize,
+    /// Folder that receives `runs/<run-id>/`; default: the binary's crate folder.
+    pub output_dir: Option<PathBuf>,
+    pub quiet: bool,
+    /// Measure the device's bf16 matmul peak before training (for `mfu_measured`).
+    pub calibrate: bool,
+}
+
+/// The whole configuration of one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub workload: Workload,
+    pub run: RunOptions,
+}
+
+pub const PHI3_MINI_HUB_ID: &str = "microsoft/Phi-3-mini-4k-instruct";
+pub const DOLLY_HUB_ID: &str = "databricks/databricks-dolly-15k";
+pub const SYNTHETIC: &str = "synthetic";
+
+impl Default for Workload {
+    fn default() -> Self {
+        Self {
+            mode: TuningMode::Fast,
+            samples: None,
+            seed: 42,
+            model: ModelConfig::default(),
+            data: DataConfig::default(),
+            strategy: StrategyConfig::default(),
+            batch: BatchConfig::default(),
+            train: TrainConfig::default(),
+        }
+    }
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            source: PHI3_MINI_HUB_ID.into(),
+            preset: None,
+            weights: WeightsKind::Pretrained,
+            revision: "main".into(),
+        }
+    }
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dataset: DOLLY_HUB_ID.into(),
+            tokenizer: None,
+            max_seq_len: 2048,
+            train_on_prompt: false,
+            pad_to: None,
+            overlong: OverlongPolicy::Truncate,
+            on_bad_record: BadRecordPolicy::Error,
+        }
+    }
+}
+
+impl Default for StrategyConfig {
+    fn default() -> Self {
+        Self {
+            kind: StrategyKind::LastN,
+            last_n: 4,
+            lora_rank: 16,
+            lora_alpha: 32.0,
+            lora_targets: LoraTarget::ALL.to_vec(),
+        }
+    }
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            plan: BatchPlanKind::Bucketed,
+            micro_batch_size: 4,
+            grad_accum: 4,
+            max_tokens_per_micro_batch: 16_384,
+        }
+    }
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 1,
+            max_steps: None,
+            lr: 2e-5,
+            lr_warmup_steps: 0,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            max_grad_norm: 1.0,
+        }
+    }
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            device: DeviceChoice::Auto,
+            dtype: DTypeChoice::Auto,
+            timing_warmup_steps: None,
+            repeats: 1,
+            output_dir: None,
+            quiet: false,
+            calibrate: false,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            workload: Workload::default(),
+            run: RunOptions::default(),
+        }
+    }
+}
+
+/// Which binary is asking: presets differ where the seed's two scripts differed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Framework {
+    Pytorch,
+    Mlx,
+}
+
+impl fmt::Display for Framework {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Framework::Pytorch => "pytorch",
+            Framework::Mlx => "mlx",
+        })
+    }
+}
+
+/// The flags both binaries accept. Every flag overrides the TOML file and the preset.
+#[derive(Debug, Clone, Default, Args)]
+pub struct CliArgs {
+    /// TOML file with any of the settings (sections [workload.*] and [run]); flags override it.
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
+    /// Start from a preset: phi3-mini (default workload), tiny (2-layer model, synthetic data,
+    /// random weights), seed (the seed project's own configuration for this framework).
+    #[arg(long, value_enum)]
+    pub preset: Option<Preset>,
+    /// fast = first 100 records, full = all 15,011 (overrides TUNING_MODE in main.rs).
+    #[arg(long, value_enum)]
+    pub mode: Option<TuningMode>,
+    /// Number of records to train on (overrides --mode).
+    #[arg(long)]
+    pub samples: Option<usize>,
+    #[arg(long, value_enum)]
+    pub strategy: Option<StrategyKind>,
+    /// Blocks that train with --strategy last-n (the LM head trains too).
+    #[arg(long)]
+    pub last_n: Option<usize>,
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Comma-separated: qkv_proj,o_proj,gate_up_proj,down_proj.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub lora_targets: Option<Vec<LoraTarget>>,
+    /// Model: hub id or local folder with config.json (and safetensors for pretrained weights),
+    /// or a built-in shape: phi3-mini, tiny.
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long, value_enum)]
+    pub weights: Option<WeightsKind>,
+    /// Tokenizer folder or hub id (default: the model's).
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+    /// `synthetic`, a hub dataset id, or a local .jsonl / .parquet / .csv file with dolly's fields.
+    #[arg(long)]
+    pub dataset: Option<String>,
+    #[arg(long, value_enum)]
+    pub batch_plan: Option<BatchPlanKind>,
+    #[arg(long)]
+    pub micro_batch_size: Option<usize>,
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Padded-token budget per micro-batch for the bucketed and packed plans.
+    #[arg(long)]
+    pub max_tokens_per_micro_batch: Option<usize>,
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    /// Pad every record to N tokens (the seed's PyTorch script padded to 2048).
+    #[arg(long)]
+    pub pad_to: Option<usize>,
+    /// Compute the loss on prompt tokens too.
+    #[arg(long)]
+    pub train_on_prompt: bool,
+    #[arg(long, value_enum)]
+    pub overlong: Option<OverlongPolicy>,
+    #[arg(long, value_enum)]
+    pub on_bad_record: Option<BadRecordPolicy>,
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Learning-rate warm-up in optimizer steps (then cosine decay to zero).
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeChoice>,
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceChoice>,
+    /// Optimizer steps excluded from steady-state timing.
+    #[arg(long)]
+    pub timing_warmup_steps: Option<usize>,
+    /// Run the workload R times in fresh state and report the median and spread.
+    #[arg(long)]
+    pub repeats: Option<usize>,
+    /// Measure the device's bf16 matmul peak first, for `mfu_measured`.
+    #[arg(long)]
+    pub calibrate: bool,
+    /// Folder that receives runs/<run-id>/ (default: this binary's crate folder).
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    /// No progress bar; only errors and the final line.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl Config {
+    /// Defaults for a binary whose `main.rs` says `TUNING_MODE = mode`.
+    pub fn defaults(mode: TuningMode) -> Self {
+        let mut c = Config::default();
+        c.workload.mode = mode;
+        c
+    }
+
+    /// Applies a preset on top of the current values.
+    pub fn apply_preset(&mut self, preset: Preset, framework: Framework) {
+        let w = &mut self.workload;
+        match preset {
+            Preset::Phi3Mini => {
+                w.model.preset = Some(ModelPreset::Phi3Mini);
+                w.model.source = PHI3_MINI_HUB_ID.into();
+            }
+            Preset::Tiny => {
+                w.model.preset = Some(ModelPreset::Tiny);
+                w.model.weights = WeightsKind::Random;
+                w.data.dataset = SYNTHETIC.into();
+                w.data.max_seq_len = 512;
+                // Two blocks: train the last one (+ head), so last-n still freezes a prefix.
+                w.strategy.last_n = 1;
+                w.batch.max_tokens_per_micro_batch = 2048;
+                w.train.lr = 3e-3;
+                w.train.lr_warmup_steps = 2;
+            }
+            Preset::Seed => self.apply_seed_preset(framework),
+        }
+    }
+
+    /// The seed project's two scripts, reproduced. They trained different parameter sets with
+    /// different padding; the preset keeps each binary's own so that reports show the gap.
+    fn apply_seed_preset(&mut self, framework: Framework) {
+        let w = &mut self.workload;
+        w.model.preset = Some(ModelPreset::Phi3Mini);
+        w.data.train_on_prompt = true;
+        w.batch.plan = BatchPlanKind::Padded;
+        w.batch.micro_batch_size = 1;
+        w.train.lr_warmup_steps = 0;
+        w.train.weight_decay = 0.0;
+        match framework {
+            Framework::Pytorch => {
+                // HF Trainer: full fine-tuning, bf16 weights, every sample padded to 2048,
+                // batch 1 x accumulation 4, AdamW lr 2e-5.
+                w.strategy.kind = StrategyKind::Full;
+                w.data.max_seq_len = 2048;
+                w.data.pad_to = Some(2048);
+                w.batch.grad_accum = 4;
+                w.train.lr = 2e-5;
+                self.run.dtype = DTypeChoice::Bf16;
+            }
+            Framework::Mlx => {
+                // mlx script: last 4 blocks + head, batch 1, no padding, Adam lr 1e-5.
+                w.strategy.kind = StrategyKind::LastN;
+                w.strategy.last_n = 4;
+                w.data.pad_to = None;
+                w.batch.grad_accum = 1;
+                w.train.lr = 1e-5;
+                w.train.max_grad_norm = 0.0;
+            }
+        }
+    }
+
+    /// Builds the configuration: defaults < preset < TOML file < flags, then validates it.
+    pub fn resolve(
+        mode: TuningMode,
+        args: &CliArgs,
+        framework: Framework,
+    ) -> Result<Self, ConfigError> {
+        let mut cfg = Config::defaults(mode);
+        let file_table = match &args.config {
+            Some(path) => Some(read_toml(path)?),
+            None => None,
+        };
+        // A preset named on the command line wins over one named in the file.
+        let file_preset = match file_table.as_ref().and_then(|t| t.get("preset")) {
+            Some(v) => Some(
+                Preset::deserialize(v.clone()).map_err(|e| ConfigError::Value {
+                    key: "preset".into(),
+                    value: v.to_string(),
+                    reason: e.to_string(),
+                    fix: "use one of: phi3-mini, tiny, seed".into(),
+                })?,
+            ),
+            None => None,
+        };
+        if let Some(p) = args.preset.or(file_preset) {
+            cfg.apply_preset(p, framework);
+        }
+        if let (Some(mut table), Some(path)) = (file_table, &args.config) {
+            table.remove("preset");
+            cfg = merge_toml(&cfg, table, path)?;
+        }
+        cfg.apply_flags(args)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn apply_flags(&mut self, a: &CliArgs) -> Result<(), ConfigError> {
+        let w = &mut self.workload;
+        if let Some(m) = a.mode {
+            w.mode = m;
+            w.samples = None;
+        }
+        set(&mut w.samples, a.samples.map(Some));
+        set(&mut w.strategy.kind, a.strategy);
+        set(&mut w.strategy.last_n, a.last_n);
+        set(&mut w.strategy.lora_rank, a.lora_rank);
+        set(&mut w.strategy.lora_alpha, a.lora_alpha);
+        set(&mut w.strategy.lora_targets, a.lora_targets.clone());
+        if let Some(m) = &a.model {
+            match ModelPreset::from_str(m, true) {
+                Ok(p) => {
+                    w.model.preset = Some(p);
+                    if p == ModelPreset::Phi3Mini {
+                        w.model.source = PHI3_MINI_HUB_ID.into();
+                    }
+                }
+                Err(_) => {
+                    w.model.preset = None;
+                    w.model.source = m.clone();
+                }
+            }
+        }
+        set(&mut w.model.weights, a.weights);
+        set(&mut w.data.tokenizer, a.tokenizer.clone().map(Some));
+        set(&mut w.data.dataset, a.dataset.clone());
+        set(&mut w.batch.plan, a.batch_plan);
+        set(&mut w.batch.micro_batch_size, a.micro_batch_size);
+        set(&mut w.batch.grad_accum, a.grad_accum);
+        set(
+            &mut w.batch.max_tokens_per_micro_batch,
+            a.max_tokens_per_micro_batch,
+        );
+        set(&mut w.data.max_seq_len, a.max_seq_len);
+        set(&mut w.data.pad_to, a.pad_to.map(Some));
+        if a.train_on_prompt {
+            w.data.train_on_prompt = true;
+        }
+        set(&mut w.data.overlong, a.overlong);
+        set(&mut w.data.on_bad_record, a.on_bad_record);
+        set(&mut w.train.max_steps, a.max_steps.map(Some));
+        set(&mut w.train.epochs, a.epochs);
+        set(&mut w.train.lr, a.lr);
+        set(&mut w.train.lr_warmup_steps, a.warmup_steps);
+        set(&mut w.train.weight_decay, a.weight_decay);
+        set(&mut w.train.max_grad_norm, a.max_grad_norm);
+        set(&mut w.seed, a.seed);
+        let r = &mut self.run;
+        set(&mut r.dtype, a.dtype);
+        set(&mut r.device, a.device);
+        set(&mut r.timing_warmup_steps, a.timing_warmup_steps.map(Some));
+        set(&mut r.repeats, a.repeats);
+        set(&mut r.output_dir, a.output_dir.clone().map(Some));
+        if a.quiet {
+            r.quiet = true;
+        }
+        if a.calibrate {
+            r.calibrate = true;
+        }
+        Ok(())
+    }
+
+    /// Checks that do not need the model's shape. Shape-dependent checks (LoRA rank, `last_n`
+    /// against the layer count, the tokenizer's vocabulary) are in [`Config::validate_for_shape`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let w = &self.workload;
+        let bad = |key: &str, value: String, reason: &str, fix: &str| ConfigError::Value {
+            key: key.into(),
+            value,
+            reason: reason.into(),
+            fix: fix.into(),
+        };
+        if w.samples == Some(0) {
+            return Err(bad(
+                "samples",
+                "0".into(),
+                "at least one record is needed",
+                "use --samples 1 or more",
+            ));
+        }
+        if w.batch.micro_batch_size == 0 {
+            return Err(bad(
+                "micro_batch_size",
+                "0".into(),
+                "must be at least 1",
+                "use --micro-batch-size 1 or more",
+            ));
+        }
+        if w.batch.grad_accum == 0 {
+            return Err(bad(
+                "grad_accum",
+                "0".into(),
+                "must be at least 1",
+                "use --grad-accum 1 or more",
+            ));
+        }
+        if w.data.max_seq_len < 8 {
+            return Err(bad(
+                "max_seq_len",
+                w.data.max_seq_len.to_string(),
+                "too short for the chat template",
+                "use --max-seq-len 8 or more (2048 is the default)",
+            ));
+        }
+        if let Some(p) = w.data.pad_to {
+            if p < w.data.max_seq_len {
+                return Err(bad(
+                    "pad_to",
+                    p.to_string(),
+                    &format!(
+                        "shorter than max_seq_len ({}), so some records could not be padded to it",
+                        w.data.max_seq_len
+                    ),
+                    &format!("use --max-seq-len {p} with --pad-to {p}, or a larger --pad-to"),
+                ));
+            }
+            if w.batch.plan != BatchPlanKind::Padded {
+                return Err(bad(
+                    "pad_to",
+                    p.to_string(),
+                    "only the padded batch plan pads to a fixed length",
+                    "add --batch-plan padded, or drop --pad-to",
+                ));
+            }
+        }
+        if w.batch.max_tokens_per_micro_batch < w.data.max_seq_len
+            && w.batch.plan != BatchPlanKind::Padded
+        {
+            return Err(bad(
+                "max_tokens_per_micro_batch",
+                w.batch.max_tokens_per_micro_batch.to_string(),
+                &format!(
+                    "smaller than max_seq_len ({}): the longest record would not fit",
+                    w.data.max_seq_len
+                ),
+                &format!(
+                    "use --max-tokens-per-micro-batch {} or more, or a smaller --max-seq-len",
+                    w.data.max_seq_len
+                ),
+            ));
+        }
+        if w.train.epochs == 0 {
+            return Err(bad(
+                "epochs",
+                "0".into(),
+                "must be at least 1",
+                "use --epochs 1 or more",
+            ));
+        }
+        if w.train.max_steps == Some(0) {
+            return Err(bad(
+                "max_steps",
+                "0".into(),
+                "must be at least 1",
+                "use --max-steps 1 or more, or drop it",
+            ));
+        }
+        if !(w.train.lr.is_finite() && w.train.lr > 0.0) {
+            return Err(bad(
+                "lr",
+                w.train.lr.to_string(),
+                "must be a positive number",
+                "e.g. --lr 2e-5",
+            ));
+        }
+        if !(w.train.weight_decay.is_finite() && w.train.weight_decay >= 0.0) {
+            return Err(bad(
+                "weight_decay",
+                w.train.weight_decay.to_string(),
+                "must be >= 0",
+                "e.g. --weight-decay 0.01",
+            ));
+        }
+        if !(w.train.max_grad_norm.is_finite() && w.train.max_grad_norm >= 0.0) {
+            return Err(bad(
+                "max_grad_norm",
+                w.train.max_grad_norm.to_string(),
+                "must be >= 0 (0 disables clipping)",
+                "e.g. --max-grad-norm 1.0",
+            ));
+        }
+        for (k, v) in [("beta1", w.train.beta1), ("beta2", w.train.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(bad(
+                    k,
+                    v.to_string(),
+                    "must lie in [0, 1)",
+                    "e.g. 0.9 for beta1, 0.999 for beta2",
+                ));
+            }
+        }
+        if !(w.train.eps > 0.0) {
+            return Err(bad(
+                "eps",
+                w.train.eps.to_string(),
+                "must be > 0",
+                "e.g. 1e-8",
+            ));
+        }
+        if w.strategy.kind == StrategyKind::Lora {
+            if w.strategy.lora_rank == 0 {
+                return Err(bad(
+                    "lora_rank",
+                    "0".into(),
+                    "must be at least 1",
+                    "e.g. --lora-rank 16",
+                ));
+            }
+            if w.strategy.lora_targets.is_empty() {
+                return Err(bad(
+                    "lora_targets",
+                    "[]".into(),
+                    "LoRA needs at least one target",
+                    "e.g. --lora-targets qkv_proj,o_proj,gate_up_proj,down_proj",
+                ));
+            }
+            if !(w.strategy.lora_alpha.is_finite() && w.strategy.lora_alpha > 0.0) {
+                return Err(bad(
+                    "lora_alpha",
+                    w.strategy.lora_alpha.to_string(),
+                    "must be > 0",
+                    "e.g. --lora-alpha 32",
+                ));
+            }
+        }
+        if w.strategy.kind == StrategyKind::LastN && w.strategy.last_n == 0 {
+            return Err(bad(
+                "last_n",
+                "0".into(),
+                "at least one block must train",
+                "use --last-n 1 or more, or --strategy full",
+            ));
+        }
+        if self.run.repeats == 0 {
+            return Err(bad(
+                "repeats",
+                "0".into(),
+                "must be at least 1",
+                "use --repeats 1 or more",
+            ));
+        }
+        if w.data.dataset.trim().is_empty() {
+            return Err(bad(
+                "dataset",
+                "\"\"".into(),
+                "empty",
+                "use --dataset synthetic, a hub id or a file path",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that need the model's shape.
+    pub fn validate_for_shape(&self, shape: &crate::model::ModelShape) -> Result<(), ConfigError> {
+        let s = &self.workload.strategy;
+        if s.kind == StrategyKind::LastN && s.last_n > shape.num_layers {
+            return Err(ConfigError::Value {
+                key: "last_n".into(),
+                value: s.last_n.to_string(),
+                reason: format!("the model has only {} blocks", shape.num_layers),
+                fix: format!(
+                    "use --last-n {} or less, or --strategy full",
+                    shape.num_layers
+                ),
+            });
+        }
+        if s.kind == StrategyKind::Lora {
+            let narrowest = shape.hidden_size.min(shape.head_dim() * shape.num_heads);
+            if s.lora_rank > narrowest {
+                return Err(ConfigError::Value {
+                    key: "lora_rank".into(),
+                    value: s.lora_rank.to_string(),
+                    reason: format!("above the narrowest wrapped layer's width ({narrowest})"),
+                    fix: format!(
+                        "use --lora-rank {} or less (16 is usual)",
+                        narrowest.min(64)
+                    ),
+                });
+            }
+        }
+        if self.workload.data.max_seq_len > shape.max_position_embeddings {
+            return Err(ConfigError::Value {
+                key: "max_seq_len".into(),
+                value: self.workload.data.max_seq_len.to_string(),
+                reason: format!(
+                    "above the model's context ({})",
+                    shape.max_position_embeddings
+                ),
+                fix: format!(
+                    "use --max-seq-len {} or less",
+                    shape.max_position_embeddings
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Records to train on.
+    pub fn sample_count(&self) -> usize {
+        self.workload
+            .samples
+            .unwrap_or_else(|| self.workload.mode.samples())
+    }
+
+    /// Optimizer steps excluded from steady-state figures for a run of `steps` steps.
+    pub fn timing_warmup_steps(&self, steps: usize) -> usize {
+        match self.run.timing_warmup_steps {
+            Some(k) => k.min(steps.saturating_sub(1)),
+            None => {
+                // measuring.md: default 3 or 10 % of steps, whichever is smaller, but at least 1.
+                let k = 3.min(steps / 10).max(1);
+                k.min(steps.saturating_sub(1))
+            }
+        }
+    }
+}
+
+fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
+}
+
+fn read_toml(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    text.parse::<toml::Table>().map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        reason: format!("not valid TOML: {e}"),
+    })
+}
+
+/// Deep-merges `file` over `base` and deserializes, so unknown keys and bad values are reported
+/// with their TOML path.
+fn merge_toml(base: &Config, file: toml::Table, path: &Path) -> Result<Config, ConfigError> {
+    let mut merged = toml::Table::try_from(base).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        reason: format!("internal: defaults did not serialize: {e}"),
+    })?;
+    deep_merge(&mut merged, file);
+    Config::deserialize(toml::Value::Table(merged)).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        reason: format!(
+            "{}. Valid sections: [workload], [workload.model], [workload.data], [workload.strategy], \
+             [workload.batch], [workload.train], [run]; see README's configuration table",
+            e.to_string().trim()
+        ),
+    })
+}
+
+fn deep_merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => deep_merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: CliArgs,
+    }
+
+    fn parse(argv: &[&str]) -> CliArgs {
+        let mut v = vec!["bin"];
+        v.extend_from_slice(argv);
+        Cli::try_parse_from(v).expect("flags parse").args
+    }
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        f
+    }
+
+    #[test]
+    fn precedence_defaults_preset_file_flags() {
+        let f = write("preset = \"tiny\"\n[workload.train]\nlr = 0.5\nepochs = 3\n[workload.batch]\ngrad_accum = 7\n");
+        let path = f.path().to_str().unwrap().to_string();
+        let c = Config::resolve(
+            TuningMode::Fast,
+            &parse(&["--config", &path, "--lr", "0.25"]),
+            Framework::Pytorch,
+        )
+        .unwrap();
+        assert_eq!(c.workload.train.lr, 0.25, "flag beats file");
+        assert_eq!(c.workload.train.epochs, 3, "file beats default");
+        assert_eq!(c.workload.batch.grad_accum, 7);
+        assert_eq!(
+            c.workload.model.preset,
+            Some(ModelPreset::Tiny),
+            "preset from file applied"
+        );
+        assert_eq!(c.workload.data.dataset, SYNTHETIC);
+        assert_eq!(c.sample_count(), 100);
+        let c = Config::resolve(TuningMode::Full, &parse(&[]), Framework::Pytorch).unwrap();
+        assert_eq!(c.sample_count(), 15_011);
+        let c = Config::resolve(
+            TuningMode::Full,
+            &parse(&["--mode", "fast"]),
+            Framework::Pytorch,
+        )
+        .unwrap();
+        assert_eq!(c.sample_count(), 100, "flag beats TUNING_MODE");
+    }
+
+    #[test]
+    fn unknown_toml_key_is_an_error_naming_it() {
+        let f = write("[workload.train]\nlearning_rate = 0.1\n");
+        let path = f.path().to_str().unwrap().to_string();
+        let e = Config::resolve(
+            TuningMode::Fast,
+            &parse(&["--config", &path]),
+            Framework::Pytorch,
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("learning_rate"), "{msg}");
+        assert!(msg.contains(&path), "{msg}");
+    }
+
+    #[test]
+    fn bad_toml_value_names_valid_choices() {
+        let f = write("[workload.strategy]\nkind = \"half\"\n");
+        let path = f.path().to_str().unwrap().to_string();
+        let msg = Config::resolve(
+            TuningMode::Fast,
+            &parse(&["--config", &path]),
+            Framework::Pytorch,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains("half") && msg.contains("last-n"), "{msg}");
+    }
+
+    #[test]
+    fn bad_flag_values_name_the_fix() {
+        let msg = Config::resolve(
+            TuningMode::Fast,
+            &parse(&["--grad-accum", "0"]),
+            Framework::Pytorch,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.contains("grad_accum") && msg.contains("--grad-accum 1"),
+            "{msg}"
+        );
+        let msg = Config::resolve(
+            TuningMode::Fast,
+            &parse(&["--pad-to", "100"]),
+            Framework::Pytorch,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains("pad_to") && msg.contains("100"), "{msg}");
+        let shape = crate::model::ModelShape::tiny();
+        let c = Config::resolve(
+            TuningMode::Fast,
+            &parse(&["--preset", "tiny", "--last-n", "9"]),
+            Framework::Pytorch,
+        )
+        .unwrap();
+        let msg = c.validate_for_shape(&shape).unwrap_err().to_string();
+        assert!(
+            msg.contains("last_n") && msg.contains("--last-n 2"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn seed_preset_differs_per_framework() {
+        let t = Config::resolve(
+            TuningMode::Fast,
+            &parse(&["--preset", "seed"]),
+            Framework::Pytorch,
+        )
+        .unwrap();
+        assert_eq!(t.workload.strategy.kind, StrategyKind::Full);
+        assert_eq!(t.workload.data.pad_to, Some(2048));
+        assert_eq!(
+            (
+                t.workload.batch.micro_batch_size,
+                t.workload.batch.grad_accum
+            ),
+            (1, 4)
+        );
+        let m = Config::resolve(
+            TuningMode::Fast,
+            &parse(&["--preset", "seed"]),
+            Framework::Mlx,
+        )
+        .unwrap();
+        assert_eq!(m.workload.strategy.kind, StrategyKind::LastN);
+        assert_eq!(m.workload.data.pad_to, None);
+        assert_eq!(m.workload.train.lr, 1e-5);
+    }
+
+    #[test]
+    fn timing_warmup_default_follows_measuring_md() {
+        let c = Config::default();
+        assert_eq!(c.timing_warmup_steps(100), 3);
+        assert_eq!(c.timing_warmup_steps(20), 2);
+        assert_eq!(c.timing_warmup_steps(5), 1);
+        assert_eq!(c.timing_warmup_steps(1), 0);
+    }
+}

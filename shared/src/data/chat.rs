@@ -1,0 +1,236 @@
+//! Chat formatting with the tokenizer's own template and tokenisation with a loss mask.
+//!
+//! A dolly record becomes two chat messages: the user turn holds the instruction, with the context
+//! (when present) after a blank line; the assistant turn holds the response. The template in
+//! `tokenizer_config.json` is rendered with minijinja; the prompt (the user turn up to and including
+//! `<|assistant|>\n`) is rendered alone too, and tokens that start inside it carry no loss.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::records::Record;
+use super::Sample;
+
+pub struct ChatTokenizer {
+    tokenizer: tokenizers::Tokenizer,
+    template: String,
+    bos: String,
+    eos: String,
+    /// Where it came from (for the summary).
+    pub origin: String,
+}
+
+/// Finds `tokenizer.json` and `tokenizer_config.json`: a local folder, or a hub model id (cached).
+pub fn locate(spec: &str, revision: &str) -> Result<(PathBuf, PathBuf, String)> {
+    let dir = Path::new(spec);
+    if dir.is_dir() {
+        let (t, c) = (
+            dir.join("tokenizer.json"),
+            dir.join("tokenizer_config.json"),
+        );
+        for f in [&t, &c] {
+            if !f.exists() {
+                bail!("{} is missing; a tokenizer folder needs tokenizer.json and tokenizer_config.json (e.g. --tokenizer ../shared/tokenizers/phi-3)", f.display());
+            }
+        }
+        return Ok((t, c, dir.display().to_string()));
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(false)
+        .build()
+        .context("starting the hub client")?;
+    let repo = api.repo(hf_hub::Repo::with_revision(
+        spec.to_string(),
+        hf_hub::RepoType::Model,
+        revision.to_string(),
+    ));
+    let get = |f: &str| {
+        repo.get(f).map_err(|e| {
+            anyhow!("could not get {f} of hf://{spec} ({e}); pass a local tokenizer folder with --tokenizer DIR, or use --dataset synthetic (needs no tokenizer)")
+        })
+    };
+    Ok((
+        get("tokenizer.json")?,
+        get("tokenizer_config.json")?,
+        format!("hf://{spec}@{revision}"),
+    ))
+}
+
+impl ChatTokenizer {
+    pub fn load(tokenizer_json: &Path, config_json: &Path, origin: String) -> Result<Self> {
+        let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| {
+            anyhow!(
+                "{} is not a tokenizers-format tokenizer.json: {e}",
+                tokenizer_json.display()
+            )
+        })?;
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(config_json)
+                .with_context(|| format!("reading {}", config_json.display()))?,
+        )
+        .with_context(|| format!("{} is not valid JSON", config_json.display()))?;
+        let token = |k: &str| -> String {
+            match &cfg[k] {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Object(o) => o
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .unwrap_or("")
+                    .to_string(),
+                _ => String::new(),
+            }
+        };
+        let template = cfg["chat_template"]
+            .as_str()
+            .ok_or_else(|| {
+                anyhow!(
+                    "{} has no chat_template string; Phi-3's tokenizer_config.json carries one",
+                    config_json.display()
+                )
+            })?
+            .to_string();
+        Ok(Self {
+            tokenizer,
+            template,
+            bos: token("bos_token"),
+            eos: token("eos_token"),
+            origin,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// Renders messages with the chat template.
+    pub fn render(&self, messages: &[(&str, &str)]) -> Result<String> {
+        let mut env = minijinja::Environment::new();
+        env.add_template("chat", &self.template)
+            .context("parsing the chat template")?;
+        let msgs: Vec<_> = messages
+            .iter()
+            .map(|(r, c)| minijinja::context! { role => r, content => c })
+            .collect();
+        env.get_template("chat")?
+            .render(minijinja::context! {
+                messages => msgs,
+                bos_token => self.bos,
+                eos_token => self.eos,
+                add_generation_prompt => true,
+            })
+            .context("rendering the chat template")
+    }
+
+    /// Formats and tokenises a record; `prompt_len` counts the tokens that start inside the prompt.
+    pub fn encode(&self, r: &Record) -> Result<Sample> {
+        let user = if r.context.trim().is_empty() {
+            r.instruction.clone()
+        } else {
+            format!("{}\n\n{}", r.instruction, r.context)
+        };
+        let prompt = self.render(&[("user", &user)])?;
+        let full = self.render(&[("user", &user), ("assistant", &r.response)])?;
+        if !full.starts_with(&prompt) {
+            bail!("the chat template does not render the prompt as a prefix of the conversation; prompt masking needs that");
+        }
+        // The template writes the special tokens as text (`<s>`), so no extra ones are added.
+        let enc = self
+            .tokenizer
+            .encode(full.as_str(), false)
+            .map_err(|e| anyhow!("tokenising: {e}"))?;
+        let prompt_len = enc
+            .get_offsets()
+            .iter()
+            .take_while(|(start, _)| *start < prompt.len())
+            .count();
+        Ok(Sample {
+            ids: enc.get_ids().to_vec(),
+            prompt_len,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared_tokenizer() -> Option<ChatTokenizer> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/tokenizers/phi-3");
+        if !dir.join("tokenizer.json").exists() {
+            eprintln!(
+                "skipped: the Phi-3 tokenizer is not at {} (../shared beside the repository)",
+                dir.display()
+            );
+            return None;
+        }
+        let (t, c, o) = locate(dir.to_str().unwrap(), "main").unwrap();
+        Some(ChatTokenizer::load(&t, &c, o).unwrap())
+    }
+
+    #[test]
+    fn real_phi3_tokenizer_formats_and_masks() {
+        let Some(tok) = shared_tokenizer() else {
+            return;
+        };
+        assert_eq!(tok.vocab_size(), 32_064);
+        let r = Record {
+            instruction: "Hello world".into(),
+            context: String::new(),
+            response: "Hi there".into(),
+            category: "open_qa".into(),
+        };
+        let s = tok.encode(&r).unwrap();
+        // Expected ids were produced by the `tokenizers` Python package (0.22) from the same file.
+        assert_eq!(
+            s.ids,
+            vec![
+                1, 32010, 29871, 13, 10994, 3186, 32007, 29871, 13, 32001, 29871, 13, 18567, 727,
+                32007, 29871, 13
+            ]
+        );
+        assert_eq!(s.prompt_len, 12);
+        // The synthetic generator lays out the same structure.
+        let syn = super::super::synthetic::chat_sample(&s.ids[4..6], &s.ids[12..14]);
+        assert_eq!(syn, s);
+        let with_ctx = Record {
+            context: "Some passage.".into(),
+            ..r
+        };
+        let s2 = tok.encode(&with_ctx).unwrap();
+        assert!(s2.prompt_len > s.prompt_len);
+        assert_eq!(
+            &s2.ids[s2.prompt_len..],
+            &s.ids[s.prompt_len..],
+            "response tokens unchanged by context"
+        );
+    }
+
+    #[test]
+    fn built_in_tokenizer_with_template_masks_prompt() {
+        // A word-level tokenizer built here, so the test needs no files from outside.
+        let d = tempfile::tempdir().unwrap();
+        let vocab = serde_json::json!({"<unk>":0,"<s>":1,"user":2,"bot":3,"hi":4,"there":5,"friend":6,"|":7});
+        let tj = serde_json::json!({
+            "version":"1.0","truncation":null,"padding":null,
+            "added_tokens":[{"id":1,"content":"<s>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}],
+            "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+            "model":{"type":"WordLevel","vocab":vocab,"unk_token":"<unk>"}
+        });
+        std::fs::write(d.path().join("tokenizer.json"), tj.to_string()).unwrap();
+        let cfg = serde_json::json!({"bos_token":"<s>","eos_token":"|","chat_template":"{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}user {{ m['content'] }} bot {% else %}{{ m['content'] }} |{% endif %}{% endfor %}"});
+        std::fs::write(d.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
+        let (t, c, o) = locate(d.path().to_str().unwrap(), "main").unwrap();
+        let tok = ChatTokenizer::load(&t, &c, o).unwrap();
+        let s = tok
+            .encode(&Record {
+                instruction: "hi".into(),
+                context: String::new(),
+                response: "there friend".into(),
+                category: String::new(),
+            })
+            .unwrap();
+        assert_eq!(s.ids, vec![1, 2, 4, 3, 5, 6, 7]);
+        assert_eq!(s.prompt_len, 4);
+    }
+}

@@ -1,0 +1,172 @@
+//! Dolly-shaped records as token ids in the exact Phi-3 chat structure, from a seed.
+//!
+//! Length model (as the reference figures in measuring.md used): a record's total length in tokens,
+//! template included, is `exp(N(ln 200, 0.75))` rounded and clipped to [24, 1024]. The category is
+//! drawn with dolly-15k's own frequencies; the three categories that carry a context passage in
+//! dolly (closed_qa, information_extraction, summarization: 29.8 % of records) get a longer prompt.
+//! Prompt/response split (our choice, documented in the README): of the content tokens (total minus
+//! the 13 template tokens), the prompt takes a fraction uniform in [0.15, 0.45] without a context
+//! and in [0.45, 0.80] with one; every record keeps at least one prompt and two response tokens.
+//! Content ids follow Zipf's law (probability of the rank-r id ∝ 1/r^1.1, as word frequencies in
+//! text roughly do) over a fixed permutation of the ordinary vocabulary (259..32000: no byte or
+//! special tokens), so a model can learn something and loss curves are not flat; compute per step
+//! does not depend on which ids appear.
+
+use super::{ids, Sample};
+use crate::rng::SplitMix64;
+
+/// dolly-15k's categories and their record counts (sum 15,011) and whether they carry a context.
+pub const CATEGORIES: [(&str, u32, bool); 8] = [
+    ("open_qa", 3742, false),
+    ("general_qa", 2191, false),
+    ("classification", 2136, false),
+    ("closed_qa", 1773, true),
+    ("brainstorming", 1766, false),
+    ("information_extraction", 1506, true),
+    ("summarization", 1188, true),
+    ("creative_writing", 709, false),
+];
+
+/// Template tokens around the content: `<s><|user|>\n` + `<|end|>\n<|assistant|>\n` + `<|end|>\n`.
+pub const TEMPLATE_TOKENS: usize = 13;
+
+const MIN_LEN: usize = 24;
+const MAX_LEN: usize = 1024;
+const MEDIAN_LEN: f64 = 200.0;
+const SIGMA: f64 = 0.75;
+const FIRST_CONTENT_ID: u32 = 259;
+const END_CONTENT_ID: u32 = 32_000;
+const ZIPF_EXPONENT: f64 = 1.1;
+/// The permutation is part of the synthetic "language", the same for every workload seed.
+const LANGUAGE_SEED: u64 = 0x5a49_5046; // "ZIPF"
+
+/// Content ids by rank, and the cumulative Zipf distribution over ranks.
+struct Zipf {
+    ids: Vec<u32>,
+    cdf: Vec<f64>,
+}
+
+impl Zipf {
+    fn new() -> Self {
+        let mut ids: Vec<u32> = (FIRST_CONTENT_ID..END_CONTENT_ID).collect();
+        SplitMix64::new(LANGUAGE_SEED).shuffle(&mut ids);
+        let mut acc = 0.0;
+        let mut cdf: Vec<f64> = (1..=ids.len())
+            .map(|r| {
+                acc += (r as f64).powf(-ZIPF_EXPONENT);
+                acc
+            })
+            .collect();
+        for c in &mut cdf {
+            *c /= acc;
+        }
+        Self { ids, cdf }
+    }
+
+    fn draw(&self, rng: &mut SplitMix64) -> u32 {
+        let u = rng.next_f64();
+        let rank = self
+            .cdf
+            .partition_point(|&c| c <= u)
+            .min(self.ids.len() - 1);
+        self.ids[rank]
+    }
+}
+
+/// The first `n` synthetic records of the stream defined by `seed`, with their category names.
+pub fn generate(n: usize, seed: u64) -> Vec<(Sample, &'static str)> {
+    let mut rng = SplitMix64::new(seed ^ 0x5359_4e54_4845_5449); // "SYNTHETI"
+    let zipf = Zipf::new();
+    let total: u32 = CATEGORIES.iter().map(|c| c.1).sum();
+    (0..n)
+        .map(|_| {
+            let mut pick = rng.below(u64::from(total)) as u32;
+            let mut cat = CATEGORIES[0];
+            for c in CATEGORIES {
+                if pick < c.1 {
+                    cat = c;
+                    break;
+                }
+                pick -= c.1;
+            }
+            let len = (MEDIAN_LEN.ln() + SIGMA * rng.normal())
+                .exp()
+                .round()
+                .clamp(MIN_LEN as f64, MAX_LEN as f64) as usize;
+            let content = len - TEMPLATE_TOKENS;
+            let (lo, hi) = if cat.2 { (0.45, 0.80) } else { (0.15, 0.45) };
+            let frac = lo + (hi - lo) * rng.next_f64();
+            let prompt = ((content as f64 * frac).round() as usize).clamp(1, content - 2);
+            let response = content - prompt;
+            let mut tok = |k: usize| -> Vec<u32> { (0..k).map(|_| zipf.draw(&mut rng)).collect() };
+            let p = tok(prompt);
+            let r = tok(response);
+            (chat_sample(&p, &r), cat.0)
+        })
+        .collect()
+}
+
+/// Lays out prompt and response content ids in Phi-3's chat structure.
+pub fn chat_sample(prompt: &[u32], response: &[u32]) -> Sample {
+    let mut v = Vec::with_capacity(prompt.len() + response.len() + TEMPLATE_TOKENS);
+    v.extend([ids::BOS, ids::USER]);
+    v.extend(ids::NEWLINE);
+    v.extend_from_slice(prompt);
+    v.push(ids::END);
+    v.extend(ids::NEWLINE);
+    v.push(ids::ASSISTANT);
+    v.extend(ids::NEWLINE);
+    let prompt_len = v.len();
+    v.extend_from_slice(response);
+    v.push(ids::END);
+    v.extend(ids::NEWLINE);
+    Sample { ids: v, prompt_len }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_follow_the_reference_model() {
+        let recs = generate(15_011, 42);
+        let mut lens: Vec<usize> = recs.iter().map(|(s, _)| s.len()).collect();
+        lens.sort();
+        let median = lens[lens.len() / 2];
+        assert!((185..=215).contains(&median), "median {median}");
+        assert!(*lens.first().unwrap() >= MIN_LEN && *lens.last().unwrap() <= MAX_LEN);
+        let with_ctx = recs
+            .iter()
+            .filter(|(_, c)| ["closed_qa", "information_extraction", "summarization"].contains(c))
+            .count();
+        let frac = with_ctx as f64 / recs.len() as f64;
+        assert!((0.27..0.33).contains(&frac), "context fraction {frac}");
+        assert_eq!(generate(10, 42), generate(20, 42)[..10].to_vec());
+        // Zipf content: the most frequent id is common, every id is ordinary vocabulary.
+        let mut counts = std::collections::HashMap::new();
+        for (s, _) in &recs {
+            for &id in &s.ids[4..s.prompt_len - 6] {
+                assert!((259..32_000).contains(&id));
+                *counts.entry(id).or_insert(0usize) += 1;
+            }
+        }
+        let total: usize = counts.values().sum();
+        let top = *counts.values().max().unwrap() as f64 / total as f64;
+        assert!((0.05..0.15).contains(&top), "top id frequency {top}");
+    }
+
+    #[test]
+    fn structure_is_phi3_chat() {
+        let s = chat_sample(&[500, 501], &[600]);
+        assert_eq!(
+            s.ids,
+            vec![
+                1, 32010, 29871, 13, 500, 501, 32007, 29871, 13, 32001, 29871, 13, 600, 32007,
+                29871, 13
+            ]
+        );
+        assert_eq!(s.prompt_len, 12);
+        assert_eq!(s.loss_tokens(false), 4);
+        assert_eq!(s.loss_tokens(true), 15);
+    }
+}

@@ -1,0 +1,50 @@
+//! Errors a user can cause, each naming the bad value and the fix, with the exit code it maps to.
+
+use std::path::PathBuf;
+
+/// A configuration problem found before any model is loaded: exit code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid {key} = {value}: {reason}; {fix}")]
+    Value {
+        key: String,
+        value: String,
+        reason: String,
+        fix: String,
+    },
+    #[error("config file {}: {reason}", path.display())]
+    File { path: PathBuf, reason: String },
+}
+
+/// A data problem found before the model loads (bad record, unreadable file): exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}{}: {problem}. Fix: {fix}", location.as_ref().map(|l| format!(" ({l})")).unwrap_or_default())]
+pub struct DataError {
+    /// The file or hub id the data came from.
+    pub source_name: String,
+    /// Line, row or record, where known.
+    pub location: Option<String>,
+    pub problem: String,
+    pub fix: String,
+}
+
+/// Exit codes shared by both binaries.
+pub mod exit {
+    /// The run completed.
+    pub const OK: i32 = 0;
+    /// The run failed while running; a summary with `status: failed` was written.
+    pub const FAILED: i32 = 1;
+    /// Bad input (flags, TOML, data): nothing was run.
+    pub const USAGE: i32 = 2;
+    /// Interrupted by Ctrl-C or SIGTERM; a summary with `status: interrupted` was written.
+    pub const INTERRUPTED: i32 = 130;
+}
+
+/// The exit code for an error that ended a run before training started.
+pub fn exit_code_for(err: &anyhow::Error) -> i32 {
+    if err.downcast_ref::<ConfigError>().is_some() || err.downcast_ref::<DataError>().is_some() {
+        exit::USAGE
+    } else {
+        exit::FAILED
+    }
+}

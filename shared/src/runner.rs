@@ -1,0 +1,704 @@
+//! The measured loop both binaries share. A binary supplies a [`Backend`] (its model, optimizer
+//! and one optimizer step); this module owns everything measured: phases, clocks, token counts,
+//! the steps log, the summary, progress, signals and the output folders. Keeping it here is what
+//! makes a PyTorch figure and an MLX figure mean the same thing.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::config::{CliArgs, Config, DTypeChoice, Framework, TuningMode};
+use crate::data::batch::Step;
+use crate::error::exit;
+use crate::measure::flops::step_flops;
+use crate::measure::peak;
+use crate::measure::probe::{self, Software};
+use crate::measure::stats::Spread;
+use crate::model::ParamCounts;
+use crate::summary::{
+    BackendInfo, MemoryInfo, Metrics, RepeatFigures, Repeats, RunError, RunInfo, Status, Summary,
+    WorkloadInfo, SCHEMA_VERSION,
+};
+use crate::workload::{lr_at, prepare, Prepared};
+
+/// What one optimizer step reports back.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepReport {
+    /// Mean loss over the step's loss tokens.
+    pub loss: f64,
+    /// Global gradient norm before clipping, where computed.
+    pub grad_norm: Option<f64>,
+}
+
+/// A device memory reading (high-water marks since the backend was built).
+#[derive(Debug, Clone, Default)]
+pub struct MemoryReading {
+    pub peak_allocated_gib: Option<f64>,
+    pub peak_reserved_gib: Option<f64>,
+    pub source: String,
+}
+
+/// What a binary implements: build the model (in the constructor) and run optimizer steps.
+pub trait Backend {
+    /// Runs one optimizer step: forward and backward over every micro-batch of `step` (loss =
+    /// sum of per-token cross-entropy over the step / `step.loss_tokens`), gradient clipping, and
+    /// the optimizer update at learning rate `lr`. Must wait for the device to finish everything
+    /// the step produced (loss, parameters, optimizer state) before returning, because the caller
+    /// reads the clock right after.
+    fn train_step(&mut self, step: &Step, lr: f64) -> Result<StepReport>;
+    fn memory(&mut self) -> MemoryReading;
+    fn info(&self) -> BackendInfo;
+    fn parameter_counts(&self) -> ParamCounts;
+    fn software(&self) -> Software;
+    /// Dense bf16 matrix-product rate measured on this device (TFLOP/s), for `--calibrate`.
+    fn calibrate_tflops(&mut self) -> Result<f64>;
+    /// Whether an error is the device running out of memory (for the failure hint).
+    fn is_out_of_memory(&self, err: &anyhow::Error) -> bool {
+        let s = format!("{err:#}").to_ascii_lowercase();
+        s.contains("out of memory") || s.contains("outofmemory")
+    }
+}
+
+/// One step's line in `steps.jsonl`.
+#[derive(Debug, Serialize)]
+struct StepLog {
+    step: usize,
+    epoch: usize,
+    phase: &'static str,
+    loss: f64,
+    lr: f64,
+    grad_norm: Option<f64>,
+    step_time_s: f64,
+    elapsed_s: f64,
+    samples: usize,
+    micro_batches: usize,
+    loss_tokens: usize,
+    input_tokens: usize,
+    padded_tokens: usize,
+}
+
+/// Signals: the first Ctrl-C/SIGTERM asks the loop to stop after the current step; the second
+/// exits at once.
+fn install_signal_handler() -> Arc<AtomicBool> {
+    static COUNT: AtomicUsize = AtomicUsize::new(0);
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let _ = ctrlc::set_handler(move || {
+        if COUNT.fetch_add(1, Ordering::SeqCst) >= 1 {
+            eprintln!("\nsecond interrupt: exiting now");
+            std::process::exit(exit::INTERRUPTED);
+        }
+        eprintln!("\ninterrupt: finishing the current step and writing the summary (press again to exit now)");
+        f.store(true, Ordering::SeqCst);
+    });
+    flag
+}
+
+/// The whole run for a binary: parse, prepare, build, train, measure, write. Returns the exit code.
+pub fn main_with<B: Backend>(
+    framework: Framework,
+    tuning_mode: TuningMode,
+    args: &CliArgs,
+    crate_dir: &Path,
+    process_start: Instant,
+    build: impl Fn(&Config, &Prepared) -> Result<B>,
+) -> i32 {
+    let cfg = match Config::resolve(tuning_mode, args, framework) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::USAGE;
+        }
+    };
+    let interrupted = install_signal_handler();
+    let out_dir = cfg
+        .run
+        .output_dir
+        .clone()
+        .unwrap_or_else(|| crate_dir.to_path_buf());
+    let say = |s: &str| {
+        if !cfg.run.quiet {
+            eprintln!("{s}");
+        }
+    };
+    let t_data = Instant::now();
+    let prepared = match prepare(&cfg) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return crate::error::exit_code_for(&e);
+        }
+    };
+    let data_s = t_data.elapsed().as_secs_f64();
+    let p = &prepared;
+    say(&format!(
+        "workload {}: {} on {} records ({}), {} steps of {} records, {} tokens ({} loss tokens), plan {:?}, strategy {:?}",
+        &p.hash[..12],
+        p.shape.name,
+        p.data.records_used,
+        p.data.source,
+        p.steps.len(),
+        cfg.workload.batch.micro_batch_size * cfg.workload.batch.grad_accum,
+        p.steps.iter().map(|s| s.input_tokens).sum::<usize>(),
+        p.steps.iter().map(|s| s.loss_tokens).sum::<usize>(),
+        cfg.workload.batch.plan,
+        cfg.workload.strategy.kind,
+    ));
+    let repeats = cfg.run.repeats;
+    let run_id = new_run_id(framework, &out_dir);
+    let mut summaries = Vec::new();
+    let mut code = exit::OK;
+    for r in 0..repeats {
+        let dir_rel = if repeats > 1 {
+            format!("runs/{run_id}/repeat-{}", r + 1)
+        } else {
+            format!("runs/{run_id}")
+        };
+        let dir = out_dir.join(&dir_rel);
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            eprintln!(
+                "error: cannot create the run folder {}: {e}; pass a writable --output-dir",
+                dir.display()
+            );
+            return exit::FAILED;
+        }
+        // Each repeat starts in fresh state: a new backend, built from nothing.
+        let start = if r == 0 {
+            process_start
+        } else {
+            Instant::now()
+        };
+        let data_time = if r == 0 { data_s } else { 0.0 };
+        let (summary, c) = run_once(
+            &cfg,
+            p,
+            &build,
+            &dir,
+            &dir_rel,
+            &run_id,
+            framework,
+            start,
+            data_time,
+            &interrupted,
+        );
+        if let Err(e) = summary.write(&dir.join("benchmark_summary.json")) {
+            eprintln!("error: {e:#}");
+            return exit::FAILED;
+        }
+        summaries.push(summary);
+        code = c;
+        if code != exit::OK {
+            break;
+        }
+    }
+    let mut top = if summaries.len() > 1 {
+        combine_repeats(summaries, &run_id)
+    } else {
+        summaries.pop().expect("one run")
+    };
+    top.run.run_dir = format!("runs/{run_id}");
+    let top_run = out_dir
+        .join(&top.run.run_dir)
+        .join("benchmark_summary.json");
+    for path in [top_run, out_dir.join("benchmark_summary.json")] {
+        if let Err(e) = top.write(&path) {
+            eprintln!("error: {e:#}");
+            return exit::FAILED;
+        }
+    }
+    let m = &top.metrics;
+    let fmt = |v: Option<f64>, d: usize| {
+        v.map(|x| format!("{x:.d$}"))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    eprintln!(
+        "{:?}: {} steps, {} loss tokens/s ({} input tokens/s, {} samples/s) steady; total {:.1} s; MFU {}; peak memory {} GiB; final loss {}; summary {}",
+        top.status,
+        m.steps,
+        fmt(m.tokens_per_s, 0),
+        fmt(m.input_tokens_per_s, 0),
+        fmt(m.samples_per_s, 2),
+        m.total_s,
+        m.mfu.map(|x| format!("{:.1} %", 100.0 * x)).unwrap_or_else(|| "n/a (no peak for this device)".into()),
+        fmt(m.peak_memory_gib, 2),
+        fmt(m.final_loss, 4),
+        out_dir.join(&top.run.run_dir).join("benchmark_summary.json").display()
+    );
+    code
+}
+
+fn new_run_id(framework: Framework, out_dir: &Path) -> String {
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+    let base = format!("{stamp}-{framework}-{}", std::process::id());
+    // A run folder is never reused: add a counter if one exists.
+    let mut id = base.clone();
+    let mut k = 1;
+    while out_dir.join("runs").join(&id).exists() {
+        k += 1;
+        id = format!("{base}-{k}");
+    }
+    id
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_once<B: Backend>(
+    cfg: &Config,
+    p: &Prepared,
+    build: &impl Fn(&Config, &Prepared) -> Result<B>,
+    dir: &Path,
+    dir_rel: &str,
+    run_id: &str,
+    framework: Framework,
+    start: Instant,
+    data_s: f64,
+    interrupted: &AtomicBool,
+) -> (Summary, i32) {
+    let started_at = chrono::Utc::now().to_rfc3339();
+    let t_model = Instant::now();
+    let built = build(cfg, p);
+    let model_load_s = t_model.elapsed().as_secs_f64();
+    let mut rec = Recorder::new(cfg, p, dir);
+    let mut backend = match built {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: building the model failed: {e:#}");
+            let s = rec.summary::<B>(
+                cfg,
+                p,
+                None,
+                framework,
+                start,
+                data_s,
+                model_load_s,
+                started_at,
+                run_id,
+                dir_rel,
+                Status::Failed,
+                Some(RunError {
+                    message: format!("{e:#}"),
+                    steps_completed: 0,
+                    hint: Some("the model could not be built or loaded; see the message".into()),
+                }),
+            );
+            return (s, exit::FAILED);
+        }
+    };
+    let info = backend.info();
+    if !cfg.run.quiet {
+        let pc = backend.parameter_counts();
+        eprintln!(
+            "backend {} on {} ({}), dtype {}; parameters {} total, {} trainable",
+            info.framework, info.device, info.device_name, info.dtype, pc.total, pc.trainable
+        );
+    }
+    let mut measured_peak = None;
+    if cfg.run.calibrate {
+        match backend.calibrate_tflops() {
+            Ok(t) => measured_peak = Some(t),
+            Err(e) => eprintln!("warning: --calibrate failed: {e:#}"),
+        }
+    }
+    let pb = progress_bar(cfg, p.steps.len());
+    let total_steps = p.steps.len();
+    let mut status = Status::Completed;
+    let mut error = None;
+    let mut code = exit::OK;
+    for step in &p.steps {
+        if interrupted.load(Ordering::SeqCst) {
+            status = Status::Interrupted;
+            error = Some(RunError {
+                message: "interrupted by a signal (Ctrl-C or SIGTERM)".into(),
+                steps_completed: rec.losses.len(),
+                hint: None,
+            });
+            code = exit::INTERRUPTED;
+            break;
+        }
+        let lr = lr_at(
+            cfg.workload.train.lr,
+            step.index,
+            cfg.workload.train.lr_warmup_steps,
+            total_steps,
+        );
+        let t0 = Instant::now();
+        let out = backend.train_step(step, lr);
+        // train_step synchronised the device before returning: this clock read closes the step.
+        let dt = t0.elapsed().as_secs_f64();
+        match out {
+            Ok(r) if r.loss.is_finite() => {
+                rec.record(step, &r, lr, dt, start);
+                if let Some(pb) = &pb {
+                    pb.set_message(format!(
+                        "loss {:.4} | {:.0} tok/s",
+                        r.loss,
+                        step.input_tokens as f64 / dt
+                    ));
+                    pb.inc(1);
+                }
+            }
+            Ok(r) => {
+                status = Status::Failed;
+                error = Some(RunError {
+                    message: format!("loss became {} at step {}", r.loss, step.index),
+                    steps_completed: rec.losses.len(),
+                    hint: Some("lower --lr, or use --dtype float32 to rule out precision".into()),
+                });
+                code = exit::FAILED;
+                break;
+            }
+            Err(e) => {
+                let oom = backend.is_out_of_memory(&e);
+                status = Status::Failed;
+                error = Some(RunError {
+                    message: format!("{e:#}"),
+                    steps_completed: rec.losses.len(),
+                    hint: Some(if oom {
+                        "out of device memory: lower --max-tokens-per-micro-batch or --micro-batch-size, or use --strategy lora / last-n".into()
+                    } else {
+                        "see the message; the figures cover the steps completed before it".into()
+                    }),
+                });
+                code = exit::FAILED;
+                eprintln!("error at step {}: {e:#}", step.index);
+                break;
+            }
+        }
+    }
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    let mem = backend.memory();
+    let mut s = rec.summary(
+        cfg,
+        p,
+        Some((&backend, mem)),
+        framework,
+        start,
+        data_s,
+        model_load_s,
+        started_at,
+        run_id,
+        dir_rel,
+        status,
+        error,
+    );
+    if let Some(t) = measured_peak {
+        s.metrics.measured_peak_tflops = Some(t);
+        s.metrics.mfu_measured = s.metrics.model_tflops_per_s.map(|x| x / t);
+    }
+    (s, code)
+}
+
+fn progress_bar(cfg: &Config, n: usize) -> Option<indicatif::ProgressBar> {
+    if cfg.run.quiet {
+        return None;
+    }
+    let pb = indicatif::ProgressBar::new(n as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} steps, eta {eta} | {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    Some(pb)
+}
+
+/// Accumulates per-step figures and writes `steps.jsonl` as it goes.
+struct Recorder {
+    log: Option<std::io::BufWriter<std::fs::File>>,
+    log_path: PathBuf,
+    warmup: usize,
+    losses: Vec<f64>,
+    times: Vec<f64>,
+    first_step_end_s: Option<f64>,
+    steps_done: Vec<usize>,
+}
+
+impl Recorder {
+    fn new(cfg: &Config, p: &Prepared, dir: &Path) -> Self {
+        let log_path = dir.join("steps.jsonl");
+        let log = std::fs::File::create(&log_path)
+            .ok()
+            .map(std::io::BufWriter::new);
+        Self {
+            log,
+            log_path,
+            warmup: cfg.timing_warmup_steps(p.steps.len()),
+            losses: Vec::new(),
+            times: Vec::new(),
+            first_step_end_s: None,
+            steps_done: Vec::new(),
+        }
+    }
+
+    fn record(&mut self, step: &Step, r: &StepReport, lr: f64, dt: f64, start: Instant) {
+        let elapsed = start.elapsed().as_secs_f64();
+        if self.first_step_end_s.is_none() {
+            self.first_step_end_s = Some(elapsed);
+        }
+        self.losses.push(r.loss);
+        self.times.push(dt);
+        self.steps_done.push(step.index);
+        let line = StepLog {
+            step: step.index,
+            epoch: step.epoch,
+            phase: if step.index < self.warmup {
+                "warmup"
+            } else {
+                "steady"
+            },
+            loss: r.loss,
+            lr,
+            grad_norm: r.grad_norm,
+            step_time_s: dt,
+            elapsed_s: elapsed,
+            samples: step.samples,
+            micro_batches: step.micro_batches.len(),
+            loss_tokens: step.loss_tokens,
+            input_tokens: step.input_tokens,
+            padded_tokens: step.padded_tokens,
+        };
+        if let Some(w) = &mut self.log {
+            // Flushed per line so an interrupted or crashed run keeps every completed step.
+            let ok = serde_json::to_writer(&mut *w, &line).is_ok()
+                && w.write_all(b"\n").is_ok()
+                && w.flush().is_ok();
+            if !ok {
+                eprintln!("warning: could not append to {}", self.log_path.display());
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn summary<B: Backend>(
+        &self,
+        cfg: &Config,
+        p: &Prepared,
+        backend: Option<(&B, MemoryReading)>,
+        framework: Framework,
+        start: Instant,
+        data_s: f64,
+        model_load_s: f64,
+        started_at: String,
+        run_id: &str,
+        dir_rel: &str,
+        status: Status,
+        error: Option<RunError>,
+    ) -> Summary {
+        let done: Vec<&Step> = self.steps_done.iter().map(|&i| &p.steps[i]).collect();
+        let n = done.len();
+        let warmup = self.warmup.min(n);
+        let steady: Vec<&Step> = done[warmup..].to_vec();
+        let steady_times = &self.times[warmup.min(self.times.len())..];
+        let warmup_s: f64 = self.times[..warmup].iter().sum();
+        let steady_s: f64 = steady_times.iter().sum();
+        let sum = |v: &[&Step], f: fn(&Step) -> usize| v.iter().map(|s| f(s)).sum::<usize>();
+        let (loss_t, in_t, pad_t, samp) = (
+            sum(&done, |s| s.loss_tokens),
+            sum(&done, |s| s.input_tokens),
+            sum(&done, |s| s.padded_tokens),
+            sum(&done, |s| s.samples),
+        );
+        let (s_loss, s_in, s_pad, s_samp) = (
+            sum(&steady, |s| s.loss_tokens),
+            sum(&steady, |s| s.input_tokens),
+            sum(&steady, |s| s.padded_tokens),
+            sum(&steady, |s| s.samples),
+        );
+        let rate = |x: usize| (steady_s > 0.0 && !steady.is_empty()).then(|| x as f64 / steady_s);
+        let total_s = start.elapsed().as_secs_f64();
+        let steady_flops: f64 = steady
+            .iter()
+            .map(|s| step_flops(&p.shape, &cfg.workload.strategy, &s.doc_lengths))
+            .sum();
+        let model_tflops =
+            (steady_s > 0.0 && !steady.is_empty()).then(|| steady_flops / steady_s / 1e12);
+        let (info, params, software, mem) = match &backend {
+            Some((b, m)) => (b.info(), b.parameter_counts(), b.software(), m.clone()),
+            None => (
+                BackendInfo {
+                    framework: framework.to_string(),
+                    device: "unknown".into(),
+                    device_name: "unknown".into(),
+                    dtype: format!("{:?}", cfg.run.dtype).to_lowercase(),
+                    world_size: 1,
+                    details: Default::default(),
+                },
+                p.shape.parameter_counts(&cfg.workload.strategy),
+                probe::software("", ""),
+                MemoryReading::default(),
+            ),
+        };
+        let low_precision = info.dtype != "float32";
+        let pk = peak::lookup(&info.device_name, low_precision);
+        let mut notes = p.notes.clone();
+        if pk.is_none() {
+            notes.push(format!(
+                "mfu: null: no cited peak for device {:?} at {} (see shared/src/measure/peak.rs)",
+                info.device_name,
+                if low_precision { "bf16" } else { "fp32" }
+            ));
+        }
+        if cfg.run.dtype == DTypeChoice::Auto {
+            notes.push(format!("dtype: auto resolved to {}", info.dtype));
+        }
+        let rss = probe::process_rss_gib();
+        let peak_mem = mem
+            .peak_reserved_gib
+            .or(mem.peak_allocated_gib)
+            .or(if info.device == "cpu" { rss } else { None });
+        let last10 = &self.losses[self.losses.len().saturating_sub(10)..];
+        let metrics = Metrics {
+            total_s,
+            load_s: data_s + model_load_s,
+            data_s,
+            model_load_s,
+            warmup_s,
+            steady_s,
+            steps: n,
+            warmup_steps: warmup,
+            steady_steps: steady.len(),
+            samples: samp,
+            loss_tokens: loss_t,
+            input_tokens: in_t,
+            padded_tokens: pad_t,
+            padding_fraction: if pad_t > 0 {
+                1.0 - in_t as f64 / pad_t as f64
+            } else {
+                0.0
+            },
+            steady_samples: s_samp,
+            steady_loss_tokens: s_loss,
+            steady_input_tokens: s_in,
+            steady_padded_tokens: s_pad,
+            tokens_per_s: rate(s_loss),
+            input_tokens_per_s: rate(s_in),
+            samples_per_s: rate(s_samp),
+            end_to_end_tokens_per_s: loss_t as f64 / total_s,
+            end_to_end_input_tokens_per_s: in_t as f64 / total_s,
+            end_to_end_samples_per_s: samp as f64 / total_s,
+            time_to_first_step_s: self.first_step_end_s,
+            step_time_s: Spread::of(steady_times),
+            flops_per_token: (s_in > 0).then(|| steady_flops / s_in as f64),
+            model_tflops_per_s: model_tflops,
+            mfu: match (&pk, model_tflops) {
+                (Some(pk), Some(t)) => Some(t / pk.tflops),
+                _ => None,
+            },
+            peak: pk,
+            mfu_measured: None,
+            measured_peak_tflops: None,
+            peak_memory_gib: peak_mem,
+            memory: MemoryInfo {
+                device_peak_allocated_gib: mem.peak_allocated_gib,
+                device_peak_reserved_gib: mem.peak_reserved_gib,
+                source: if mem.source.is_empty() && info.device == "cpu" {
+                    "process RSS (CPU run: host memory is device memory)".into()
+                } else {
+                    mem.source.clone()
+                },
+                process_peak_rss_gib: rss,
+            },
+            first_loss: self.losses.first().copied(),
+            final_loss: self.losses.last().copied(),
+            final_loss_avg10: (!last10.is_empty())
+                .then(|| last10.iter().sum::<f64>() / last10.len() as f64),
+            loss_curve: self.losses.clone(),
+        };
+        Summary {
+            schema_version: SCHEMA_VERSION,
+            status,
+            error,
+            run: RunInfo {
+                run_id: run_id.to_string(),
+                binary: match framework {
+                    Framework::Pytorch => "windows_pytorch_benchmark".into(),
+                    Framework::Mlx => "macos_mlx_benchmark".into(),
+                },
+                started_at,
+                finished_at: chrono::Utc::now().to_rfc3339(),
+                command_line: std::env::args().collect(),
+                run_dir: dir_rel.to_string(),
+            },
+            workload: WorkloadInfo {
+                hash: p.hash.clone(),
+                config: cfg.workload.clone(),
+                model_shape: p.shape.clone(),
+                parameters: params,
+                data: p.data.clone(),
+                steps_planned: p.steps.len(),
+                samples_per_step: cfg.workload.batch.micro_batch_size
+                    * cfg.workload.batch.grad_accum,
+            },
+            backend: info,
+            hardware: probe::probe_hardware(),
+            software,
+            metrics,
+            repeats: None,
+            notes,
+        }
+    }
+}
+
+/// The median repeat (by `tokens_per_s`) becomes the headline; every repeat's figures are kept.
+fn combine_repeats(mut runs: Vec<Summary>, run_id: &str) -> Summary {
+    let figs: Vec<RepeatFigures> = runs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| RepeatFigures {
+            repeat: i + 1,
+            run_dir: s.run.run_dir.clone(),
+            status: s.status,
+            tokens_per_s: s.metrics.tokens_per_s,
+            input_tokens_per_s: s.metrics.input_tokens_per_s,
+            samples_per_s: s.metrics.samples_per_s,
+            total_s: s.metrics.total_s,
+            step_time_median_s: s.metrics.step_time_s.map(|x| x.median),
+            mfu: s.metrics.mfu,
+            peak_memory_gib: s.metrics.peak_memory_gib,
+            final_loss: s.metrics.final_loss,
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..runs.len()).collect();
+    order.sort_by(|&a, &b| {
+        runs[a]
+            .metrics
+            .tokens_per_s
+            .unwrap_or(0.0)
+            .total_cmp(&runs[b].metrics.tokens_per_s.unwrap_or(0.0))
+    });
+    let median = order[(order.len() - 1) / 2];
+    let spread = |f: fn(&RepeatFigures) -> Option<f64>| {
+        Spread::of(&figs.iter().filter_map(f).collect::<Vec<_>>())
+    };
+    let reps = Repeats {
+        count: runs.len(),
+        median_repeat: median + 1,
+        tokens_per_s: spread(|r| r.tokens_per_s),
+        input_tokens_per_s: spread(|r| r.input_tokens_per_s),
+        total_s: spread(|r| Some(r.total_s)),
+        runs: figs,
+    };
+    let mut top = runs.swap_remove(median);
+    top.run.run_id = run_id.to_string();
+    top.notes.push(format!("repeats: {} runs in fresh state; metrics are those of the median run by tokens_per_s (repeat {})", reps.count, reps.median_repeat));
+    top.repeats = Some(reps);
+    top
+}
+
+/// Reads the `steps.jsonl` of a run folder (tests and reports).
+pub fn read_steps(run_dir: &Path) -> Result<Vec<serde_json::Value>> {
+    let path = run_dir.join("steps.jsonl");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).with_context(|| format!("{}: bad line", path.display())))
+        .collect()
+}

@@ -1,0 +1,308 @@
+//! The versioned summary schema (`benchmark_summary.json`), its validation, and atomic writes.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Workload;
+use crate::data::DataStats;
+use crate::measure::peak::Peak;
+use crate::measure::probe::{Hardware, Software};
+use crate::measure::stats::Spread;
+use crate::model::{ModelShape, ParamCounts};
+
+/// Bumped on any change that an older reader would misread.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Completed,
+    Interrupted,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Summary {
+    pub schema_version: u32,
+    pub status: Status,
+    pub error: Option<RunError>,
+    pub run: RunInfo,
+    pub workload: WorkloadInfo,
+    pub backend: BackendInfo,
+    pub hardware: Hardware,
+    pub software: Software,
+    pub metrics: Metrics,
+    /// Present when `--repeats R > 1`: each repeat's headline figures; `metrics` is the median run.
+    pub repeats: Option<Repeats>,
+    /// Plain statements a reader needs: what was synthetic, what could not be measured and why.
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunError {
+    pub message: String,
+    /// Optimizer steps completed before the failure.
+    pub steps_completed: usize,
+    pub hint: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub run_id: String,
+    pub binary: String,
+    pub started_at: String,
+    pub finished_at: String,
+    pub command_line: Vec<String>,
+    /// Run folder, relative to the output folder.
+    pub run_dir: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadInfo {
+    /// SHA-256 of the workload settings and of every micro-batch's token ids, labels and
+    /// positions: equal exactly when two runs did the same work.
+    pub hash: String,
+    pub config: Workload,
+    pub model_shape: ModelShape,
+    pub parameters: ParamCounts,
+    pub data: DataStats,
+    pub steps_planned: usize,
+    pub samples_per_step: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendInfo {
+    /// `pytorch` or `mlx`.
+    pub framework: String,
+    /// `cuda:0`, `mps`, `cpu`, `gpu` (MLX Metal).
+    pub device: String,
+    /// Human name of the device that computed (GPU name or CPU model).
+    pub device_name: String,
+    /// `float32`, `bf16`, `mixed-bf16`.
+    pub dtype: String,
+    pub world_size: usize,
+    /// Backend-specific settings worth knowing (attention kernel, compile, threads).
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Process wall clock: everything included.
+    pub total_s: f64,
+    /// Data preparation + model build/load, before the first step.
+    pub load_s: f64,
+    pub data_s: f64,
+    pub model_load_s: f64,
+    /// First K optimizer steps (excluded from steady figures).
+    pub warmup_s: f64,
+    pub steady_s: f64,
+    pub steps: usize,
+    pub warmup_steps: usize,
+    pub steady_steps: usize,
+    pub samples: usize,
+    pub loss_tokens: usize,
+    pub input_tokens: usize,
+    pub padded_tokens: usize,
+    /// 1 - input_tokens / padded_tokens.
+    pub padding_fraction: f64,
+    pub steady_samples: usize,
+    pub steady_loss_tokens: usize,
+    pub steady_input_tokens: usize,
+    pub steady_padded_tokens: usize,
+    /// Headline: steady loss tokens / steady seconds.
+    pub tokens_per_s: Option<f64>,
+    /// Steady non-padding input tokens / steady seconds.
+    pub input_tokens_per_s: Option<f64>,
+    pub samples_per_s: Option<f64>,
+    /// Total loss tokens / total_s.
+    pub end_to_end_tokens_per_s: f64,
+    pub end_to_end_input_tokens_per_s: f64,
+    pub end_to_end_samples_per_s: f64,
+    /// Process start to the end of the first optimizer step.
+    pub time_to_first_step_s: Option<f64>,
+    /// Steady steps' wall time.
+    pub step_time_s: Option<Spread>,
+    /// Mean model FLOPs per input token over the steady steps.
+    pub flops_per_token: Option<f64>,
+    pub model_tflops_per_s: Option<f64>,
+    /// Against the cited table peak (`peak`); null when the device has no row.
+    pub mfu: Option<f64>,
+    pub peak: Option<Peak>,
+    /// Against a peak measured by `--calibrate` on this device.
+    pub mfu_measured: Option<f64>,
+    pub measured_peak_tflops: Option<f64>,
+    /// Device memory high-water mark (see `memory.source`).
+    pub peak_memory_gib: Option<f64>,
+    pub memory: MemoryInfo,
+    pub first_loss: Option<f64>,
+    pub final_loss: Option<f64>,
+    /// Mean loss of the last min(10, steps) steps: less noisy than the final step's.
+    pub final_loss_avg10: Option<f64>,
+    /// Loss of every optimizer step, in order (the full log is `steps.jsonl`).
+    pub loss_curve: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemoryInfo {
+    /// Device allocator peak (bytes in tensors), where the framework exposes it.
+    pub device_peak_allocated_gib: Option<f64>,
+    /// Device memory reserved by the caching allocator / the process on the device.
+    pub device_peak_reserved_gib: Option<f64>,
+    /// Where the device figures come from (e.g. `torch.cuda caching allocator`, `mlx peak memory`,
+    /// `process RSS (CPU run)`).
+    pub source: String,
+    pub process_peak_rss_gib: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RepeatFigures {
+    pub repeat: usize,
+    pub run_dir: String,
+    pub status: Status,
+    pub tokens_per_s: Option<f64>,
+    pub input_tokens_per_s: Option<f64>,
+    pub samples_per_s: Option<f64>,
+    pub total_s: f64,
+    pub step_time_median_s: Option<f64>,
+    pub mfu: Option<f64>,
+    pub peak_memory_gib: Option<f64>,
+    pub final_loss: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Repeats {
+    pub count: usize,
+    /// The repeat whose `tokens_per_s` is the median (its figures fill `metrics`).
+    pub median_repeat: usize,
+    pub runs: Vec<RepeatFigures>,
+    pub tokens_per_s: Option<Spread>,
+    pub input_tokens_per_s: Option<Spread>,
+    pub total_s: Option<Spread>,
+}
+
+impl Summary {
+    /// Checks invariants a reader relies on; names the field that breaks one.
+    pub fn validate(&self) -> Result<()> {
+        if self.schema_version != SCHEMA_VERSION {
+            bail!(
+                "schema_version is {}, this reader understands {SCHEMA_VERSION}",
+                self.schema_version
+            );
+        }
+        let m = &self.metrics;
+        let nonneg = |k: &str, v: f64| -> Result<()> {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("metrics.{k} = {v} is not a finite non-negative number");
+            }
+            Ok(())
+        };
+        for (k, v) in [
+            ("total_s", m.total_s),
+            ("load_s", m.load_s),
+            ("warmup_s", m.warmup_s),
+            ("steady_s", m.steady_s),
+            ("padding_fraction", m.padding_fraction),
+        ] {
+            nonneg(k, v)?;
+        }
+        for (k, v) in [
+            ("tokens_per_s", m.tokens_per_s),
+            ("input_tokens_per_s", m.input_tokens_per_s),
+            ("samples_per_s", m.samples_per_s),
+            ("mfu", m.mfu),
+            ("model_tflops_per_s", m.model_tflops_per_s),
+            ("peak_memory_gib", m.peak_memory_gib),
+        ] {
+            if let Some(v) = v {
+                nonneg(k, v)?;
+            }
+        }
+        if m.warmup_steps + m.steady_steps != m.steps {
+            bail!(
+                "metrics.warmup_steps ({}) + steady_steps ({}) != steps ({})",
+                m.warmup_steps,
+                m.steady_steps,
+                m.steps
+            );
+        }
+        if m.input_tokens > m.padded_tokens || m.loss_tokens > m.input_tokens {
+            bail!(
+                "token counts out of order: loss {} <= input {} <= padded {} must hold",
+                m.loss_tokens,
+                m.input_tokens,
+                m.padded_tokens
+            );
+        }
+        if m.loss_curve.len() != m.steps {
+            bail!(
+                "metrics.loss_curve has {} entries for {} steps",
+                m.loss_curve.len(),
+                m.steps
+            );
+        }
+        if self.status == Status::Completed && m.steps == 0 {
+            bail!("status is completed but no step ran");
+        }
+        if self.status != Status::Completed && self.error.is_none() {
+            bail!("status is {:?} but error is missing", self.status);
+        }
+        if self.workload.hash.len() != 64
+            || !self.workload.hash.chars().all(|c| c.is_ascii_hexdigit())
+        {
+            bail!(
+                "workload.hash {:?} is not a SHA-256 hex digest",
+                self.workload.hash
+            );
+        }
+        Ok(())
+    }
+
+    /// Validates and writes atomically (temporary file + rename).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        self.validate().with_context(|| {
+            format!("refusing to write an invalid summary to {}", path.display())
+        })?;
+        let json = serde_json::to_string_pretty(self)?;
+        write_atomic(path, json.as_bytes())
+    }
+
+    /// Reads and validates; errors name the file and the problem.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", path.display()))?;
+        match v.get("schema_version").and_then(|s| s.as_u64()) {
+            Some(n) if n == u64::from(SCHEMA_VERSION) => {}
+            Some(n) => bail!("{}: unknown schema_version {n} (this build reads {SCHEMA_VERSION}); use a matching build of the benchmark", path.display()),
+            None => bail!("{}: no schema_version; not a benchmark_summary.json", path.display()),
+        }
+        let s: Summary = serde_json::from_value(v)
+            .with_context(|| format!("{}: does not match the summary schema", path.display()))?;
+        s.validate()
+            .with_context(|| format!("{}: invalid summary", path.display()))?;
+        Ok(s)
+    }
+}
+
+/// Writes a file so that readers see either the old content or the new, never a part: the bytes
+/// go to a temporary file in the same folder, are flushed to disk, then renamed over the target.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}

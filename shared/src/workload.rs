@@ -1,0 +1,374 @@
+//! Turns a configuration into the exact work: model shape and weight source, tokenised records,
+//! the steps of micro-batches, and the hash that identifies all of it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::config::{Config, ModelPreset, OverlongPolicy, WeightsKind};
+use crate::data::batch::{plan_steps, Step};
+use crate::data::records::{self, DatasetSource};
+use crate::data::{chat, synthetic, DataStats, Sample};
+use crate::error::ConfigError;
+use crate::model::{ModelShape, WeightSource};
+
+pub struct Prepared {
+    pub shape: ModelShape,
+    pub weights: WeightSource,
+    pub samples: Vec<Sample>,
+    pub data: DataStats,
+    pub steps: Vec<Step>,
+    pub hash: String,
+    /// Statements for the summary's notes (what was synthetic, ...).
+    pub notes: Vec<String>,
+}
+
+/// Resolves the model: built-in shape or `config.json` (local folder or hub), and its weights.
+pub fn resolve_model(cfg: &Config) -> Result<(ModelShape, WeightSource, Vec<String>)> {
+    let m = &cfg.workload.model;
+    let mut notes = Vec::new();
+    let random = WeightSource::Random {
+        seed: cfg.workload.seed,
+    };
+    // Random weights for the default hub model need no download: the built-in shape is the
+    // published config.json's.
+    let preset = m.preset.or((m.weights == WeightsKind::Random
+        && m.source == crate::config::PHI3_MINI_HUB_ID)
+        .then_some(ModelPreset::Phi3Mini));
+    if let Some(p) = preset {
+        let shape = ModelShape::from_preset(p);
+        return match (m.weights, p) {
+            (WeightsKind::Random, _) => {
+                notes.push(format!("weights: random initialisation of the {} architecture from seed {} (no pretrained weights were loaded)", shape.name, cfg.workload.seed));
+                Ok((shape, random, notes))
+            }
+            (WeightsKind::Pretrained, ModelPreset::Tiny) => Err(ConfigError::Value {
+                key: "weights".into(),
+                value: "pretrained".into(),
+                reason: "the tiny preset is a test architecture with no published weights".into(),
+                fix: "use --weights random with --preset tiny, or --model <checkpoint folder>"
+                    .into(),
+            }
+            .into()),
+            (WeightsKind::Pretrained, ModelPreset::Phi3Mini) => {
+                let dir = model_dir(&m.source, &m.revision, true)?;
+                let shape = ModelShape::from_config_json(&dir.join("config.json"))?;
+                Ok((shape, WeightSource::from_dir(&dir)?, notes))
+            }
+        };
+    }
+    let dir = model_dir(&m.source, &m.revision, m.weights == WeightsKind::Pretrained)?;
+    let shape = ModelShape::from_config_json(&dir.join("config.json"))?;
+    match m.weights {
+        WeightsKind::Pretrained => Ok((shape, WeightSource::from_dir(&dir)?, notes)),
+        WeightsKind::Random => {
+            notes.push(format!(
+                "weights: random initialisation of {}'s architecture from seed {}",
+                m.source, cfg.workload.seed
+            ));
+            Ok((shape, random, notes))
+        }
+    }
+}
+
+/// A local checkpoint folder, or the hub's cached copy of `id` (config, and weights if asked).
+pub fn model_dir(source: &str, revision: &str, with_weights: bool) -> Result<PathBuf> {
+    let p = Path::new(source);
+    if p.is_dir() {
+        if !p.join("config.json").exists() {
+            bail!("{} has no config.json; a model folder needs config.json (+ *.safetensors for --weights pretrained)", p.display());
+        }
+        return Ok(p.to_path_buf());
+    }
+    if source.starts_with('.') || source.starts_with('/') || source.contains('\\') {
+        bail!("model folder {source} does not exist; pass a checkpoint folder, a hub id such as {}, or --preset tiny", crate::config::PHI3_MINI_HUB_ID);
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .build()
+        .context("starting the hub client")?;
+    let repo = api.repo(hf_hub::Repo::with_revision(
+        source.to_string(),
+        hf_hub::RepoType::Model,
+        revision.to_string(),
+    ));
+    let hint = "no network or cache? pass a local folder with --model DIR, or --weights random --model phi3-mini for the architecture alone";
+    let config = repo
+        .get("config.json")
+        .with_context(|| format!("fetching config.json of hf://{source}@{revision} ({hint})"))?;
+    if with_weights {
+        match repo.get("model.safetensors.index.json") {
+            Ok(index) => {
+                let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)?;
+                let mut shards: Vec<String> = v["weight_map"]
+                    .as_object()
+                    .map(|m| {
+                        m.values()
+                            .filter_map(|s| s.as_str().map(String::from))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                shards.sort();
+                shards.dedup();
+                for s in shards {
+                    repo.get(&s)
+                        .with_context(|| format!("fetching {s} of hf://{source} ({hint})"))?;
+                }
+            }
+            Err(_) => {
+                repo.get("model.safetensors")
+                    .with_context(|| format!("fetching the weights of hf://{source} ({hint})"))?;
+            }
+        }
+    }
+    Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+/// Reads, formats, tokenises, truncates and plans: everything before the model loads.
+pub fn prepare(cfg: &Config) -> Result<Prepared> {
+    let w = &cfg.workload;
+    let (shape, weights, mut notes) = resolve_model(cfg)?;
+    cfg.validate_for_shape(&shape)?;
+    let n = cfg.sample_count();
+    let src = DatasetSource::parse(&w.data.dataset);
+    let mut stats = DataStats {
+        source: w.data.dataset.clone(),
+        ..Default::default()
+    };
+    let mut samples: Vec<Sample> = match &src {
+        DatasetSource::Synthetic => {
+            stats.synthetic = true;
+            if n > crate::config::TuningMode::DOLLY_RECORDS {
+                notes.push(format!(
+                    "data: {n} synthetic records requested, more than dolly-15k's 15,011"
+                ));
+            }
+            notes.push(format!(
+                "data: synthetic dolly-shaped records (lengths exp(N(ln 200, 0.75)) clipped to [24, 1024], dolly's category mix, Phi-3 chat structure) from seed {}; no tokenizer or dataset was read",
+                w.seed
+            ));
+            synthetic::generate(n, w.seed)
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect()
+        }
+        _ => {
+            let loaded = records::load(&src, n, w.data.on_bad_record)?;
+            stats.source = loaded.source.clone();
+            stats.bad_records_skipped = loaded.skipped;
+            if loaded.records.is_empty() {
+                bail!(crate::error::DataError {
+                    source_name: loaded.source,
+                    location: None,
+                    problem: "no usable records".into(),
+                    fix: "check the file's fields (instruction, context, response, category)"
+                        .into()
+                });
+            }
+            let tok_spec = match (&w.data.tokenizer, w.model.preset) {
+                (Some(t), _) => t.clone(),
+                (None, Some(ModelPreset::Tiny)) => {
+                    return Err(ConfigError::Value {
+                        key: "tokenizer".into(),
+                        value: "(none)".into(),
+                        reason: "real records need a tokenizer and the tiny preset has none".into(),
+                        fix: "pass --tokenizer DIR (e.g. ../shared/tokenizers/phi-3) or use --dataset synthetic".into(),
+                    }
+                    .into())
+                }
+                (None, _) => w.model.source.clone(),
+            };
+            let (tj, tc, origin) = chat::locate(&tok_spec, &w.model.revision)?;
+            let tok = chat::ChatTokenizer::load(&tj, &tc, origin)?;
+            if tok.vocab_size() > shape.vocab_size {
+                return Err(ConfigError::Value {
+                    key: "tokenizer".into(),
+                    value: tok_spec,
+                    reason: format!(
+                        "its vocabulary ({}) is larger than the model's embedding ({})",
+                        tok.vocab_size(),
+                        shape.vocab_size
+                    ),
+                    fix: "use the model's own tokenizer (Phi-3: 32,064 ids)".into(),
+                }
+                .into());
+            }
+            stats.tokenizer = Some(tok.origin.clone());
+            let mut v = Vec::with_capacity(loaded.records.len());
+            for (i, r) in loaded.records.iter().enumerate() {
+                v.push(
+                    tok.encode(r)
+                        .with_context(|| format!("record {} of {}", i + 1, loaded.source))?,
+                );
+            }
+            v
+        }
+    };
+    stats.records_read = samples.len() + stats.bad_records_skipped;
+    // Overlong records.
+    let max = w.data.max_seq_len;
+    let mut kept = Vec::with_capacity(samples.len());
+    for mut s in samples.drain(..) {
+        if s.len() > max {
+            match w.data.overlong {
+                OverlongPolicy::Truncate => {
+                    s.ids.truncate(max);
+                    s.prompt_len = s.prompt_len.min(max);
+                    stats.truncated += 1;
+                }
+                OverlongPolicy::Drop => {
+                    stats.dropped_overlong += 1;
+                    continue;
+                }
+            }
+        }
+        if s.loss_tokens(w.data.train_on_prompt) == 0 {
+            stats.without_loss_tokens += 1;
+        }
+        kept.push(s);
+    }
+    let samples = kept;
+    if samples.is_empty() {
+        bail!(ConfigError::Value {
+            key: "max_seq_len".into(),
+            value: max.to_string(),
+            reason: "every record was dropped as too long".into(),
+            fix: "raise --max-seq-len or use --overlong truncate".into()
+        });
+    }
+    stats.records_used = samples.len();
+    let mut lens: Vec<usize> = samples.iter().map(Sample::len).collect();
+    lens.sort_unstable();
+    stats.mean_tokens = lens.iter().sum::<usize>() as f64 / lens.len() as f64;
+    stats.median_tokens = crate::measure::stats::percentile_sorted(
+        &lens.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+        0.5,
+    );
+    stats.max_tokens = *lens.last().unwrap_or(&0);
+    let steps = plan_steps(
+        &samples,
+        &w.batch,
+        w.data.pad_to,
+        w.data.train_on_prompt,
+        w.seed,
+        w.train.epochs,
+        w.train.max_steps,
+    );
+    let hash = workload_hash(cfg, &shape, &steps)?;
+    Ok(Prepared {
+        shape,
+        weights,
+        samples,
+        data: stats,
+        steps,
+        hash,
+        notes,
+    })
+}
+
+/// SHA-256 over the settings that shape the computation and every micro-batch's contents.
+pub fn workload_hash(cfg: &Config, shape: &ModelShape, steps: &[Step]) -> Result<String> {
+    #[derive(Serialize)]
+    struct Key<'a> {
+        shape: &'a ModelShape,
+        weights: WeightsKind,
+        /// The checkpoint only matters for pretrained weights; random ones are named by the seed.
+        source: Option<&'a str>,
+        seed: u64,
+        strategy: &'a crate::config::StrategyConfig,
+        train: &'a crate::config::TrainConfig,
+    }
+    let w = &cfg.workload;
+    let key = Key {
+        shape,
+        weights: w.model.weights,
+        source: (w.model.weights == WeightsKind::Pretrained).then_some(w.model.source.as_str()),
+        seed: w.seed,
+        strategy: &w.strategy,
+        train: &w.train,
+    };
+    let mut h = Sha256::new();
+    let mut key_json = serde_json::to_value(&key)?;
+    // The shape's display name does not change the work.
+    key_json["shape"]["name"] = serde_json::Value::Null;
+    h.update(serde_json::to_vec(&key_json)?);
+    for s in steps {
+        h.update((s.micro_batches.len() as u64).to_le_bytes());
+        for m in &s.micro_batches {
+            h.update((m.rows as u64).to_le_bytes());
+            h.update((m.seq_len as u64).to_le_bytes());
+            for arr in [&m.input_ids, &m.labels, &m.position_ids] {
+                for x in arr.iter() {
+                    h.update(x.to_le_bytes());
+                }
+            }
+            if let Some(seg) = &m.segment_ids {
+                for x in seg {
+                    h.update(x.to_le_bytes());
+                }
+            }
+        }
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Learning rate of optimizer step `step` (0-based) of `total`: Hugging Face's
+/// `get_cosine_schedule_with_warmup` (linear from 0 over `warmup` steps, then cosine to 0).
+pub fn lr_at(base: f64, step: usize, warmup: usize, total: usize) -> f64 {
+    if step < warmup {
+        return base * step as f64 / warmup.max(1) as f64;
+    }
+    let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
+    base * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_matches_hugging_face() {
+        // transformers.get_cosine_schedule_with_warmup(opt, 2, 10) multipliers at steps 0..4:
+        // 0.0, 0.5, 1.0, 0.9619397662556434, 0.8535533905932737
+        let want = [
+            0.0,
+            0.5,
+            1.0,
+            0.961_939_766_255_643_4,
+            0.853_553_390_593_273_7,
+        ];
+        for (i, w) in want.iter().enumerate() {
+            assert!((lr_at(1.0, i, 2, 10) - w).abs() < 1e-12, "step {i}");
+        }
+        assert_eq!(lr_at(1.0, 0, 0, 10), 1.0);
+    }
+
+    #[test]
+    fn hash_is_equal_exactly_for_the_same_work() {
+        let mut c = Config::default();
+        c.apply_preset(
+            crate::config::Preset::Tiny,
+            crate::config::Framework::Pytorch,
+        );
+        let a = prepare(&c).unwrap();
+        let b = prepare(&c).unwrap();
+        assert_eq!(a.hash, b.hash);
+        let mut d = c.clone();
+        d.run.quiet = true; // how it runs does not change the work
+        d.run.dtype = crate::config::DTypeChoice::Float32;
+        assert_eq!(prepare(&d).unwrap().hash, a.hash);
+        for change in [
+            |c: &mut Config| c.workload.seed = 1,
+            |c: &mut Config| c.workload.data.train_on_prompt = true,
+            |c: &mut Config| c.workload.train.lr = 0.5,
+            |c: &mut Config| c.workload.batch.plan = crate::config::BatchPlanKind::Packed,
+            |c: &mut Config| c.workload.strategy.last_n = 2,
+            |c: &mut Config| c.workload.samples = Some(99),
+        ] {
+            let mut e = c.clone();
+            change(&mut e);
+            assert_ne!(prepare(&e).unwrap().hash, a.hash);
+        }
+    }
+}

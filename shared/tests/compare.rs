@@ -1,0 +1,560 @@
+//! End-to-end tests of the `compare` binary: real summaries in, `report.md` and `report.html` out.
+//!
+//! The fixture is the summary and steps log of a real tiny run
+//! (`windows_pytorch_benchmark --preset tiny --device cpu`, 7 steps); the tests derive variants by
+//! editing its figures, so every number they check is computed here from the summaries' own values.
+//! The browser test needs Debian's `chromium`; it is skipped (with the reason printed) where that is
+//! missing, except under `CI`, where it fails.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const COMPARE: &str = env!("CARGO_BIN_EXE_compare");
+const SUMMARY: &str = include_str!("fixtures/tiny_cpu_summary.json");
+const STEPS: &str = include_str!("fixtures/tiny_cpu_steps.jsonl");
+
+fn fixture() -> Value {
+    serde_json::from_str(SUMMARY).expect("the fixture is valid JSON")
+}
+
+/// Writes `dir/name/benchmark_summary.json` (and the steps log when given); returns the folder.
+fn write_run(dir: &Path, name: &str, summary: &Value, steps: Option<&str>) -> PathBuf {
+    let run = dir.join(name);
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(
+        run.join("benchmark_summary.json"),
+        serde_json::to_string_pretty(summary).unwrap(),
+    )
+    .unwrap();
+    if let Some(s) = steps {
+        std::fs::write(run.join("steps.jsonl"), s).unwrap();
+    }
+    run
+}
+
+fn compare<P: AsRef<std::ffi::OsStr>>(args: &[P], extra: &[&str], cwd: &Path) -> Output {
+    Command::new(COMPARE)
+        .args(args)
+        .args(extra)
+        .current_dir(cwd)
+        .output()
+        .expect("running compare")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn f(v: &Value, pointer: &str) -> f64 {
+    v.pointer(pointer)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("{pointer} is not a number"))
+}
+
+/// Scales every throughput figure by `k` and every time by `1/k`: the same run, `k` times faster.
+fn faster(s: &mut Value, k: f64) {
+    let m = s["metrics"].as_object_mut().unwrap();
+    for key in [
+        "tokens_per_s",
+        "input_tokens_per_s",
+        "samples_per_s",
+        "end_to_end_tokens_per_s",
+        "end_to_end_input_tokens_per_s",
+        "end_to_end_samples_per_s",
+        "model_tflops_per_s",
+    ] {
+        m[key] = json!(m[key].as_f64().unwrap() * k);
+    }
+    for key in ["total_s", "steady_s", "warmup_s", "time_to_first_step_s"] {
+        m[key] = json!(m[key].as_f64().unwrap() / k);
+    }
+    for v in m["step_time_s"].as_object_mut().unwrap().values_mut() {
+        if v.is_f64() {
+            *v = json!(v.as_f64().unwrap() / k);
+        }
+    }
+}
+
+/// The three runs most tests use: the fixture (a run folder with its steps log), an "MLX" run 1.5x
+/// faster on the same workload (a bare summary file), and a run with another batch plan.
+struct Runs {
+    _dir: tempfile::TempDir,
+    out: PathBuf,
+    a: PathBuf,
+    b: PathBuf,
+    c: PathBuf,
+    sa: Value,
+    sb: Value,
+    sc: Value,
+}
+
+fn three_runs() -> Runs {
+    let dir = tempfile::tempdir().unwrap();
+    let sa = fixture();
+    let a = write_run(dir.path(), "run-a", &sa, Some(STEPS));
+
+    let mut sb = fixture();
+    faster(&mut sb, 1.5);
+    sb["run"]["run_id"] = json!("20261128T000000Z-mlx-1");
+    sb["backend"]["framework"] = json!("mlx");
+    sb["metrics"]["telemetry"] = json!({ "joules_per_1k_tokens": 12.5 });
+    let b_dir = write_run(dir.path(), "run-b", &sb, None);
+    let b = b_dir.join("benchmark_summary.json");
+
+    let mut sc = fixture();
+    faster(&mut sc, 0.8);
+    sc["run"]["run_id"] = json!("20261128T000000Z-pytorch-packed");
+    sc["workload"]["config"]["batch"]["plan"] = json!("packed");
+    sc["workload"]["hash"] = json!("c".repeat(64));
+    let c = write_run(dir.path(), "run-c", &sc, None);
+
+    let out = dir.path().join("report");
+    Runs {
+        out,
+        a,
+        b,
+        c,
+        sa,
+        sb,
+        sc,
+        _dir: dir,
+    }
+}
+
+/// Every inline `<svg>...</svg>` of a document.
+fn inline_svgs(html: &str) -> Vec<&str> {
+    let mut found = Vec::new();
+    let mut at = 0;
+    while let Some(start) = html[at..].find("<svg").map(|i| i + at) {
+        let end = html[start..]
+            .find("</svg>")
+            .map(|i| start + i + "</svg>".len())
+            .expect("every <svg> is closed");
+        found.push(&html[start..end]);
+        at = end;
+    }
+    found
+}
+
+#[test]
+fn report_has_every_run_the_speed_ups_the_workload_check_and_well_formed_svg() {
+    let r = three_runs();
+    let t0 = Instant::now();
+    let out = compare(
+        &[&r.a, &r.b, &r.c],
+        &["--output-dir", r.out.to_str().unwrap()],
+        r.out.parent().unwrap(),
+    );
+    eprintln!("compare took {:?}", t0.elapsed());
+    assert!(
+        out.status.success(),
+        "compare failed: {}",
+        text(&out.stderr)
+    );
+    let stdout = text(&out.stdout);
+    let (md_path, html_path) = (r.out.join("report.md"), r.out.join("report.html"));
+    assert!(
+        stdout.contains(md_path.to_str().unwrap()) && stdout.contains(html_path.to_str().unwrap()),
+        "the two paths are printed: {stdout}"
+    );
+    let md = std::fs::read_to_string(&md_path).unwrap();
+    let html = std::fs::read_to_string(&html_path).unwrap();
+
+    for (name, doc) in [("report.md", &md), ("report.html", &html)] {
+        for s in [&r.sa, &r.sb, &r.sc] {
+            let id = s["run"]["run_id"].as_str().unwrap();
+            assert!(doc.contains(id), "{name} names run {id}");
+        }
+        // Speed-ups against the baseline (the first argument), from the summaries' own numbers.
+        let tps = |s: &Value| f(s, "/metrics/tokens_per_s");
+        for s in [&r.sb, &r.sc] {
+            let ratio = format!("{:.2}×", tps(s) / tps(&r.sa));
+            assert!(doc.contains(&ratio), "{name} shows the speed-up {ratio}");
+        }
+        let total = |s: &Value| f(s, "/metrics/total_s");
+        let ratio = format!("{:.2}×", total(&r.sa) / total(&r.sb));
+        assert!(
+            doc.contains(&ratio),
+            "{name} shows the end-to-end speed-up {ratio}"
+        );
+        // The run with another batch plan is flagged, with the field that differs.
+        assert!(
+            doc.contains("Workload mismatch"),
+            "{name} flags the mismatch"
+        );
+        assert!(
+            doc.contains("workload.config.batch.plan: bucketed vs packed"),
+            "{name} names the differing field"
+        );
+        // Energy where a (newer) summary carries it; "not measured" elsewhere.
+        assert!(
+            doc.contains("12.5 J") && doc.contains("not measured"),
+            "{name} shows energy per 1k tokens"
+        );
+        // A null figure shows "n/a" with the reason from the notes.
+        assert!(
+            doc.contains("n/a") && doc.contains("no cited peak for device"),
+            "{name} explains the null MFU"
+        );
+    }
+    // Run b has the baseline's workload: it must not be listed as a mismatch.
+    assert!(
+        !md.contains("**#2 mlx cpu** (hash"),
+        "the same workload is not flagged:\n{md}"
+    );
+    // Step times of run a come from its steps.jsonl, run b's from the summary's spread.
+    assert!(md.contains("#1 pytorch cpu: 6 steady steps from"), "{md}");
+    assert!(
+        md.contains("#2 mlx cpu: the summary's step_time_s spread"),
+        "{md}"
+    );
+
+    let svgs = inline_svgs(&html);
+    assert_eq!(
+        svgs.len(),
+        4,
+        "throughput, loss, step time and memory plots"
+    );
+    for svg in svgs {
+        let doc = roxmltree::Document::parse(svg)
+            .unwrap_or_else(|e| panic!("malformed SVG ({e}):\n{svg}"));
+        assert_eq!(doc.root_element().tag_name().name(), "svg");
+        let title = doc
+            .root_element()
+            .children()
+            .find(|n| n.has_tag_name("title"))
+            .expect("each plot carries its definition as a <title>");
+        assert!(title.text().is_some_and(|t| t.len() > 20));
+    }
+}
+
+#[test]
+fn baseline_picks_the_run_to_divide_by() {
+    let r = three_runs();
+    let out = compare(
+        &[&r.a, &r.b],
+        &["--baseline", "2", "--output-dir", r.out.to_str().unwrap()],
+        r.out.parent().unwrap(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let md = std::fs::read_to_string(r.out.join("report.md")).unwrap();
+    let ratio = format!(
+        "{:.2}×",
+        f(&r.sa, "/metrics/tokens_per_s") / f(&r.sb, "/metrics/tokens_per_s")
+    );
+    assert!(
+        md.contains(&ratio),
+        "run a against baseline b is {ratio}:\n{md}"
+    );
+    assert!(md.contains("#2 mlx cpu (baseline)"));
+
+    let out = compare(
+        &[&r.a, &r.b],
+        &["--baseline", "3", "--output-dir", r.out.to_str().unwrap()],
+        r.out.parent().unwrap(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("--baseline 3"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn identical_configs_with_different_hashes_mean_different_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_run(dir.path(), "a", &fixture(), None);
+    let mut s = fixture();
+    s["workload"]["hash"] = json!("d".repeat(64));
+    let b = write_run(dir.path(), "b", &s, None);
+    let out = compare(&[&a, &b], &["--output-dir", "out"], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let md = std::fs::read_to_string(dir.path().join("out/report.md")).unwrap();
+    assert!(md.contains("batches' contents differ"), "{md}");
+}
+
+#[test]
+fn repeats_show_their_spread() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = fixture();
+    let figures = |k: usize, tps: f64| {
+        json!({"repeat": k, "run_dir": format!("runs/x/repeat-{k}"), "status": "completed", "tokens_per_s": tps, "input_tokens_per_s": null,
+               "samples_per_s": null, "total_s": 10.0, "step_time_median_s": null, "mfu": null, "peak_memory_gib": null, "final_loss": null})
+    };
+    s["repeats"] = json!({
+        "count": 3, "median_repeat": 2,
+        "runs": [figures(1, 400.0), figures(2, 500.0), figures(3, 600.0)],
+        "tokens_per_s": {"median": 500.0, "p10": 420.0, "p90": 580.0, "mean": 500.0, "stdev": 100.0, "min": 400.0, "max": 600.0, "n": 3},
+        "input_tokens_per_s": null, "total_s": null
+    });
+    let a = write_run(dir.path(), "a", &s, None);
+    let out = compare(&[&a], &[], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+    assert!(
+        md.contains("median 500.0, p10-p90 420.0-580.0, min-max 400.0-600.0"),
+        "{md}"
+    );
+    assert!(
+        dir.path().join("report.html").is_file(),
+        "the default output folder is the current one"
+    );
+}
+
+/// Writes an invalid summary named `name` and returns its path.
+fn invalid(dir: &Path, name: &str, content: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, content).unwrap();
+    p
+}
+
+#[test]
+fn unreadable_summaries_are_refused_naming_the_file_unless_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write_run(dir.path(), "good", &fixture(), Some(STEPS));
+    let mut v99 = fixture();
+    v99["schema_version"] = json!(99);
+    let mut no_key = fixture();
+    no_key["metrics"].as_object_mut().unwrap().remove("total_s");
+    let cases = [
+        (
+            invalid(dir.path(), "corrupt.json", "{ \"schema_version\": 1, "),
+            "not valid JSON",
+        ),
+        (
+            invalid(dir.path(), "future.json", &v99.to_string()),
+            "schema_version 99",
+        ),
+        (
+            invalid(dir.path(), "missing-key.json", &no_key.to_string()),
+            "total_s",
+        ),
+    ];
+    for (bad, problem) in &cases {
+        let name = bad.file_name().unwrap().to_str().unwrap();
+        let out = compare(&[&good, bad], &["--output-dir", "out"], dir.path());
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(
+            stderr.contains(name) && stderr.contains(problem),
+            "{name}: the error names the file and {problem:?}: {stderr}"
+        );
+        assert!(
+            !dir.path().join("out").exists(),
+            "nothing is written when a summary is refused"
+        );
+
+        let out = compare(
+            &[&good, bad],
+            &["--output-dir", "out", "--skip-invalid"],
+            dir.path(),
+        );
+        let stderr = text(&out.stderr);
+        assert!(out.status.success(), "{name} with --skip-invalid: {stderr}");
+        assert!(
+            stderr.contains("warning") && stderr.contains(name),
+            "a warning names {name}: {stderr}"
+        );
+        let md = std::fs::read_to_string(dir.path().join("out/report.md")).unwrap();
+        assert!(md.contains(fixture()["run"]["run_id"].as_str().unwrap()));
+        std::fs::remove_dir_all(dir.path().join("out")).unwrap();
+    }
+    let bad: Vec<&Path> = cases.iter().map(|(p, _)| p.as_path()).collect();
+    let out = compare(&bad, &["--skip-invalid"], dir.path());
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "no valid run left: {}",
+        text(&out.stderr)
+    );
+
+    let empty = dir.path().join("empty-run");
+    std::fs::create_dir(&empty).unwrap();
+    let out = compare(&[&empty], &[], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("empty-run"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn show_prints_one_run_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = fixture();
+    let run = write_run(dir.path(), "run", &s, Some(STEPS));
+    let cwd = tempfile::tempdir().unwrap();
+    let out = Command::new(COMPARE)
+        .arg("--show")
+        .arg(&run)
+        .current_dir(cwd.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(s["run"]["run_id"].as_str().unwrap()),
+        "{stdout}"
+    );
+    let tps = f(&s, "/metrics/tokens_per_s");
+    assert!(
+        stdout.contains(&format!("{tps:.1}")),
+        "tokens/s {tps:.1} in:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("tokens/s (loss tokens, steady)") && stdout.contains("peak memory"),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read_dir(cwd.path()).unwrap().count(),
+        0,
+        "--show writes no file"
+    );
+}
+
+/// Runs a command with a deadline (a browser that hangs must not hang the test suite).
+fn run_with_deadline(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the command");
+    let mut out_pipe = child.stdout.take().unwrap();
+    let mut err_pipe = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = out_pipe.read_to_end(&mut b);
+        b
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = err_pipe.read_to_end(&mut b);
+        b
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Output {
+        status,
+        stdout: out_reader.join().unwrap(),
+        stderr: err_reader.join().unwrap(),
+    }
+}
+
+fn find_on_path(names: &[&str]) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .flat_map(|d| names.iter().map(move |n| d.join(n)))
+        .find(|p| p.is_file())
+}
+
+#[test]
+fn html_report_renders_in_headless_chromium_without_fetching_anything() {
+    let r = three_runs();
+    let out = compare(
+        &[&r.a, &r.b, &r.c],
+        &["--output-dir", r.out.to_str().unwrap()],
+        r.out.parent().unwrap(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let html_path = r.out.join("report.html");
+    let html = std::fs::read_to_string(&html_path).unwrap();
+
+    // Self-contained: the only URL is the SVG namespace name, which no browser fetches.
+    let without_ns = html.replace("xmlns=\"http://www.w3.org/2000/svg\"", "");
+    for needle in [
+        "http://", "https://", "src=", "<link", "<script", "@import", "url(", "<img", "<iframe",
+    ] {
+        assert!(
+            !without_ns.contains(needle),
+            "report.html references an external resource ({needle})"
+        );
+    }
+
+    let Some(browser) = find_on_path(&[
+        "chromium",
+        "chromium-browser",
+        "google-chrome",
+        "google-chrome-stable",
+    ]) else {
+        if std::env::var_os("CI").is_some() {
+            panic!("CI is set but no chromium is installed; install it with `apt-get install -y chromium`");
+        }
+        eprintln!("skipped: chromium is not installed (apt-get install -y chromium); the static checks above passed");
+        return;
+    };
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", html_path.display());
+    let headless = |extra: &[&str]| {
+        let mut c = Command::new(&browser);
+        c.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(extra)
+        .arg(&url);
+        c
+    };
+
+    let dom = run_with_deadline(&mut headless(&["--dump-dom"]), Duration::from_secs(120));
+    let dom_text = text(&dom.stdout);
+    assert!(
+        dom.status.success(),
+        "chromium --dump-dom failed: {}",
+        text(&dom.stderr)
+    );
+    assert_eq!(
+        dom_text.matches("<svg").count(),
+        4,
+        "the rendered DOM holds the four plots"
+    );
+    assert!(dom_text.contains("Headline figures") && dom_text.contains("Workload mismatch"));
+
+    let png = r.out.join("report.png");
+    let shot = run_with_deadline(
+        &mut headless(&[
+            "--enable-logging=stderr",
+            "--v=0",
+            "--window-size=1300,4000",
+            &format!("--screenshot={}", png.display()),
+        ]),
+        Duration::from_secs(120),
+    );
+    let log = text(&shot.stderr);
+    assert!(shot.status.success(), "chromium --screenshot failed: {log}");
+    let bytes = std::fs::read(&png).expect("chromium wrote the screenshot");
+    assert!(
+        bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 10_000,
+        "a real PNG ({} bytes)",
+        bytes.len()
+    );
+    for line in log.lines() {
+        assert!(
+            !line.contains("Failed to load resource") && !line.contains("net::ERR"),
+            "a request failed: {line}"
+        );
+    }
+}

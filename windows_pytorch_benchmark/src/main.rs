@@ -1,0 +1,47 @@
+//! Fine-tuning benchmark on PyTorch (libtorch through tch): CUDA on NVIDIA, MPS on a Mac, CPU
+//! anywhere. The workload (data, batches, schedule, what trains) and the measurement come from the
+//! `shared` crate; this binary builds Phi-3 in tch and runs the optimizer steps.
+
+use std::path::Path;
+use std::time::Instant;
+
+use clap::Parser;
+use shared::config::{CliArgs, Framework, TuningMode};
+
+use windows_pytorch_benchmark::train;
+
+/// `Fast` trains on the first 100 records, `Full` on all 15,011 of dolly-15k. Edit to change the
+/// default; `--mode` / `--samples` override it.
+const TUNING_MODE: TuningMode = TuningMode::Fast;
+
+#[derive(Parser)]
+#[command(
+    name = "windows_pytorch_benchmark",
+    version,
+    about = "Fine-tune Phi-3 on dolly-15k with PyTorch (tch) and measure it"
+)]
+struct Cli {
+    #[command(flatten)]
+    args: CliArgs,
+}
+
+fn main() {
+    let start = Instant::now();
+    let cli = Cli::parse();
+    // libtorch's errors arrive as panics; the backend turns them into errors, so keep the
+    // default hook from printing them twice.
+    std::panic::set_hook(Box::new(|info| {
+        if std::env::var_os("FTB_DEBUG_PANICS").is_some() {
+            eprintln!("{info}");
+        }
+    }));
+    let code = shared::runner::main_with(
+        Framework::Pytorch,
+        TUNING_MODE,
+        &cli.args,
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+        start,
+        train::TorchBackend::new,
+    );
+    std::process::exit(code);
+}

@@ -1,0 +1,357 @@
+//! The PyTorch backend: builds Phi-3 from the shared weights, and runs one optimizer step the way
+//! Hugging Face's Trainer does (accumulate micro-batch gradients, clip the global norm, AdamW at the
+//! scheduled learning rate), written by hand over libtorch.
+
+use std::collections::HashMap;
+
+use anyhow::{anyhow, Context, Result};
+use shared::config::{Config, DTypeChoice, DeviceChoice, StrategyKind};
+use shared::data::batch::Step;
+use shared::error::ConfigError;
+use shared::measure::probe::{self, Software};
+use shared::model::ParamCounts;
+use shared::runner::{Backend, MemoryReading, StepReport};
+use shared::summary::BackendInfo;
+use shared::workload::Prepared;
+use tch::{COptimizer, Device, Kind, Tensor};
+
+use crate::phi3::{DType, Inputs, Phi3};
+
+pub struct TorchBackend {
+    model: Phi3,
+    /// Trainable tensors, in checkpoint order.
+    trainable: Vec<Tensor>,
+    opt: COptimizer,
+    max_grad_norm: f64,
+    counts: ParamCounts,
+    device_name: String,
+    peak_process_gib: Option<f64>,
+    nvml: Option<nvml_wrapper::Nvml>,
+}
+
+pub fn pick_device(choice: DeviceChoice) -> Result<Device> {
+    let bad = |v: &str, why: &str| -> anyhow::Error {
+        ConfigError::Value {
+            key: "device".into(),
+            value: v.into(),
+            reason: why.into(),
+            fix: "use --device auto, cuda, mps or cpu".into(),
+        }
+        .into()
+    };
+    Ok(match choice {
+        DeviceChoice::Auto => {
+            if tch::Cuda::is_available() {
+                Device::Cuda(0)
+            } else if tch::utils::has_mps() {
+                Device::Mps
+            } else {
+                Device::Cpu
+            }
+        }
+        DeviceChoice::Cpu => Device::Cpu,
+        DeviceChoice::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
+        DeviceChoice::Cuda => {
+            return Err(bad(
+                "cuda",
+                "libtorch sees no CUDA device (no GPU, or a CPU-only libtorch)",
+            ))
+        }
+        DeviceChoice::Mps if tch::utils::has_mps() => Device::Mps,
+        DeviceChoice::Mps => return Err(bad("mps", "no Metal device (MPS is macOS-only)")),
+        DeviceChoice::Gpu => return Err(bad("gpu", "\"gpu\" is the MLX binary's name for Metal")),
+    })
+}
+
+pub fn pick_dtype(choice: DTypeChoice, device: Device) -> DType {
+    match choice {
+        DTypeChoice::Auto if device == Device::Cpu => DType::Float32,
+        DTypeChoice::Auto => DType::Bf16,
+        DTypeChoice::Float32 => DType::Float32,
+        DTypeChoice::Bf16 => DType::Bf16,
+        DTypeChoice::MixedBf16 => DType::MixedBf16,
+    }
+}
+
+fn device_label(d: Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        Device::Mps => "mps".into(),
+        Device::Vulkan => "vulkan".into(),
+    }
+}
+
+impl TorchBackend {
+    pub fn new(cfg: &Config, p: &Prepared) -> Result<Self> {
+        let device = pick_device(cfg.run.device)?;
+        let dtype = pick_dtype(cfg.run.dtype, device);
+        let strategy = &cfg.workload.strategy;
+        let shape = p.shape.clone();
+        let mut specs = shape.parameters();
+        specs.extend(shape.lora_parameters(strategy));
+        let mut tensors = HashMap::new();
+        let mut trainable = Vec::new();
+        let mut counts = ParamCounts::default();
+        // Adapters draw from their own stream so that the base weights are the same with and
+        // without LoRA.
+        let adapter_seed = cfg.workload.seed ^ 0x4c4f_5241;
+        p.weights.for_each(&specs, adapter_seed, |spec, data| {
+            let dims: Vec<i64> = data.shape.iter().map(|&d| d as i64).collect();
+            let t = Tensor::from_slice(&data.values)
+                .view(dims.as_slice())
+                .to_device(device)
+                .to_kind(dtype.param_kind());
+            let train = shape.is_trainable(&spec.name, strategy);
+            counts.total += spec.numel();
+            let t = if train {
+                counts.trainable += spec.numel();
+                let t = t.set_requires_grad(true);
+                trainable.push(t.shallow_clone());
+                t
+            } else {
+                t
+            };
+            tensors.insert(spec.name.clone(), t);
+            Ok(())
+        })?;
+        let expected = shape.parameter_counts(strategy);
+        if counts != expected {
+            return Err(anyhow!(
+                "internal: built {counts:?} parameters, the workload says {expected:?}"
+            ));
+        }
+        let first_grad_layer = match strategy.kind {
+            StrategyKind::LastN => shape.num_layers - strategy.last_n.min(shape.num_layers),
+            _ => 0,
+        };
+        let lora_scale = strategy.lora_alpha / strategy.lora_rank.max(1) as f64;
+        let model =
+            Phi3::from_tensors(shape, dtype, device, tensors, lora_scale, first_grad_layer)?;
+        let t = &cfg.workload.train;
+        // libtorch's AdamW (torch::optim::AdamW): decoupled weight decay, bias-corrected moments.
+        let mut opt = COptimizer::adamw(t.lr, t.beta1, t.beta2, t.weight_decay, t.eps, false)
+            .context("creating AdamW")?;
+        for x in &trainable {
+            opt.add_parameters(x, 0)
+                .context("registering a parameter with AdamW")?;
+        }
+        let device_name = match device {
+            Device::Cuda(i) => probe::probe_nvidia()
+                .ok()
+                .and_then(|g| g.get(i).map(|g| g.name.clone()))
+                .unwrap_or_else(|| "CUDA device".into()),
+            Device::Mps => probe::probe_hardware()
+                .apple
+                .map(|a| a.chip)
+                .unwrap_or_else(|| "Apple GPU".into()),
+            _ => probe::probe_hardware().cpu_model,
+        };
+        let nvml = matches!(device, Device::Cuda(_))
+            .then(|| nvml_wrapper::Nvml::init().ok())
+            .flatten();
+        Ok(Self {
+            model,
+            trainable,
+            opt,
+            max_grad_norm: t.max_grad_norm,
+            counts,
+            device_name,
+            peak_process_gib: None,
+            nvml,
+        })
+    }
+
+    fn sync(&self) {
+        match self.model.device {
+            Device::Cuda(i) => tch::Cuda::synchronize(i as i64),
+            // No public MPS synchronise in tch: reading a value back waits for the queue.
+            Device::Mps => {
+                if let Some(t) = self.trainable.last() {
+                    let _ = t.sum(Kind::Float).double_value(&[]);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// This process's device memory as NVML sees it (CUDA context + caching allocator's reserve).
+    fn sample_process_memory(&mut self) {
+        let Some(nvml) = &self.nvml else { return };
+        let Device::Cuda(i) = self.model.device else {
+            return;
+        };
+        let Ok(dev) = nvml.device_by_index(i as u32) else {
+            return;
+        };
+        let pid = std::process::id();
+        if let Ok(procs) = dev.running_compute_processes() {
+            for pr in procs {
+                if pr.pid == pid {
+                    if let nvml_wrapper::enums::device::UsedGpuMemory::Used(b) = pr.used_gpu_memory
+                    {
+                        let g = b as f64 / (1u64 << 30) as f64;
+                        self.peak_process_gib =
+                            Some(self.peak_process_gib.map_or(g, |p: f64| p.max(g)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Backend for TorchBackend {
+    fn train_step(&mut self, step: &Step, lr: f64) -> Result<StepReport> {
+        let result = catch_torch(|| {
+            self.opt.zero_grad()?;
+            let denom = step.loss_tokens.max(1) as f64;
+            let mut total = Tensor::zeros([], (Kind::Float, self.model.device));
+            for mb in &step.micro_batches {
+                let inp = Inputs::new(mb, self.model.device);
+                // Sum over the micro-batch / the step's loss tokens: the micro-batches' losses add
+                // up to the step's mean, whatever the batch plan.
+                let loss = self.model.loss_sum(&inp) / denom;
+                loss.backward();
+                total += loss.detach();
+            }
+            let grad_norm = if self.max_grad_norm > 0.0 {
+                Some(clip_grad_norm(&self.trainable, self.max_grad_norm))
+            } else {
+                None
+            };
+            self.opt.set_learning_rate(lr)?;
+            self.opt.step()?;
+            Ok::<_, anyhow::Error>((total, grad_norm))
+        })?;
+        // Host-device sync: everything the step produced (loss, parameters, optimizer state) is
+        // finished before the caller reads the clock.
+        self.sync();
+        let (total, grad_norm) = result;
+        let loss = total.double_value(&[]);
+        let grad_norm = grad_norm.map(|g| g.double_value(&[]));
+        self.sample_process_memory();
+        Ok(StepReport { loss, grad_norm })
+    }
+
+    fn memory(&mut self) -> MemoryReading {
+        self.sample_process_memory();
+        match self.model.device {
+            Device::Cuda(_) => MemoryReading {
+                peak_allocated_gib: None,
+                peak_reserved_gib: self.peak_process_gib,
+                source: "NVML: this process's device memory, sampled after every step (CUDA context + caching allocator's reserve)".into(),
+            },
+            _ => MemoryReading::default(),
+        }
+    }
+
+    fn info(&self) -> BackendInfo {
+        let mut details = serde_json::Map::new();
+        details.insert(
+            "attention".into(),
+            "torch scaled_dot_product_attention (causal; boolean document mask for packed rows)"
+                .into(),
+        );
+        details.insert("optimizer".into(), "libtorch torch::optim::AdamW".into());
+        details.insert("torch_threads".into(), tch::get_num_threads().into());
+        details.insert(
+            "frozen_prefix_without_autograd".into(),
+            (self.model.first_grad_layer > 0).into(),
+        );
+        BackendInfo {
+            framework: "pytorch".into(),
+            device: device_label(self.model.device),
+            device_name: self.device_name.clone(),
+            dtype: self.model.dtype.name().into(),
+            world_size: 1,
+            details,
+        }
+    }
+
+    fn parameter_counts(&self) -> ParamCounts {
+        self.counts
+    }
+
+    fn software(&self) -> Software {
+        let mut s = probe::software(
+            "tch 0.24.0",
+            &format!("libtorch {}", env!("FTB_LIBTORCH_VERSION")),
+        );
+        if let Device::Cuda(_) = self.model.device {
+            s.cuda_runtime = Some(fmt_version(tch::utils::version_cudart()));
+            s.cudnn = Some(fmt_version(tch::utils::version_cudnn()));
+        }
+        s
+    }
+
+    fn calibrate_tflops(&mut self) -> Result<f64> {
+        let (n, kind) = match self.model.device {
+            Device::Cpu => (1024, Kind::Float),
+            _ => (8192, Kind::BFloat16),
+        };
+        let d = self.model.device;
+        let a = Tensor::randn([n, n], (kind, d));
+        let b = Tensor::randn([n, n], (kind, d));
+        for _ in 0..3 {
+            let _ = a.matmul(&b);
+        }
+        self.sync();
+        let reps = 10;
+        let t0 = std::time::Instant::now();
+        for _ in 0..reps {
+            let _ = a.matmul(&b);
+        }
+        self.sync();
+        let dt = t0.elapsed().as_secs_f64() / reps as f64;
+        Ok(2.0 * (n as f64).powi(3) / dt / 1e12)
+    }
+}
+
+fn fmt_version(v: i64) -> String {
+    // cudart: 13000 => 13.0; cuDNN 9: 91900 => 9.19.0
+    if v >= 90000 {
+        format!("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100)
+    } else {
+        format!("{}.{}", v / 1000, (v % 1000) / 10)
+    }
+}
+
+/// PyTorch's `clip_grad_norm_`: total L2 norm of all gradients, scale by min(1, max / (norm + 1e-6)).
+/// Stays on the device (no host sync); returns the norm before clipping.
+fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Tensor {
+    tch::no_grad(|| {
+        let grads: Vec<Tensor> = params
+            .iter()
+            .map(|p| p.grad())
+            .filter(|g| g.defined())
+            .collect();
+        let norms: Vec<Tensor> = grads
+            .iter()
+            .map(|g| g.to_kind(Kind::Float).norm())
+            .collect();
+        let total = Tensor::stack(&norms, 0).norm();
+        let coef = (max_norm / (&total + 1e-6)).clamp_max(1.0);
+        for g in &grads {
+            let mut g = g.shallow_clone();
+            let _ = g.g_mul_(&coef.to_kind(g.kind()));
+        }
+        total
+    })
+}
+
+/// libtorch reports errors (out of memory among them) as C++ exceptions that tch turns into
+/// panics in its non-`f_` functions; this turns them back into errors so the run can write a
+/// `failed` summary.
+fn catch_torch<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "libtorch raised an error".into());
+            Err(anyhow!("{msg}"))
+        }
+    }
+}
