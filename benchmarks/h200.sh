@@ -12,8 +12,10 @@ mkdir -p "$out/runs"
 while (($# >= 2)); do
   name=$1; flags=$2; shift 2
   echo "=== $name: $bin $flags" | tee -a "$out/log.txt"
+  # A variant whose name ends in _prof runs with FTB_PROFILE=1 (phase timings, synchronised).
+  prof=""; [[ $name == *_prof ]] && prof=1
   # shellcheck disable=SC2086
-  "$bin" $flags --quiet --output-dir "$out/runs/$name" >>"$out/log.txt" 2>&1
+  FTB_PROFILE=$prof "$bin" $flags --quiet --output-dir "$out/runs/$name" >>"$out/log.txt" 2>&1
   echo "exit $?" | tee -a "$out/log.txt"
   tail -2 "$out/log.txt"
 done
@@ -28,6 +30,8 @@ for name in sorted(os.listdir(root)):
     s = json.load(open(p)); m = s["metrics"]
     f = lambda v, d=0: "n/a" if v is None else f"{v:.{d}f}"
     st = m.get("step_time_s") or {}
+    prof = s["backend"]["details"].get("profile_by_phase_total_s")
+    if prof: print("   profile: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(prof.items())))
     print(f"{name:<22}{s['status']:<11}{m['steps']:>6}{f(m['input_tokens_per_s']):>10}{f(m['tokens_per_s']):>11}{f(m['samples_per_s'],2):>8}{f(m['end_to_end_input_tokens_per_s']):>10}{f(st.get('median'),3):>11}{f(None if m['mfu'] is None else 100*m['mfu'],1):>7}{f(m['peak_memory_gib'],1):>9}{f(m['total_s'],1):>9}{f(m['final_loss'],3):>8}")
 PY
 tar czf "$out/results.tar.gz" -C "$out" runs log.txt machine.txt table.txt

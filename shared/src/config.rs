@@ -326,8 +326,9 @@ impl Default for BatchConfig {
     fn default() -> Self {
         Self {
             plan: BatchPlanKind::Bucketed,
-            micro_batch_size: 4,
-            grad_accum: 4,
+            // 64 records (about 17k tokens of dolly) per optimizer step.
+            micro_batch_size: 8,
+            grad_accum: 8,
             max_tokens_per_micro_batch: 16_384,
         }
     }
@@ -509,6 +510,8 @@ impl Config {
                 w.data.max_seq_len = 512;
                 // Two blocks: train the last one (+ head), so last-n still freezes a prefix.
                 w.strategy.last_n = 1;
+                w.batch.micro_batch_size = 4;
+                w.batch.grad_accum = 4;
                 w.batch.max_tokens_per_micro_batch = 2048;
                 w.train.lr = 3e-3;
                 w.train.lr_warmup_steps = 2;

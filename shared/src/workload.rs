@@ -255,7 +255,7 @@ pub fn prepare(cfg: &Config) -> Result<Prepared> {
         w.train.epochs,
         w.train.max_steps,
     );
-    let hash = workload_hash(cfg, &shape, &steps)?;
+    let hash = workload_hash(cfg, &shape, &samples, &steps)?;
     Ok(Prepared {
         shape,
         weights,
@@ -267,8 +267,14 @@ pub fn prepare(cfg: &Config) -> Result<Prepared> {
     })
 }
 
-/// SHA-256 over the settings that shape the computation and every micro-batch's contents.
-pub fn workload_hash(cfg: &Config, shape: &ModelShape, steps: &[Step]) -> Result<String> {
+/// SHA-256 over the settings that shape the computation and the exact tokens of every step.
+///
+/// What is hashed is the math: which records (token ids, loss mask) form each optimizer step, the
+/// padding policy, the model, the initial weights, what trains and the optimizer. How a step is cut
+/// into micro-batches under the token budget is not hashed: the loss and gradient of a step do not
+/// depend on it (tested), and the budget is chosen to fit each device's memory, so a Mac and an
+/// H200 running the same work get the same hash.
+pub fn workload_hash(cfg: &Config, shape: &ModelShape, samples: &[Sample], steps: &[Step]) -> Result<String> {
     #[derive(Serialize)]
     struct Key<'a> {
         shape: &'a ModelShape,
@@ -278,8 +284,14 @@ pub fn workload_hash(cfg: &Config, shape: &ModelShape, steps: &[Step]) -> Result
         seed: u64,
         strategy: &'a crate::config::StrategyConfig,
         train: &'a crate::config::TrainConfig,
+        plan: crate::config::BatchPlanKind,
+        /// Padded plans: records per micro-batch decide how much padding there is.
+        padded_micro_batch: Option<usize>,
+        pad_to: Option<usize>,
+        train_on_prompt: bool,
     }
     let w = &cfg.workload;
+    let padded = w.batch.plan == crate::config::BatchPlanKind::Padded;
     let key = Key {
         shape,
         weights: w.model.weights,
@@ -287,6 +299,10 @@ pub fn workload_hash(cfg: &Config, shape: &ModelShape, steps: &[Step]) -> Result
         seed: w.seed,
         strategy: &w.strategy,
         train: &w.train,
+        plan: w.batch.plan,
+        padded_micro_batch: padded.then_some(w.batch.micro_batch_size),
+        pad_to: w.data.pad_to,
+        train_on_prompt: w.data.train_on_prompt,
     };
     let mut h = Sha256::new();
     let mut key_json = serde_json::to_value(&key)?;
@@ -294,19 +310,13 @@ pub fn workload_hash(cfg: &Config, shape: &ModelShape, steps: &[Step]) -> Result
     key_json["shape"]["name"] = serde_json::Value::Null;
     h.update(serde_json::to_vec(&key_json)?);
     for s in steps {
-        h.update((s.micro_batches.len() as u64).to_le_bytes());
-        for m in &s.micro_batches {
-            h.update((m.rows as u64).to_le_bytes());
-            h.update((m.seq_len as u64).to_le_bytes());
-            for arr in [&m.input_ids, &m.labels, &m.position_ids] {
-                for x in arr.iter() {
-                    h.update(x.to_le_bytes());
-                }
-            }
-            if let Some(seg) = &m.segment_ids {
-                for x in seg {
-                    h.update(x.to_le_bytes());
-                }
+        h.update((s.sample_ids.len() as u64).to_le_bytes());
+        for &i in &s.sample_ids {
+            let d = &samples[i];
+            h.update((d.ids.len() as u64).to_le_bytes());
+            h.update((d.prompt_len as u64).to_le_bytes());
+            for x in &d.ids {
+                h.update(x.to_le_bytes());
             }
         }
     }
@@ -358,6 +368,11 @@ mod tests {
         d.run.quiet = true; // how it runs does not change the work
         d.run.dtype = crate::config::DTypeChoice::Float32;
         assert_eq!(prepare(&d).unwrap().hash, a.hash);
+        // The token budget only re-cuts a step into micro-batches: same math, same hash.
+        d.workload.batch.max_tokens_per_micro_batch = 8192;
+        let e = prepare(&d).unwrap();
+        assert_eq!(e.hash, a.hash);
+        assert_ne!(e.steps.iter().map(|s| s.micro_batches.len()).sum::<usize>(), a.steps.iter().map(|s| s.micro_batches.len()).sum::<usize>());
         for change in [
             |c: &mut Config| c.workload.seed = 1,
             |c: &mut Config| c.workload.data.train_on_prompt = true,
@@ -365,6 +380,7 @@ mod tests {
             |c: &mut Config| c.workload.batch.plan = crate::config::BatchPlanKind::Packed,
             |c: &mut Config| c.workload.strategy.last_n = 2,
             |c: &mut Config| c.workload.samples = Some(99),
+            |c: &mut Config| c.workload.batch.grad_accum = 2,
         ] {
             let mut e = c.clone();
             change(&mut e);

@@ -349,8 +349,9 @@ fn unreadable_summaries_are_refused_naming_the_file_unless_skipped() {
             "nothing is written when a summary is refused"
         );
 
+        // The bad one first: the default baseline becomes the first run that could be read.
         let out = compare(
-            &[&good, bad],
+            &[bad, &good],
             &["--output-dir", "out", "--skip-invalid"],
             dir.path(),
         );

@@ -28,6 +28,12 @@ struct Cli {
 fn main() {
     let start = Instant::now();
     let cli = Cli::parse();
+    // Micro-batch shapes change every step; expandable segments stop the caching allocator from
+    // fragmenting (measured on the H200: full fine-tuning reserved 129 GiB without it). Must be
+    // set before CUDA initialises; a user's own setting wins.
+    if std::env::var_os("PYTORCH_CUDA_ALLOC_CONF").is_none() {
+        std::env::set_var("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True");
+    }
     // libtorch's errors arrive as panics; the backend turns them into errors, so keep the
     // default hook from printing them twice.
     std::panic::set_hook(Box::new(|info| {

@@ -131,14 +131,15 @@ impl Inputs {
     }
 }
 
+/// RMSNorm through libtorch's own `rms_norm` (a fused kernel on CUDA that accumulates in fp32),
+/// replacing seven element-wise passes that each kept an fp32 copy of the activations for the
+/// backward pass. In fp32 it computes HF's `Phi3RMSNorm` exactly; in bf16 it differs from HF only
+/// in where the final rounding to bf16 happens.
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, dt: DType) -> Tensor {
-    let x32 = x.to_kind(Kind::Float);
-    let var = x32.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
-    let normed = x32 * (var + eps).rsqrt();
     match dt {
-        // Residual stream in fp32, weight fp32: as under autocast.
-        DType::MixedBf16 | DType::Float32 => w * normed,
-        DType::Bf16 => w * normed.to_kind(Kind::BFloat16),
+        // fp32 residual stream and fp32 weight, as under autocast.
+        DType::MixedBf16 | DType::Float32 => x.to_kind(Kind::Float).rms_norm(&[w.size()[0]][..], Some(w), eps),
+        DType::Bf16 => x.rms_norm(&[w.size()[0]][..], Some(w), eps),
     }
 }
 

@@ -27,6 +27,9 @@ pub struct TorchBackend {
     device_name: String,
     peak_process_gib: Option<f64>,
     nvml: Option<nvml_wrapper::Nvml>,
+    /// `FTB_PROFILE=1`: synchronise between phases and add up their wall time (forward, backward,
+    /// clipping, optimizer). Costs the overlap between phases, so only for finding where time goes.
+    profile: Option<[f64; 4]>,
 }
 
 pub fn pick_device(choice: DeviceChoice) -> Result<Device> {
@@ -159,6 +162,7 @@ impl TorchBackend {
             device_name,
             peak_process_gib: None,
             nvml,
+            profile: std::env::var("FTB_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0").then_some([0.0; 4]),
         })
     }
 
@@ -202,6 +206,19 @@ impl TorchBackend {
 
 impl Backend for TorchBackend {
     fn train_step(&mut self, step: &Step, lr: f64) -> Result<StepReport> {
+        let profiling = self.profile.is_some();
+        let mut marks = [0.0f64; 4];
+        let mut t = std::time::Instant::now();
+        // FTB_PROFILE=1 only: synchronise and charge the time since the last mark to a phase.
+        macro_rules! lap {
+            ($k:expr) => {
+                if profiling {
+                    self.sync();
+                    marks[$k] += t.elapsed().as_secs_f64();
+                    t = std::time::Instant::now();
+                }
+            };
+        }
         let result = catch_torch(|| {
             self.opt.zero_grad()?;
             let denom = step.loss_tokens.max(1) as f64;
@@ -211,7 +228,9 @@ impl Backend for TorchBackend {
                 // Sum over the micro-batch / the step's loss tokens: the micro-batches' losses add
                 // up to the step's mean, whatever the batch plan.
                 let loss = self.model.loss_sum(&inp) / denom;
+                lap!(0);
                 loss.backward();
+                lap!(1);
                 total += loss.detach();
             }
             let grad_norm = if self.max_grad_norm > 0.0 {
@@ -219,10 +238,17 @@ impl Backend for TorchBackend {
             } else {
                 None
             };
+            lap!(2);
             self.opt.set_learning_rate(lr)?;
             self.opt.step()?;
+            lap!(3);
             Ok::<_, anyhow::Error>((total, grad_norm))
         })?;
+        if let Some(p) = &mut self.profile {
+            for (a, b) in p.iter_mut().zip(marks) {
+                *a += b;
+            }
+        }
         // Host-device sync: everything the step produced (loss, parameters, optimizer state) is
         // finished before the caller reads the clock.
         self.sync();
@@ -258,6 +284,15 @@ impl Backend for TorchBackend {
             "frozen_prefix_without_autograd".into(),
             (self.model.first_grad_layer > 0).into(),
         );
+        if let Ok(conf) = std::env::var("PYTORCH_CUDA_ALLOC_CONF") {
+            details.insert("pytorch_cuda_alloc_conf".into(), conf.into());
+        }
+        if let Some(p) = self.profile {
+            let names = ["forward_s", "backward_s", "clip_s", "optimizer_s"];
+            let m: serde_json::Map<String, serde_json::Value> =
+                names.iter().zip(p).map(|(n, v)| (n.to_string(), v.into())).collect();
+            details.insert("profile_by_phase_total_s".into(), m.into());
+        }
         BackendInfo {
             framework: "pytorch".into(),
             device: device_label(self.model.device),

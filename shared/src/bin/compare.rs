@@ -27,9 +27,10 @@ struct Args {
     #[arg(value_name = "SUMMARY_OR_RUN_DIR", required_unless_present = "show")]
     inputs: Vec<PathBuf>,
 
-    /// The run the others are measured against: its position among the arguments, from 1.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    baseline: usize,
+    /// The run the others are measured against: its position among the arguments, from 1
+    /// [default: the first run that could be read].
+    #[arg(long, value_name = "N")]
+    baseline: Option<usize>,
 
     /// Folder for report.md and report.html (created if missing).
     #[arg(long, value_name = "DIR", default_value = ".")]
@@ -65,12 +66,12 @@ fn run(args: &Args) -> i32 {
     let (runs, skipped) = match report::load_runs(&args.inputs, args.skip_invalid) {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {e:#}\n(to compare the other runs without it, pass --skip-invalid)");
             return exit::USAGE;
         }
     };
     for e in &skipped {
-        eprintln!("warning: skipped: {e:#}");
+        eprintln!("warning: skipping {e:#}");
     }
     if runs.is_empty() {
         eprintln!(
@@ -79,7 +80,10 @@ fn run(args: &Args) -> i32 {
         );
         return exit::USAGE;
     }
-    let baseline = match report::baseline_index(&runs, args.baseline, args.inputs.len()) {
+    let chosen = args
+        .baseline
+        .map(|n| report::baseline_index(&runs, n, args.inputs.len()));
+    let baseline = match chosen.unwrap_or(Ok(0)) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("error: {e:#}");

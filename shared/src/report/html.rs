@@ -243,9 +243,9 @@ pub fn render(report: &Report) -> String {
         } else {
             ""
         };
-        let _ = write!(
+        let _ = writeln!(
             out,
-            "<tr><th scope=\"row\">{}{}{badge}</th><td class=\"mono\">{}</td><td>{}</td><td class=\"mono\">{}</td></tr>\n",
+            "<tr><th scope=\"row\">{}{}{badge}</th><td class=\"mono\">{}</td><td>{}</td><td class=\"mono\">{}</td></tr>",
             swatch(i),
             esc(&r.label),
             esc(&r.summary.run.run_id),

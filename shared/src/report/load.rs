@@ -60,10 +60,7 @@ pub fn summary_path(arg: &Path) -> Result<PathBuf> {
 /// Reads one run. Errors name the file, the problem and what to do about it.
 pub fn load_run(arg: &Path, arg_index: usize) -> Result<Run> {
     let path = summary_path(arg)?;
-    let summary = Summary::read(&path).map_err(|e| {
-        let e = explain(&path, e);
-        anyhow::anyhow!("{e:#}. Fix: re-run the benchmark that wrote it, or pass --skip-invalid to leave it out")
-    })?;
+    let summary = Summary::read(&path).map_err(|e| explain(&path, e))?;
     let raw: Value = serde_json::from_str(
         &std::fs::read_to_string(&path)
             .with_context(|| format!("{}: cannot read", path.display()))?,

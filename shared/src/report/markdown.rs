@@ -68,9 +68,9 @@ pub fn render(report: &Report) -> String {
             short(&base.summary.workload.hash)
         );
     } else {
-        let _ = write!(
+        let _ = writeln!(
             out,
-            "> **Workload mismatch.** These runs did different work from the baseline {} (hash `{}`); their speed-ups do not compare like with like:\n",
+            "> **Workload mismatch.** These runs did different work from the baseline {} (hash `{}`); their speed-ups do not compare like with like:",
             base.label,
             short(&base.summary.workload.hash)
         );
