@@ -1,7 +1,7 @@
 """Reference logits for windows_pytorch_benchmark/tests/reference.rs from Hugging Face's Phi-3.
 
 Usage: FTB_REFERENCE_DIR=/tmp/ref cargo test --release -p windows_pytorch_benchmark --test reference
-       python3 scripts/reference_logits.py /tmp/ref > windows_pytorch_benchmark/tests/reference_values.rs
+       python3 scripts/reference_logits.py /tmp/ref > windows_pytorch_benchmark/tests/common/reference_values.rs
 Needs: pip install torch==2.11.0 'transformers>=4.57,<5' safetensors
 """
 import sys

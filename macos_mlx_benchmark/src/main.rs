@@ -42,7 +42,13 @@ fn main() {
             std::process::exit(exit::USAGE);
         }
     }
-    let code = shared::runner::main_with(Framework::Mlx, TUNING_MODE, &cli.args, Path::new(env!("CARGO_MANIFEST_DIR")), start, MlxBackend::new);
+    let code = shared::runner::main_with(
+        Framework::Mlx,
+        TUNING_MODE,
+        &cli.args,
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+        start,
+        MlxBackend::new,
+    );
     std::process::exit(code);
 }
-

@@ -49,7 +49,10 @@ pub fn ensure_cpu_kernels() {
     if let Some(arg0) = std::env::args_os().next() {
         cmd.arg0(arg0);
     }
-    let err = cmd.args(std::env::args_os().skip(1)).env("OPENBLAS_CORETYPE", target).exec();
+    let err = cmd
+        .args(std::env::args_os().skip(1))
+        .env("OPENBLAS_CORETYPE", target)
+        .exec();
     eprintln!("warning: OpenBLAS uses its generic Prescott kernels; restarting with OPENBLAS_CORETYPE={target} failed ({err}); continuing");
 }
 
@@ -61,7 +64,9 @@ fn better_core() -> Option<&'static str> {
         && std::arch::is_x86_feature_detected!("avx512vl");
     if avx512 {
         Some("SkylakeX")
-    } else if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    } else if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+    {
         Some("Haswell")
     } else {
         None

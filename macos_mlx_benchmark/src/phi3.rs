@@ -92,7 +92,9 @@ pub struct Projection {
 /// `linear`), so the product is bf16.
 fn matmul_t(x: &Array, w: &Array, p: Precision) -> Result<Array, Exception> {
     match p {
-        Precision::MixedBf16 => x.as_dtype(Dtype::Bfloat16)?.matmul(w.as_dtype(Dtype::Bfloat16)?.t()),
+        Precision::MixedBf16 => x
+            .as_dtype(Dtype::Bfloat16)?
+            .matmul(w.as_dtype(Dtype::Bfloat16)?.t()),
         Precision::Float32 | Precision::Bf16 => x.matmul(w.t()),
     }
 }
@@ -152,7 +154,12 @@ fn apply_rope(x: &Array, cos: &Array, sin: &Array) -> Result<Array, Exception> {
 }
 
 impl Attention {
-    fn forward(&self, x: &Array, inp: &ForwardInputs<'_>, p: Precision) -> Result<Array, Exception> {
+    fn forward(
+        &self,
+        x: &Array,
+        inp: &ForwardInputs<'_>,
+        p: Precision,
+    ) -> Result<Array, Exception> {
         let (b, t) = (x.dim(0), x.dim(1));
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let qkv = self.qkv_proj.forward(x, p)?;
@@ -207,9 +214,20 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn forward(&self, x: &Array, inp: &ForwardInputs<'_>, p: Precision) -> Result<Array, Exception> {
-        let h = x.add(self.self_attn.forward(&self.input_layernorm.forward(x)?, inp, p)?)?;
-        h.add(self.mlp.forward(&self.post_attention_layernorm.forward(&h)?, p)?)
+    fn forward(
+        &self,
+        x: &Array,
+        inp: &ForwardInputs<'_>,
+        p: Precision,
+    ) -> Result<Array, Exception> {
+        let h = x.add(
+            self.self_attn
+                .forward(&self.input_layernorm.forward(x)?, inp, p)?,
+        )?;
+        h.add(
+            self.mlp
+                .forward(&self.post_attention_layernorm.forward(&h)?, p)?,
+        )
     }
 }
 
@@ -271,9 +289,16 @@ impl Phi3ForCausalLM {
 
     /// Builds the model from named tensors (checkpoint names), freezing every parameter that
     /// does not train under `strategy`. Every tensor in `tensors` must be used exactly once.
-    pub fn from_tensors(shape: &ModelShape, strategy: &StrategyConfig, precision: Precision, mut tensors: HashMap<String, Array>) -> Result<Self> {
+    pub fn from_tensors(
+        shape: &ModelShape,
+        strategy: &StrategyConfig,
+        precision: Precision,
+        mut tensors: HashMap<String, Array>,
+    ) -> Result<Self> {
         let mut take = |name: &str| -> Result<Param<Array>> {
-            let a = tensors.remove(name).with_context(|| format!("no tensor named {name}"))?;
+            let a = tensors
+                .remove(name)
+                .with_context(|| format!("no tensor named {name}"))?;
             let mut p = Param::new(a);
             if !shape.is_trainable(name, strategy) {
                 p.freeze(true);
@@ -287,17 +312,35 @@ impl Phi3ForCausalLM {
             let mut proj = |module: &str| -> Result<Projection> {
                 let base = format!("model.layers.{l}.{module}");
                 let weight = take(&format!("{base}.weight"))?;
-                let (a, b) = (format!("{base}.lora_A.weight"), format!("{base}.lora_B.weight"));
+                let (a, b) = (
+                    format!("{base}.lora_A.weight"),
+                    format!("{base}.lora_B.weight"),
+                );
                 let adapted = shape.lora_parameters(strategy).iter().any(|s| s.name == a);
-                let (lora_A, lora_B) = if adapted { (Some(Weight { weight: take(&a)? }), Some(Weight { weight: take(&b)? })) } else { (None, None) };
-                Ok(Projection { weight, lora_A, lora_B, lora_scale })
+                let (lora_A, lora_B) = if adapted {
+                    (
+                        Some(Weight { weight: take(&a)? }),
+                        Some(Weight { weight: take(&b)? }),
+                    )
+                } else {
+                    (None, None)
+                };
+                Ok(Projection {
+                    weight,
+                    lora_A,
+                    lora_B,
+                    lora_scale,
+                })
             };
             let qkv_proj = proj("self_attn.qkv_proj")?;
             let o_proj = proj("self_attn.o_proj")?;
             let gate_up_proj = proj("mlp.gate_up_proj")?;
             let down_proj = proj("mlp.down_proj")?;
             layers.push(DecoderLayer {
-                input_layernorm: RmsNorm { weight: take(&format!("model.layers.{l}.input_layernorm.weight"))?, eps },
+                input_layernorm: RmsNorm {
+                    weight: take(&format!("model.layers.{l}.input_layernorm.weight"))?,
+                    eps,
+                },
                 self_attn: Attention {
                     qkv_proj,
                     o_proj,
@@ -305,22 +348,39 @@ impl Phi3ForCausalLM {
                     num_kv_heads: shape.num_kv_heads as i32,
                     head_dim: shape.head_dim() as i32,
                 },
-                post_attention_layernorm: RmsNorm { weight: take(&format!("model.layers.{l}.post_attention_layernorm.weight"))?, eps },
-                mlp: Mlp { gate_up_proj, down_proj },
+                post_attention_layernorm: RmsNorm {
+                    weight: take(&format!("model.layers.{l}.post_attention_layernorm.weight"))?,
+                    eps,
+                },
+                mlp: Mlp {
+                    gate_up_proj,
+                    down_proj,
+                },
             });
         }
         let model = Phi3Model {
-            embed_tokens: Weight { weight: take("model.embed_tokens.weight")? },
+            embed_tokens: Weight {
+                weight: take("model.embed_tokens.weight")?,
+            },
             layers,
-            norm: RmsNorm { weight: take("model.norm.weight")?, eps },
+            norm: RmsNorm {
+                weight: take("model.norm.weight")?,
+                eps,
+            },
         };
-        let lm_head = Weight { weight: take("lm_head.weight")? };
+        let lm_head = Weight {
+            weight: take("lm_head.weight")?,
+        };
         if !tensors.is_empty() {
             let mut left: Vec<&String> = tensors.keys().collect();
             left.sort();
             bail!("tensors not used by the Phi-3 model: {left:?}");
         }
-        Ok(Self { model, lm_head, precision })
+        Ok(Self {
+            model,
+            lm_head,
+            precision,
+        })
     }
 }
 
@@ -338,7 +398,9 @@ pub struct MicroBatchArrays {
 
 /// RoPE inverse frequencies as Hugging Face computes them (fp32): `theta^(-2j/D)`.
 fn inv_freq(theta: f64, head_dim: usize) -> Vec<f32> {
-    (0..head_dim / 2).map(|j| 1.0f32 / (theta as f32).powf((2 * j) as f32 / head_dim as f32)).collect()
+    (0..head_dim / 2)
+        .map(|j| 1.0f32 / (theta as f32).powf((2 * j) as f32 / head_dim as f32))
+        .collect()
 }
 
 impl MicroBatchArrays {
@@ -346,8 +408,14 @@ impl MicroBatchArrays {
         let (b, t) = (mb.rows as i32, mb.seq_len as i32);
         let n = mb.rows * mb.seq_len;
         let ids: Vec<i32> = mb.input_ids.iter().map(|&x| x as i32).collect();
-        let positions: Vec<i32> = (0..n).filter(|&i| mb.labels[i] != IGNORE_INDEX).map(|i| i as i32).collect();
-        let targets: Vec<i32> = positions.iter().map(|&i| mb.labels[i as usize] as i32).collect();
+        let positions: Vec<i32> = (0..n)
+            .filter(|&i| mb.labels[i] != IGNORE_INDEX)
+            .map(|i| i as i32)
+            .collect();
+        let targets: Vec<i32> = positions
+            .iter()
+            .map(|&i| mb.labels[i as usize] as i32)
+            .collect();
         // cos/sin of position * inv_freq, each half repeated (`emb = cat(freqs, freqs)`), in fp32
         // as Hugging Face computes them.
         let d = shape.head_dim();
@@ -376,7 +444,13 @@ impl MicroBatchArrays {
     }
 
     pub fn forward_inputs(&self) -> ForwardInputs<'_> {
-        ForwardInputs { ids: &self.ids, cos: &self.cos, sin: &self.sin, mask: self.mask.as_ref(), positions: Some(&self.positions) }
+        ForwardInputs {
+            ids: &self.ids,
+            cos: &self.cos,
+            sin: &self.sin,
+            mask: self.mask.as_ref(),
+            positions: Some(&self.positions),
+        }
     }
 }
 

@@ -60,11 +60,13 @@ pub struct MlxBackend {
 
 /// `--device` for this binary: `auto` is Metal on a Mac and the CPU elsewhere.
 fn resolve_device(choice: DeviceChoice) -> Result<MlxDevice, ConfigError> {
+    const FIX: &str = "use --device auto, gpu (Metal, on a Mac) or cpu with macos_mlx_benchmark; \
+                       for CUDA or MPS run windows_pytorch_benchmark";
     let bad = |value: &str, reason: &str| ConfigError::Value {
         key: "device".into(),
         value: value.into(),
         reason: reason.into(),
-        fix: "use --device auto, gpu (Metal, on a Mac) or cpu with macos_mlx_benchmark; for CUDA or MPS run windows_pytorch_benchmark".into(),
+        fix: FIX.into(),
     };
     match choice {
         DeviceChoice::Auto if cfg!(target_os = "macos") => Ok(MlxDevice::Gpu),
@@ -109,15 +111,19 @@ impl MlxBackend {
         specs.extend(shape.lora_parameters(strategy));
         let dtype = precision.param_dtype();
         let mut tensors = HashMap::with_capacity(specs.len());
-        // LoRA adapters are drawn from the workload seed (base weights: the weight source's own).
-        prepared.weights.for_each(&specs, cfg.workload.seed, |spec, data| {
-            let dims: Vec<i32> = spec.shape.iter().map(|&d| d as i32).collect();
-            let a = Array::from_slice(&data.values, &dims).as_dtype(dtype)?;
-            // Evaluated one by one so the host copy and an fp32 source of a bf16 cast are freed.
-            a.eval()?;
-            tensors.insert(spec.name.clone(), a);
-            Ok(())
-        })?;
+        // LoRA adapters draw from their own stream (`shared::model::adapter_seed`); base weights from the
+        // weight source (the workload seed, or the checkpoint).
+        let adapter_seed = shared::model::adapter_seed(cfg.workload.seed);
+        prepared
+            .weights
+            .for_each(&specs, adapter_seed, |spec, data| {
+                let dims: Vec<i32> = spec.shape.iter().map(|&d| d as i32).collect();
+                let a = Array::from_slice(&data.values, &dims).as_dtype(dtype)?;
+                // Evaluated one by one so the host copy and an fp32 source of a bf16 cast are freed.
+                a.eval()?;
+                tensors.insert(spec.name.clone(), a);
+                Ok(())
+            })?;
         let model = Phi3ForCausalLM::from_tensors(&shape, strategy, precision, tensors)?;
 
         // The counts the summary reports come from shared; check them against the arrays.
@@ -126,7 +132,8 @@ impl MlxBackend {
         let trainable = model.trainable_parameters().flatten();
         let total: usize = all.values().map(|a| a.size()).sum();
         let trainable_total: usize = trainable.values().map(|a| a.size()).sum();
-        if total != counts.total || trainable_total != counts.trainable || all.len() != specs.len() {
+        if total != counts.total || trainable_total != counts.trainable || all.len() != specs.len()
+        {
             bail!(
                 "internal: the MLX model holds {} tensors, {total} parameters ({trainable_total} trainable) but shared expects {} tensors, {} ({})",
                 all.len(),
@@ -136,10 +143,17 @@ impl MlxBackend {
             );
         }
         for s in &specs {
-            let a = all.get(s.name.as_str()).with_context(|| format!("internal: the MLX model has no tensor {}", s.name))?;
+            let a = all
+                .get(s.name.as_str())
+                .with_context(|| format!("internal: the MLX model has no tensor {}", s.name))?;
             let want: Vec<i32> = s.shape.iter().map(|&d| d as i32).collect();
             if a.shape() != want.as_slice() {
-                bail!("internal: {} has shape {:?} in the MLX model, {:?} in shared", s.name, a.shape(), want);
+                bail!(
+                    "internal: {} has shape {:?} in the MLX model, {:?} in shared",
+                    s.name,
+                    a.shape(),
+                    want
+                );
             }
             if trainable.contains_key(s.name.as_str()) != shape.is_trainable(&s.name, strategy) {
                 bail!("internal: {} trains in the MLX model but not under the strategy, or the reverse", s.name);
@@ -149,42 +163,78 @@ impl MlxBackend {
 
         let device_name = match device {
             MlxDevice::Cpu => probe::probe_hardware().cpu_model,
-            MlxDevice::Gpu => probe::probe_hardware().apple.map(|a| a.chip).unwrap_or_else(|| "Apple GPU".into()),
+            MlxDevice::Gpu => probe::probe_hardware()
+                .apple
+                .map(|a| a.chip)
+                .unwrap_or_else(|| "Apple GPU".into()),
         };
-        Ok(Self { model, shape, precision, device, device_name, train: cfg.workload.train.clone(), optimizer: HashMap::new(), counts })
+        Ok(Self {
+            model,
+            shape,
+            precision,
+            device,
+            device_name,
+            train: cfg.workload.train.clone(),
+            optimizer: HashMap::new(),
+            counts,
+        })
     }
 }
 
 /// One PyTorch-semantics AdamW update of `p` with gradient `g` (decoupled weight decay):
 /// `p *= 1 - lr*wd; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2;
 ///  p -= (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`, t = this tensor's update count.
-/// Scalars are computed in f64 on the host and applied in the state's dtype: fp32 for fp32
-/// master weights (float32, mixed-bf16), the parameter dtype (bf16) under bf16.
-fn adamw(tc: &TrainConfig, state: &mut HashMap<Rc<str>, AdamState>, key: &Rc<str>, p: &Array, g: &Array, lr: f64) -> Result<Array, Exception> {
+///
+/// The state is stored in fp32 for fp32 master weights (float32, mixed-bf16) and in the
+/// parameter dtype under bf16. The arithmetic is fp32 in every case, with the scalars computed
+/// in f64 on the host, as PyTorch's kernels do for bf16 tensors (in bf16, beta2 = 0.999 would
+/// round to 1.0); results are rounded to the storage dtype.
+fn adamw(
+    tc: &TrainConfig,
+    state: &mut HashMap<Rc<str>, AdamState>,
+    key: &Rc<str>,
+    p: &Array,
+    g: &Array,
+    lr: f64,
+) -> Result<Array, Exception> {
+    let f32 = Dtype::Float32;
     let state_dtype = p.dtype();
     let st = match state.entry(key.clone()) {
         Entry::Occupied(o) => o.into_mut(),
         Entry::Vacant(slot) => {
             let zeros = ops::zeros_dtype(p.shape(), state_dtype)?;
-            slot.insert(AdamState { m: zeros.clone(), v: zeros, steps: 0 })
+            slot.insert(AdamState {
+                m: zeros.clone(),
+                v: zeros,
+                steps: 0,
+            })
         }
     };
     let t = (st.steps + 1) as i32;
-    let g = g.as_dtype(state_dtype)?;
-    let mut p = p.clone();
+    let g = g.as_dtype(f32)?;
+    let mut p32 = p.as_dtype(f32)?;
     if tc.weight_decay != 0.0 {
-        p = scale(&p, (1.0 - lr * tc.weight_decay) as f32)?;
+        p32 = scale(&p32, (1.0 - lr * tc.weight_decay) as f32)?;
     }
-    let m = scale(&st.m, tc.beta1 as f32)?.add(scale(&g, (1.0 - tc.beta1) as f32)?)?;
-    let v = scale(&st.v, tc.beta2 as f32)?.add(scale(&g.square()?, (1.0 - tc.beta2) as f32)?)?;
+    let m = scale(&st.m.as_dtype(f32)?, tc.beta1 as f32)?
+        .add(scale(&g, (1.0 - tc.beta1) as f32)?)?
+        .as_dtype(state_dtype)?;
+    let v = scale(&st.v.as_dtype(f32)?, tc.beta2 as f32)?
+        .add(scale(&g.square()?, (1.0 - tc.beta2) as f32)?)?
+        .as_dtype(state_dtype)?;
     let step_size = lr / (1.0 - tc.beta1.powi(t));
     let bias_correction2_sqrt = (1.0 - tc.beta2.powi(t)).sqrt();
-    let denom = scale(&v.sqrt()?, (1.0 / bias_correction2_sqrt) as f32)?.add(Array::from_f32(tc.eps as f32).as_dtype(state_dtype)?)?;
-    let p = p.subtract(scale(&m.divide(&denom)?, step_size as f32)?)?;
+    let denom = scale(
+        &v.as_dtype(f32)?.sqrt()?,
+        (1.0 / bias_correction2_sqrt) as f32,
+    )?
+    .add(Array::from_f32(tc.eps as f32))?;
+    let update = scale(&m.as_dtype(f32)?.divide(&denom)?, step_size as f32)?;
+    let new_p = p32.subtract(update)?.as_dtype(p.dtype())?;
     st.m = m;
     st.v = v;
     st.steps += 1;
-    Ok(p)
+    Ok(new_p)
 }
 
 /// Sum of the token cross-entropies `logsumexp(logits) - logits[target]`, in fp32.
@@ -198,7 +248,9 @@ fn token_loss_sum(logits: &Array, targets: &Array) -> Result<Array, Exception> {
     let m = mlx_rs::stop_gradient(x.max_axis(-1, true)?)?;
     let sum_exp = x.subtract(&m)?.exp()?.sum_axis(-1, false)?;
     let lse = m.squeeze_axes(&[-1])?.add(sum_exp.log()?)?;
-    let picked = x.take_along_axis(targets.reshape(&[-1, 1])?, -1)?.squeeze_axes(&[-1])?;
+    let picked = x
+        .take_along_axis(targets.reshape(&[-1, 1])?, -1)?
+        .squeeze_axes(&[-1])?;
     lse.subtract(picked)?.sum(None)
 }
 
@@ -210,7 +262,11 @@ fn mapped_blas() -> Option<String> {
         .lines()
         .filter_map(|l| l.split_whitespace().nth(5))
         .filter(|p| p.contains("blas") || p.contains("lapack"))
-        .map(|p| std::fs::canonicalize(p).map(|c| c.display().to_string()).unwrap_or_else(|_| p.to_string()))
+        .map(|p| {
+            std::fs::canonicalize(p)
+                .map(|c| c.display().to_string())
+                .unwrap_or_else(|_| p.to_string())
+        })
         .collect();
     libs.sort();
     libs.dedup();
@@ -230,7 +286,9 @@ impl Backend for MlxBackend {
                 continue;
             }
             let arrays = MicroBatchArrays::new(mb, &self.shape)?;
-            let loss_fn = |model: &mut Phi3ForCausalLM, (a, denom): (&MicroBatchArrays, &Array)| -> Result<Array, Exception> {
+            let loss_fn = |model: &mut Phi3ForCausalLM,
+                           (a, denom): (&MicroBatchArrays, &Array)|
+             -> Result<Array, Exception> {
                 let logits = model.forward(&a.forward_inputs())?;
                 token_loss_sum(&logits, &a.targets)?.divide(denom)
             };
@@ -255,7 +313,10 @@ impl Backend for MlxBackend {
             if i + 1 < n_micro {
                 // Device sync: materialise the running sums so that this micro-batch's
                 // activations are freed before the next one is traced.
-                let (g, l) = (grads.as_ref().context("gradients")?, loss.as_ref().context("loss")?);
+                let (g, l) = (
+                    grads.as_ref().context("gradients")?,
+                    loss.as_ref().context("loss")?,
+                );
                 eval(g.values().chain(std::iter::once(l)))?;
             }
         }
@@ -263,7 +324,13 @@ impl Backend for MlxBackend {
         // PyTorch's AdamW does when every gradient is zero).
         let mut grads = match grads {
             Some(g) => g,
-            None => self.model.trainable_parameters().flatten().into_iter().map(|(k, a)| Ok((k, ops::zeros_like(a)?))).collect::<Result<_, Exception>>()?,
+            None => self
+                .model
+                .trainable_parameters()
+                .flatten()
+                .into_iter()
+                .map(|(k, a)| Ok((k, ops::zeros_like(a)?)))
+                .collect::<Result<_, Exception>>()?,
         };
         let loss = loss.unwrap_or_else(|| Array::from_f32(0.0));
 
@@ -274,10 +341,15 @@ impl Backend for MlxBackend {
         }
         let grad_norm = sq.sqrt()?;
         if self.train.max_grad_norm > 0.0 {
-            let coef = Array::from_f32(self.train.max_grad_norm as f32).divide(grad_norm.add(Array::from_f32(1e-6))?)?;
+            let coef = Array::from_f32(self.train.max_grad_norm as f32)
+                .divide(grad_norm.add(Array::from_f32(1e-6))?)?;
             let coef = ops::minimum(&coef, Array::from_f32(1.0))?;
             for g in grads.values_mut() {
-                *g = g.multiply(coef.as_dtype(g.dtype())?)?;
+                // In fp32, rounded back to the gradient's dtype.
+                *g = g
+                    .as_dtype(Dtype::Float32)?
+                    .multiply(&coef)?
+                    .as_dtype(g.dtype())?;
             }
         }
 
@@ -288,15 +360,22 @@ impl Backend for MlxBackend {
             let mut keys: Vec<&Rc<str>> = grads.keys().collect();
             keys.sort();
             for k in keys {
-                let p = params.get(k).with_context(|| format!("internal: gradient for unknown parameter {k}"))?;
+                let p = params
+                    .get(k)
+                    .with_context(|| format!("internal: gradient for unknown parameter {k}"))?;
                 let p = (*p).clone();
-                updated.push((k.clone(), adamw(&self.train, &mut self.optimizer, k, &p, &grads[k], lr)?));
+                updated.push((
+                    k.clone(),
+                    adamw(&self.train, &mut self.optimizer, k, &p, &grads[k], lr)?,
+                ));
             }
         }
         {
             let mut params = self.model.parameters_mut().flatten();
             for (k, new) in &updated {
-                **params.get_mut(k).with_context(|| format!("internal: no parameter {k}"))? = new.clone();
+                **params
+                    .get_mut(k)
+                    .with_context(|| format!("internal: no parameter {k}"))? = new.clone();
             }
         }
         // Device sync: the loss, every updated parameter and the optimizer state, before the
@@ -305,7 +384,10 @@ impl Backend for MlxBackend {
         outputs.extend(updated.iter().map(|(_, a)| a));
         outputs.extend(self.optimizer.values().flat_map(|s| [&s.m, &s.v]));
         eval(outputs)?;
-        Ok(StepReport { loss: f64::from(loss.item_exact::<f32>()), grad_norm: Some(f64::from(grad_norm.item_exact::<f32>())) })
+        Ok(StepReport {
+            loss: f64::from(loss.item_exact::<f32>()),
+            grad_norm: Some(f64::from(grad_norm.item_exact::<f32>())),
+        })
     }
 
     fn memory(&mut self) -> MemoryReading {
@@ -313,9 +395,14 @@ impl Backend for MlxBackend {
             Ok(bytes) => MemoryReading {
                 peak_allocated_gib: Some(bytes as f64 / GIB),
                 peak_reserved_gib: None,
-                source: "MLX memory::peak_memory (peak bytes of MLX arrays since the backend was built)".into(),
+                source:
+                    "MLX memory::peak_memory (peak bytes of MLX arrays since the backend was built)"
+                        .into(),
             },
-            Err(e) => MemoryReading { source: format!("MLX memory::peak_memory failed: {e}"), ..Default::default() },
+            Err(e) => MemoryReading {
+                source: format!("MLX memory::peak_memory failed: {e}"),
+                ..Default::default()
+            },
         }
     }
 
@@ -327,8 +414,16 @@ impl Backend for MlxBackend {
             "attention".into(),
             "mlx fast::scaled_dot_product_attention (causal, or a boolean document mask for packed rows)".into(),
         );
-        details.insert("optimizer".into(), "AdamW with PyTorch semantics, written over the trainable arrays".into());
-        details.insert("optimizer_state_dtype".into(), format!("{:?}", self.precision.param_dtype()).to_lowercase().into());
+        details.insert(
+            "optimizer".into(),
+            "AdamW with PyTorch semantics, written over the trainable arrays".into(),
+        );
+        details.insert(
+            "optimizer_state_dtype".into(),
+            format!("{:?}", self.precision.param_dtype())
+                .to_lowercase()
+                .into(),
+        );
         if let Some(blas) = mapped_blas() {
             details.insert("blas".into(), blas.into());
         }
@@ -336,7 +431,10 @@ impl Backend for MlxBackend {
         if let Some(core) = crate::openblas::corename() {
             details.insert("openblas_core".into(), core.into());
         }
-        details.insert("logits".into(), "computed at the loss positions only (label != -100)".into());
+        details.insert(
+            "logits".into(),
+            "computed at the loss positions only (label != -100)".into(),
+        );
         BackendInfo {
             framework: "mlx".into(),
             device: match self.device {

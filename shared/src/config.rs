@@ -259,7 +259,7 @@ pub struct RunOptions {
 }
 
 /// The whole configuration of one run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub workload: Workload,
@@ -360,15 +360,6 @@ impl Default for RunOptions {
             output_dir: None,
             quiet: false,
             calibrate: false,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            workload: Workload::default(),
-            run: RunOptions::default(),
         }
     }
 }
@@ -782,7 +773,7 @@ impl Config {
                 ));
             }
         }
-        if !(w.train.eps > 0.0) {
+        if w.train.eps.is_nan() || w.train.eps <= 0.0 {
             return Err(bad(
                 "eps",
                 w.train.eps.to_string(),

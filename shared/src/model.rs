@@ -156,21 +156,21 @@ impl ModelShape {
     }
 
     pub fn check(&self) -> Result<()> {
-        if self.num_heads == 0 || self.hidden_size % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads) {
             bail!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size,
                 self.num_heads
             );
         }
-        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             bail!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_heads,
                 self.num_kv_heads
             );
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             bail!("head dimension {} must be even for RoPE", self.head_dim());
         }
         Ok(())
@@ -305,6 +305,12 @@ impl ModelShape {
         }
         c
     }
+}
+
+/// Seed of the LoRA adapters' initial values: its own stream, so the base weights are the same
+/// with and without LoRA, and the same in both binaries.
+pub fn adapter_seed(workload_seed: u64) -> u64 {
+    workload_seed ^ 0x4c4f_5241 // "LORA"
 }
 
 /// `model.layers.<i>.…` → `i`.

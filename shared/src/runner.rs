@@ -285,7 +285,7 @@ fn run_once<B: Backend>(
                     hint: Some("the model could not be built or loaded; see the message".into()),
                 }),
             );
-            return (s, exit::FAILED);
+            return (s, crate::error::exit_code_for(&e));
         }
     };
     let info = backend.info();
@@ -515,7 +515,14 @@ impl Recorder {
         let total_s = start.elapsed().as_secs_f64();
         let steady_flops: f64 = steady
             .iter()
-            .map(|s| step_flops(&p.shape, &cfg.workload.strategy, &s.doc_lengths))
+            .map(|s| {
+                step_flops(
+                    &p.shape,
+                    &cfg.workload.strategy,
+                    &s.doc_lengths,
+                    s.loss_tokens,
+                )
+            })
             .sum();
         let model_tflops =
             (steady_s > 0.0 && !steady.is_empty()).then(|| steady_flops / steady_s / 1e12);

@@ -274,7 +274,12 @@ pub fn prepare(cfg: &Config) -> Result<Prepared> {
 /// into micro-batches under the token budget is not hashed: the loss and gradient of a step do not
 /// depend on it (tested), and the budget is chosen to fit each device's memory, so a Mac and an
 /// H200 running the same work get the same hash.
-pub fn workload_hash(cfg: &Config, shape: &ModelShape, samples: &[Sample], steps: &[Step]) -> Result<String> {
+pub fn workload_hash(
+    cfg: &Config,
+    shape: &ModelShape,
+    samples: &[Sample],
+    steps: &[Step],
+) -> Result<String> {
     #[derive(Serialize)]
     struct Key<'a> {
         shape: &'a ModelShape,
@@ -372,7 +377,10 @@ mod tests {
         d.workload.batch.max_tokens_per_micro_batch = 8192;
         let e = prepare(&d).unwrap();
         assert_eq!(e.hash, a.hash);
-        assert_ne!(e.steps.iter().map(|s| s.micro_batches.len()).sum::<usize>(), a.steps.iter().map(|s| s.micro_batches.len()).sum::<usize>());
+        assert_ne!(
+            e.steps.iter().map(|s| s.micro_batches.len()).sum::<usize>(),
+            a.steps.iter().map(|s| s.micro_batches.len()).sum::<usize>()
+        );
         for change in [
             |c: &mut Config| c.workload.seed = 1,
             |c: &mut Config| c.workload.data.train_on_prompt = true,

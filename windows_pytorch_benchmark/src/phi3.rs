@@ -103,6 +103,8 @@ pub struct Inputs {
     pub position_ids: Tensor,
     /// Boolean [rows, 1, T, T] mask for packed rows (true = may attend); None ⇒ causal.
     pub mask: Option<Tensor>,
+    /// Flat indices of the positions that carry a loss, built on the host (no device sync).
+    pub loss_positions: Tensor,
 }
 
 impl Inputs {
@@ -122,11 +124,19 @@ impl Inputs {
                 .logical_or(&diag)
                 .unsqueeze(1)
         });
+        let pos: Vec<i64> = mb
+            .labels
+            .iter()
+            .enumerate()
+            .filter(|(_, &l)| l != IGNORE_INDEX)
+            .map(|(i, _)| i as i64)
+            .collect();
         Self {
             input_ids: t(&mb.input_ids),
             labels: t(&mb.labels),
             position_ids: t(&mb.position_ids),
             mask,
+            loss_positions: Tensor::from_slice(&pos).to_device(device),
         }
     }
 }
@@ -138,7 +148,10 @@ impl Inputs {
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, dt: DType) -> Tensor {
     match dt {
         // fp32 residual stream and fp32 weight, as under autocast.
-        DType::MixedBf16 | DType::Float32 => x.to_kind(Kind::Float).rms_norm(&[w.size()[0]][..], Some(w), eps),
+        DType::MixedBf16 | DType::Float32 => {
+            x.to_kind(Kind::Float)
+                .rms_norm(&[w.size()[0]][..], Some(w), eps)
+        }
         DType::Bf16 => x.rms_norm(&[w.size()[0]][..], Some(w), eps),
     }
 }
@@ -341,12 +354,22 @@ impl Phi3 {
             .to_kind(Kind::Float)
     }
 
-    /// Sum of token cross-entropies over labelled positions (fp32 scalar).
+    /// Sum of token cross-entropies over labelled positions (fp32 scalar). The LM head and the
+    /// loss run only at positions that carry a loss (prompt and padding positions need no
+    /// logits), as in the MLX binary; `step_flops` counts the head per loss token accordingly.
     pub fn loss_sum(&self, inp: &Inputs) -> Tensor {
-        let logits = self.logits(inp);
-        let v = logits.size()[2];
-        logits.view([-1, v]).cross_entropy_loss::<Tensor>(
-            &inp.labels.view([-1]),
+        let h = self.hidden(inp);
+        let hsz = h.size()[2];
+        let labels = inp.labels.view([-1]);
+        let keep = &inp.loss_positions;
+        let h = h.view([-1, hsz]).index_select(0, keep);
+        let ck = self.dtype.compute_kind();
+        let logits = h
+            .to_kind(ck)
+            .linear::<Tensor>(&self.lm_head.to_kind(ck), None)
+            .to_kind(Kind::Float);
+        logits.cross_entropy_loss::<Tensor>(
+            &labels.index_select(0, keep),
             None,
             tch::Reduction::Sum,
             IGNORE_INDEX,

@@ -98,7 +98,7 @@ impl TorchBackend {
         let mut counts = ParamCounts::default();
         // Adapters draw from their own stream so that the base weights are the same with and
         // without LoRA.
-        let adapter_seed = cfg.workload.seed ^ 0x4c4f_5241;
+        let adapter_seed = shared::model::adapter_seed(cfg.workload.seed);
         p.weights.for_each(&specs, adapter_seed, |spec, data| {
             let dims: Vec<i64> = data.shape.iter().map(|&d| d as i64).collect();
             let t = Tensor::from_slice(&data.values)
@@ -162,7 +162,9 @@ impl TorchBackend {
             device_name,
             peak_process_gib: None,
             nvml,
-            profile: std::env::var("FTB_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0").then_some([0.0; 4]),
+            profile: std::env::var("FTB_PROFILE")
+                .is_ok_and(|v| !v.is_empty() && v != "0")
+                .then_some([0.0; 4]),
         })
     }
 
@@ -289,8 +291,11 @@ impl Backend for TorchBackend {
         }
         if let Some(p) = self.profile {
             let names = ["forward_s", "backward_s", "clip_s", "optimizer_s"];
-            let m: serde_json::Map<String, serde_json::Value> =
-                names.iter().zip(p).map(|(n, v)| (n.to_string(), v.into())).collect();
+            let m: serde_json::Map<String, serde_json::Value> = names
+                .iter()
+                .zip(p)
+                .map(|(n, v)| (n.to_string(), v.into()))
+                .collect();
             details.insert("profile_by_phase_total_s".into(), m.into());
         }
         BackendInfo {

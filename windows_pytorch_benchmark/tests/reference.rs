@@ -19,7 +19,7 @@ pub const IDS: [i64; 15] = [
 
 /// (position, vocabulary id, logit) from Hugging Face.
 const EXPECTED: [(usize, usize, f64); 6] = REFERENCE;
-include!("reference_values.rs");
+include!("common/reference_values.rs");
 
 fn load(dir: &std::path::Path) -> Phi3 {
     let shape = ModelShape::from_config_json(&dir.join("config.json")).unwrap();

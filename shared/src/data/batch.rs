@@ -57,7 +57,7 @@ pub struct Step {
 /// The record order of every epoch: a permutation drawn from (seed, epoch).
 pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
-    SplitMix64::new(mix64(seed ^ 0x4f52_4445_52u64) ^ (epoch as u64).wrapping_mul(0x9e37_79b9))
+    SplitMix64::new(mix64(seed ^ 0x004f_5244_4552_u64) ^ (epoch as u64).wrapping_mul(0x9e37_79b9))
         .shuffle(&mut order);
     order
 }
@@ -161,7 +161,10 @@ fn bucketed(docs: &[&Sample], budget: usize, top: bool) -> Vec<MicroBatch> {
         i = cut[i];
     }
     bounds.reverse();
-    bounds.into_iter().map(|(a, b)| one_per_row(&sorted[a..b], sorted[a].len(), top)).collect()
+    bounds
+        .into_iter()
+        .map(|(a, b)| one_per_row(&sorted[a..b], sorted[a].len(), top))
+        .collect()
 }
 
 fn one_per_row(docs: &[&Sample], len: usize, top: bool) -> MicroBatch {
@@ -365,8 +368,17 @@ mod tests {
         );
         assert_eq!(tokens_of(&a), tokens_of(&b));
         // Bucketing pads far less than padding in step order.
-        let pad = |v: &[Step]| v.iter().map(|s| s.padded_tokens - s.input_tokens).sum::<usize>();
-        assert!(pad(&b) < pad(&a), "bucketed padding {} vs padded {}", pad(&b), pad(&a));
+        let pad = |v: &[Step]| {
+            v.iter()
+                .map(|s| s.padded_tokens - s.input_tokens)
+                .sum::<usize>()
+        };
+        assert!(
+            pad(&b) < pad(&a),
+            "bucketed padding {} vs padded {}",
+            pad(&b),
+            pad(&a)
+        );
         for st in &b {
             for m in &st.micro_batches {
                 assert!(m.padded_tokens <= 2048 || m.rows == 1, "budget kept");
@@ -451,8 +463,8 @@ mod tests {
                             }
                             seen.push(doc);
                         }
-                        for t in 0..m.seq_len {
-                            if !covered[t] { prop_assert_eq!(m.labels[row + t], IGNORE_INDEX); }
+                        for (t, c) in covered.iter().enumerate() {
+                            if !c { prop_assert_eq!(m.labels[row + t], IGNORE_INDEX); }
                         }
                     }
                 }

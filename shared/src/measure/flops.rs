@@ -101,12 +101,31 @@ pub fn flops_per_token(
     }
 }
 
-/// FLOPs of one optimizer step: every record of length `n` contributes `n × flops_per_token(n)`.
-pub fn step_flops(shape: &ModelShape, strategy: &StrategyConfig, doc_lengths: &[usize]) -> f64 {
-    doc_lengths
+/// FLOPs of the LM head for one token: forward 2·h·V; backward 2× forward when the head trains
+/// (last-n, full), 1× (input gradient only) under LoRA.
+pub fn head_flops_per_token(shape: &ModelShape, strategy: &StrategyConfig) -> f64 {
+    let fwd = 2.0 * shape.hidden_size as f64 * shape.vocab_size as f64;
+    match strategy.kind {
+        StrategyKind::Lora => 2.0 * fwd,
+        _ => 3.0 * fwd,
+    }
+}
+
+/// FLOPs of one optimizer step. Both binaries apply the LM head (and the loss) only at positions
+/// that carry a loss: every record of length `n` contributes `n × (flops_per_token(n) − head)`,
+/// and each of the step's `loss_tokens` one head.
+pub fn step_flops(
+    shape: &ModelShape,
+    strategy: &StrategyConfig,
+    doc_lengths: &[usize],
+    loss_tokens: usize,
+) -> f64 {
+    let head = head_flops_per_token(shape, strategy);
+    let body: f64 = doc_lengths
         .iter()
-        .map(|&n| n as f64 * flops_per_token(shape, strategy, n).total())
-        .sum()
+        .map(|&n| n as f64 * (flops_per_token(shape, strategy, n).total() - head))
+        .sum();
+    body + loss_tokens as f64 * head
 }
 
 #[cfg(test)]
@@ -170,11 +189,13 @@ mod tests {
     fn step_flops_sums_documents() {
         let s = StrategyConfig::default();
         let shape = ModelShape::tiny();
-        let f = step_flops(&shape, &s, &[10, 20]);
-        assert_eq!(
-            f,
-            10.0 * flops_per_token(&shape, &s, 10).total()
-                + 20.0 * flops_per_token(&shape, &s, 20).total()
-        );
+        // Every position carries a loss: the per-token function, summed.
+        let f = step_flops(&shape, &s, &[10, 20], 30);
+        let want = 10.0 * flops_per_token(&shape, &s, 10).total()
+            + 20.0 * flops_per_token(&shape, &s, 20).total();
+        assert!((f - want).abs() < 1.0, "{f} vs {want}");
+        // Ten fewer loss tokens: ten fewer head applications (2·64·32064 forward, 3x in all).
+        let g = step_flops(&shape, &s, &[10, 20], 20);
+        assert!((f - g - 10.0 * 3.0 * 2.0 * 64.0 * 32_064.0).abs() < 1.0);
     }
 }
