@@ -305,24 +305,14 @@ impl Phi3 {
 
     /// Hidden states after the final norm, [rows, T, H].
     pub fn hidden(&self, inp: &Inputs) -> Tensor {
-        let cos = self
-            .cos
-            .index_select(0, &inp.position_ids.view([-1]))
-            .view([
-                inp.position_ids.size()[0],
-                1,
-                inp.position_ids.size()[1],
-                -1,
-            ]);
-        let sin = self
-            .sin
-            .index_select(0, &inp.position_ids.view([-1]))
-            .view([
-                inp.position_ids.size()[0],
-                1,
-                inp.position_ids.size()[1],
-                -1,
-            ]);
+        // RoPE tables gathered at each token's position: [rows, 1, T, head_dim].
+        let (rows, t) = (inp.position_ids.size()[0], inp.position_ids.size()[1]);
+        let at_positions = |table: &Tensor| {
+            table
+                .index_select(0, &inp.position_ids.view([-1]))
+                .view([rows, 1, t, -1])
+        };
+        let (cos, sin) = (at_positions(&self.cos), at_positions(&self.sin));
         let emb = Tensor::embedding(&self.embed_tokens, &inp.input_ids, -1, false, false);
         let mut x = match self.dtype {
             DType::MixedBf16 => emb, // fp32 residual stream

@@ -198,3 +198,53 @@ fn seed_preset_reproduces_the_seed_configuration() {
     assert!(w.data.train_on_prompt);
     assert_eq!(s.backend.dtype, "bf16");
 }
+
+/// Ctrl-C mid-training: the run stops after the current step, writes a valid summary with
+/// `status: interrupted` and what it measured, and exits 130.
+#[cfg(unix)]
+#[test]
+fn sigint_writes_an_interrupted_summary() {
+    let d = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args([
+            "--preset",
+            "tiny",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--samples",
+            "2000",
+            "--output-dir",
+        ])
+        .arg(d.path())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let logged = std::fs::read_dir(d.path().join("runs"))
+            .ok()
+            .and_then(|mut r| r.next())
+            .and_then(|e| e.ok())
+            .and_then(|e| std::fs::read_to_string(e.path().join("steps.jsonl")).ok())
+            .is_some_and(|t| t.lines().count() >= 1);
+        if logged {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no step logged within 120 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let s = summary(d.path());
+    assert_eq!(s.status, shared::summary::Status::Interrupted);
+    assert!(s.metrics.steps >= 1 && s.metrics.steps < 125);
+    assert!(s.error.unwrap().message.contains("interrupted"));
+}
