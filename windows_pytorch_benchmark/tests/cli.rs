@@ -248,3 +248,79 @@ fn sigint_writes_an_interrupted_summary() {
     assert!(s.metrics.steps >= 1 && s.metrics.steps < 125);
     assert!(s.error.unwrap().message.contains("interrupted"));
 }
+
+/// The real loading path end to end: a Phi-3 checkpoint (config.json + safetensors), a local dolly
+/// JSONL and the Phi-3 tokenizer, all from files; nothing synthetic.
+#[test]
+fn real_checkpoint_jsonl_and_tokenizer_from_local_files() {
+    let Some(shared_dir) = shared_dir() else {
+        eprintln!("skipped: ../shared/tokenizers/phi-3 is absent (the Phi-3 tokenizer beside the repository)");
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("tiny-phi3");
+    shared::model::write_checkpoint(&model, &shared::model::ModelShape::tiny(), 11).unwrap();
+    let data = d.path().join("dolly.jsonl");
+    let mut lines = String::new();
+    for i in 0..12 {
+        let ctx = if i % 3 == 0 {
+            "Some context passage about the topic."
+        } else {
+            ""
+        };
+        lines.push_str(&serde_json::json!({"instruction": format!("Question number {i}?"), "context": ctx, "response": format!("Answer {i}, in a few words."), "category": "open_qa"}).to_string());
+        lines.push('\n');
+    }
+    std::fs::write(&data, lines).unwrap();
+    let out = d.path().join("out");
+    let o = std::process::Command::new(bin())
+        .args([
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--quiet",
+            "--weights",
+            "pretrained",
+            "--last-n",
+            "1",
+            "--micro-batch-size",
+            "2",
+            "--grad-accum",
+            "2",
+            "--max-steps",
+            "2",
+        ])
+        .arg("--model")
+        .arg(&model)
+        .arg("--dataset")
+        .arg(&data)
+        .arg("--tokenizer")
+        .arg(shared_dir.join("tokenizers/phi-3"))
+        .arg("--output-dir")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = summary(&out);
+    assert_eq!(s.metrics.steps, 2);
+    assert!(!s.workload.data.synthetic);
+    assert_eq!(s.workload.data.records_used, 12);
+    assert!(s
+        .workload
+        .data
+        .tokenizer
+        .as_deref()
+        .unwrap()
+        .contains("phi-3"));
+    assert_eq!(s.workload.model_shape.num_layers, 2);
+    assert!(
+        !s.notes
+            .iter()
+            .any(|n| n.contains("synthetic") || n.contains("random initialisation")),
+        "{:?}",
+        s.notes
+    );
+    // A randomly initialised model over the real vocabulary starts near ln(32064).
+    assert!((s.metrics.first_loss.unwrap() - 32_064f64.ln()).abs() < 0.1);
+}
