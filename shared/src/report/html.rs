@@ -185,7 +185,7 @@ fn workload_check(out: &mut String, report: &Report) {
     if report.workload.all_same() {
         let _ = write!(
             out,
-            r#"<div class="box ok"><strong>Same workload.</strong> All {} runs have workload hash <code>{}</code>: the same settings and the same micro-batches, so their figures compare like with like.</div>"#,
+            r#"<div class="box ok"><strong>Same workload.</strong> All {} runs have workload hash <code>{}</code>: the same settings and the same tokens in every optimizer step, so their figures compare like with like.</div>"#,
             report.runs.len(),
             esc(&hash[..12.min(hash.len())])
         );

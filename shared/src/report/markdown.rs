@@ -64,7 +64,7 @@ pub fn render(report: &Report) -> String {
     if report.workload.all_same() {
         let _ = write!(
             out,
-            "Same workload: all {n} runs have workload hash `{}` (the same settings and the same micro-batches), so their figures compare like with like.\n\n",
+            "Same workload: all {n} runs have workload hash `{}` (the same settings and the same tokens in every optimizer step), so their figures compare like with like.\n\n",
             short(&base.summary.workload.hash)
         );
     } else {
