@@ -57,6 +57,9 @@ pub trait Backend {
     fn software(&self) -> Software;
     /// Dense bf16 matrix-product rate measured on this device (TFLOP/s), for `--calibrate`.
     fn calibrate_tflops(&mut self) -> Result<f64>;
+    /// Bookkeeping between steps (e.g. sampling device memory), called after the clock read that
+    /// closes a step, so it never counts in step time.
+    fn after_step(&mut self) {}
     /// Whether an error is the device running out of memory (for the failure hint).
     fn is_out_of_memory(&self, err: &anyhow::Error) -> bool {
         let s = format!("{err:#}").to_ascii_lowercase();
@@ -329,6 +332,7 @@ fn run_once<B: Backend>(
         let out = backend.train_step(step, lr);
         // train_step synchronised the device before returning: this clock read closes the step.
         let dt = t0.elapsed().as_secs_f64();
+        backend.after_step();
         match out {
             Ok(r) if r.loss.is_finite() => {
                 rec.record(step, &r, lr, dt, start);

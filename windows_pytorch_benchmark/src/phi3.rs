@@ -335,13 +335,17 @@ impl Phi3 {
         rms_norm(&x, &self.norm, self.shape.rms_norm_eps, self.dtype)
     }
 
-    /// Logits [rows, T, V] in fp32.
-    pub fn logits(&self, inp: &Inputs) -> Tensor {
-        let h = self.hidden(inp);
+    /// The LM head on hidden states [..., H]: logits [..., V] in fp32.
+    fn head(&self, h: &Tensor) -> Tensor {
         let ck = self.dtype.compute_kind();
         h.to_kind(ck)
             .linear::<Tensor>(&self.lm_head.to_kind(ck), None)
             .to_kind(Kind::Float)
+    }
+
+    /// Logits [rows, T, V] in fp32 at every position.
+    pub fn logits(&self, inp: &Inputs) -> Tensor {
+        self.head(&self.hidden(inp))
     }
 
     /// Sum of token cross-entropies over labelled positions (fp32 scalar). The LM head and the
@@ -352,12 +356,7 @@ impl Phi3 {
         let hsz = h.size()[2];
         let labels = inp.labels.view([-1]);
         let keep = &inp.loss_positions;
-        let h = h.view([-1, hsz]).index_select(0, keep);
-        let ck = self.dtype.compute_kind();
-        let logits = h
-            .to_kind(ck)
-            .linear::<Tensor>(&self.lm_head.to_kind(ck), None)
-            .to_kind(Kind::Float);
+        let logits = self.head(&h.view([-1, hsz]).index_select(0, keep));
         logits.cross_entropy_loss::<Tensor>(
             &labels.index_select(0, keep),
             None,

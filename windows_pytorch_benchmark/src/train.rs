@@ -257,8 +257,12 @@ impl Backend for TorchBackend {
         let (total, grad_norm) = result;
         let loss = total.double_value(&[]);
         let grad_norm = grad_norm.map(|g| g.double_value(&[]));
-        self.sample_process_memory();
         Ok(StepReport { loss, grad_norm })
+    }
+
+    /// NVML sampling stays out of the timed step.
+    fn after_step(&mut self) {
+        self.sample_process_memory();
     }
 
     fn memory(&mut self) -> MemoryReading {
