@@ -2,6 +2,9 @@
 //! `--as-needed` would drop it and the binary would then see no GPU), and records the libtorch
 //! version the binary was built against. The torch folder comes from the Python that
 //! `LIBTORCH_USE_PYTORCH=1` points torch-sys at (`pip install torch==2.11.0`).
+//!
+//! Also compiles `csrc/ftb_ext.cpp`, a few ATen calls that tch does not wrap (variable-length
+//! flash attention, the SDPA backend switches), against the same torch's headers.
 use std::process::Command;
 
 fn main() {
@@ -35,6 +38,7 @@ fn main() {
         _ => (String::new(), String::new()),
     };
     println!("cargo:rustc-env=FTB_LIBTORCH_VERSION={version}");
+    compile_extension(&lib_dir);
     if !lib_dir.is_empty() && !cfg!(windows) {
         // Find libtorch at run time without LD_LIBRARY_PATH (a RUNPATH, so LD_LIBRARY_PATH still
         // wins: that is how the device machine points the binary at its own torch).
@@ -47,4 +51,31 @@ fn main() {
     {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-L{lib_dir},-ltorch_cuda,--as-needed");
     }
+}
+
+fn compile_extension(lib_dir: &str) {
+    println!("cargo:rerun-if-changed=csrc/ftb_ext.cpp");
+    let root = std::path::Path::new(lib_dir)
+        .parent()
+        .expect("the torch library folder has a parent");
+    let include = root.join("include");
+    if !include.join("ATen").join("ATen.h").exists() {
+        panic!(
+            "ATen headers not found under {} (install torch 2.11.0 with pip, or set LIBTORCH \
+             to a libtorch folder with include/)",
+            include.display()
+        );
+    }
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .std("c++17")
+        .file("csrc/ftb_ext.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .warnings(false);
+    if !cfg!(windows) {
+        // PyPI's torch is built with the C++11 ABI.
+        b.define("_GLIBCXX_USE_CXX11_ABI", "1");
+    }
+    b.compile("ftb_ext");
 }

@@ -484,6 +484,7 @@ mod tests {
             labels: vec![6, 7, -100, 9, -100, -100, -100],
             position_ids: vec![0, 1, 2, 0, 1, 5, 6],
             segment_ids: Some(seg),
+            row_lengths: vec![5],
             loss_tokens: 3,
             input_tokens: 5,
             padded_tokens: 7,

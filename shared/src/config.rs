@@ -256,6 +256,12 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Measure the device's bf16 matmul peak before training (for `mfu_measured`).
     pub calibrate: bool,
+    /// Data-parallel processes this run spawns and supervises, one per GPU (1 = no spawning;
+    /// ranks started by an external launcher are read from RANK/WORLD_SIZE instead).
+    pub nproc: usize,
+    /// Seconds a rank may wait in one collective (or the supervisor for a rank's next step)
+    /// before the run fails naming the rank.
+    pub dist_timeout_s: f64,
 }
 
 /// The whole configuration of one run.
@@ -360,6 +366,8 @@ impl Default for RunOptions {
             output_dir: None,
             quiet: false,
             calibrate: false,
+            nproc: 1,
+            dist_timeout_s: 300.0,
         }
     }
 }
@@ -470,6 +478,15 @@ pub struct CliArgs {
     /// Measure the device's bf16 matmul peak first, for `mfu_measured`.
     #[arg(long)]
     pub calibrate: bool,
+    /// Data parallelism: spawn and supervise N processes, one per GPU, NCCL between them
+    /// (PyTorch binary, Linux + CUDA). Ranks started by another launcher need no flag: RANK,
+    /// WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT are read from the environment.
+    #[arg(long, value_name = "N")]
+    pub nproc: Option<usize>,
+    /// Seconds a collective (or a rank's next step) may take before the run fails naming the
+    /// rank (default 300).
+    #[arg(long, value_name = "SECONDS")]
+    pub dist_timeout: Option<f64>,
     /// Folder that receives runs/<run-id>/ (default: this binary's crate folder).
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
@@ -634,6 +651,8 @@ impl Config {
         set(&mut r.device, a.device);
         set(&mut r.timing_warmup_steps, a.timing_warmup_steps.map(Some));
         set(&mut r.repeats, a.repeats);
+        set(&mut r.nproc, a.nproc);
+        set(&mut r.dist_timeout_s, a.dist_timeout);
         set(&mut r.output_dir, a.output_dir.clone().map(Some));
         if a.quiet {
             r.quiet = true;
@@ -813,6 +832,30 @@ impl Config {
                 "0".into(),
                 "at least one block must train",
                 "use --last-n 1 or more, or --strategy full",
+            ));
+        }
+        if !(1..=64).contains(&self.run.nproc) {
+            return Err(bad(
+                "nproc",
+                self.run.nproc.to_string(),
+                "must be between 1 and 64 processes",
+                "use --nproc 1 (one GPU) up to the number of GPUs of the machine",
+            ));
+        }
+        if !(self.run.dist_timeout_s.is_finite() && self.run.dist_timeout_s > 0.0) {
+            return Err(bad(
+                "dist_timeout",
+                self.run.dist_timeout_s.to_string(),
+                "must be a positive number of seconds",
+                "use e.g. --dist-timeout 300",
+            ));
+        }
+        if self.run.nproc > 1 && self.run.repeats > 1 {
+            return Err(bad(
+                "nproc",
+                self.run.nproc.to_string(),
+                "--repeats with several processes is not supported",
+                "run the repeats as separate --nproc runs, or use --repeats 1",
             ));
         }
         if self.run.repeats == 0 {

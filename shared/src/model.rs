@@ -524,7 +524,8 @@ impl WeightSource {
     }
 }
 
-fn is_adapter(name: &str) -> bool {
+/// Whether a parameter is a LoRA adapter (initialised from the adapter seed).
+pub fn is_adapter(name: &str) -> bool {
     name.contains(".lora_A.") || name.contains(".lora_B.")
 }
 

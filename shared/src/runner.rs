@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::config::{CliArgs, Config, DTypeChoice, Framework, TuningMode};
 use crate::data::batch::Step;
+use crate::dist::{self, Rank};
 use crate::error::exit;
 use crate::measure::flops::step_flops;
 use crate::measure::peak;
@@ -60,6 +61,16 @@ pub trait Backend {
     /// Bookkeeping between steps (e.g. sampling device memory), called after the clock read that
     /// closes a step, so it never counts in step time.
     fn after_step(&mut self) {}
+    /// Data parallel: the step time every rank agrees on (the slowest rank's). Called after the
+    /// clock read, by every rank in the same order.
+    fn reduce_step_time(&mut self, dt: f64) -> f64 {
+        dt
+    }
+    /// Data parallel: whether any rank was asked to stop, so all ranks stop at the same step
+    /// (a rank that stops alone would leave the others waiting in a collective).
+    fn agree_stop(&mut self, stop: bool) -> bool {
+        stop
+    }
     /// Whether an error is the device running out of memory (for the failure hint).
     fn is_out_of_memory(&self, err: &anyhow::Error) -> bool {
         let s = format!("{err:#}").to_ascii_lowercase();
@@ -118,25 +129,57 @@ pub fn main_with<B: Backend>(
             return exit::USAGE;
         }
     };
+    let rank = match Rank::from_env() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::USAGE;
+        }
+    };
+    let mut cfg = cfg;
+    if rank.as_ref().is_some_and(|r| !r.is_leader()) {
+        cfg.run.quiet = true; // rank 0 speaks for the run
+    }
+    let cfg = cfg;
     let interrupted = install_signal_handler();
     let out_dir = cfg
         .run
         .output_dir
         .clone()
         .unwrap_or_else(|| crate_dir.to_path_buf());
+    if cfg.run.nproc > 1 && rank.is_none() {
+        return supervise_ranks(&cfg, framework, &out_dir);
+    }
     let say = |s: &str| {
         if !cfg.run.quiet {
             eprintln!("{s}");
         }
     };
     let t_data = Instant::now();
-    let prepared = match prepare(&cfg) {
+    let mut prepared = match prepare(&cfg) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: {e:#}");
             return crate::error::exit_code_for(&e);
         }
     };
+    if let Some(r) = &rank {
+        let w = &cfg.workload;
+        if let Err(e) = dist::shard_steps(
+            &mut prepared.steps,
+            &prepared.samples,
+            &w.batch,
+            w.data.pad_to,
+            w.data.train_on_prompt,
+            r.rank,
+            r.world_size,
+        ) {
+            eprintln!("error: {e:#}");
+            return exit::USAGE;
+        }
+        prepared.rank = Some(r.clone());
+    }
+    let leader = rank.as_ref().is_none_or(Rank::is_leader);
     let data_s = t_data.elapsed().as_secs_f64();
     let p = &prepared;
     say(&format!(
@@ -153,7 +196,10 @@ pub fn main_with<B: Backend>(
         cfg.workload.strategy.kind,
     ));
     let repeats = cfg.run.repeats;
-    let run_id = new_run_id(framework, &out_dir);
+    let run_id = std::env::var("FTB_RUN_ID")
+        .ok()
+        .filter(|_| rank.is_some())
+        .unwrap_or_else(|| new_run_id(framework, &out_dir));
     let mut summaries = Vec::new();
     let mut code = exit::OK;
     for r in 0..repeats {
@@ -163,12 +209,14 @@ pub fn main_with<B: Backend>(
             format!("runs/{run_id}")
         };
         let dir = out_dir.join(&dir_rel);
-        if let Err(e) = std::fs::create_dir_all(&dir) {
-            eprintln!(
-                "error: cannot create the run folder {}: {e}; pass a writable --output-dir",
-                dir.display()
-            );
-            return exit::FAILED;
+        if leader {
+            if let Err(e) = std::fs::create_dir_all(&dir) {
+                eprintln!(
+                    "error: cannot create the run folder {}: {e}; pass a writable --output-dir",
+                    dir.display()
+                );
+                return exit::FAILED;
+            }
         }
         // Each repeat starts in fresh state: a new backend, built from nothing.
         let start = if r == 0 {
@@ -189,6 +237,9 @@ pub fn main_with<B: Backend>(
             data_time,
             &interrupted,
         );
+        if !leader {
+            return c; // rank 0 writes the run folder
+        }
         if let Err(e) = summary.write(&dir.join("benchmark_summary.json")) {
             eprintln!("error: {e:#}");
             return exit::FAILED;
@@ -235,6 +286,106 @@ pub fn main_with<B: Backend>(
     code
 }
 
+/// `--nproc N`: starts N ranks of this executable, supervises them, and on a failure names the
+/// rank in rank 0's summary. Rank 0 writes the run folder; this process only creates it.
+fn supervise_ranks(cfg: &Config, framework: Framework, out_dir: &Path) -> i32 {
+    let n = cfg.run.nproc;
+    let run_id = new_run_id(framework, out_dir);
+    let run_dir = out_dir.join("runs").join(&run_id);
+    let beacons = run_dir.join("ranks");
+    if let Err(e) = std::fs::create_dir_all(&beacons) {
+        eprintln!(
+            "error: cannot create the run folder {}: {e}; pass a writable --output-dir",
+            run_dir.display()
+        );
+        return exit::FAILED;
+    }
+    let cmds = match dist::free_port().and_then(|p| dist::rank_commands(n, p, &run_id, &beacons)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return exit::FAILED;
+        }
+    };
+    if !cfg.run.quiet {
+        eprintln!(
+            "starting {n} ranks (data parallel, NCCL); run folder {}",
+            run_dir.display()
+        );
+    }
+    let mut children = Vec::new();
+    for (r, mut c) in cmds.into_iter().enumerate() {
+        match c.spawn() {
+            Ok(ch) => children.push(ch),
+            Err(e) => {
+                eprintln!("error: starting rank {r}: {e}");
+                for mut ch in children {
+                    let _ = ch.kill();
+                }
+                return exit::FAILED;
+            }
+        }
+    }
+    let timeout = std::time::Duration::from_secs_f64(cfg.run.dist_timeout_s);
+    let grace = timeout + std::time::Duration::from_secs(60);
+    let outcome = dist::supervise(&mut children, Some(&beacons), timeout, grace);
+    let _ = std::fs::remove_dir_all(&beacons);
+    match outcome {
+        dist::Outcome::Completed => exit::OK,
+        dist::Outcome::Interrupted => exit::INTERRUPTED,
+        dist::Outcome::Failed { rank, reason } => {
+            let what = format!("rank {rank} {reason}");
+            eprintln!("error: {what}; the run failed");
+            let path = run_dir.join("benchmark_summary.json");
+            match Summary::read(&path) {
+                Ok(mut s) => {
+                    let prev = s.error.take();
+                    s.status = Status::Failed;
+                    s.error = Some(RunError {
+                        message: match &prev {
+                            Some(p) => format!("{what}; rank 0: {}", p.message),
+                            None => what,
+                        },
+                        steps_completed: prev.as_ref().map_or(s.metrics.steps, |p| p.steps_completed),
+                        hint: Some(format!("rank {rank} failed; its output above says why (a collective that waits longer than --dist-timeout fails the run)")),
+                    });
+                    for p in [path, out_dir.join("benchmark_summary.json")] {
+                        if let Err(e) = s.write(&p) {
+                            eprintln!("error: {e:#}");
+                        }
+                    }
+                }
+                Err(_) => eprintln!(
+                    "rank 0 wrote no summary (it was stopped before it could); {} has the steps it logged",
+                    run_dir.display()
+                ),
+            }
+            exit::FAILED
+        }
+    }
+}
+
+/// Test hook for the failure handling of data-parallel runs: `FTB_FAULT=RANK:STEP:exit` makes
+/// that rank exit with code 3 as it starts that step, `RANK:STEP:hang` makes it stop responding.
+fn inject_rank_fault(r: &Rank, step: usize) {
+    let Ok(f) = std::env::var("FTB_FAULT") else {
+        return;
+    };
+    let parts: Vec<&str> = f.split(':').collect();
+    if let [rank, at, what] = parts[..] {
+        if rank.parse() == Ok(r.rank) && at.parse() == Ok(step) {
+            eprintln!("FTB_FAULT: rank {} {what} at step {step}", r.rank);
+            match what {
+                "exit" => std::process::exit(3),
+                "hang" => loop {
+                    std::thread::sleep(std::time::Duration::from_secs(3600));
+                },
+                _ => {}
+            }
+        }
+    }
+}
+
 fn new_run_id(framework: Framework, out_dir: &Path) -> String {
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
     let base = format!("{stamp}-{framework}-{}", std::process::id());
@@ -265,7 +416,7 @@ fn run_once<B: Backend>(
     let t_model = Instant::now();
     let built = build(cfg, p);
     let model_load_s = t_model.elapsed().as_secs_f64();
-    let mut rec = Recorder::new(cfg, p, dir);
+    let mut rec = Recorder::new(cfg, p, dir, p.rank.as_ref().is_none_or(Rank::is_leader));
     let mut backend = match built {
         Ok(b) => b,
         Err(e) => {
@@ -312,7 +463,7 @@ fn run_once<B: Backend>(
     let mut error = None;
     let mut code = exit::OK;
     for step in &p.steps {
-        if interrupted.load(Ordering::SeqCst) {
+        if backend.agree_stop(interrupted.load(Ordering::SeqCst)) {
             status = Status::Interrupted;
             error = Some(RunError {
                 message: "interrupted by a signal (Ctrl-C or SIGTERM)".into(),
@@ -328,11 +479,18 @@ fn run_once<B: Backend>(
             cfg.workload.train.lr_warmup_steps,
             total_steps,
         );
+        if let Some(r) = &p.rank {
+            inject_rank_fault(r, step.index);
+        }
         let t0 = Instant::now();
         let out = backend.train_step(step, lr);
         // train_step synchronised the device before returning: this clock read closes the step.
         let dt = t0.elapsed().as_secs_f64();
         backend.after_step();
+        let dt = backend.reduce_step_time(dt);
+        if let Some(r) = &p.rank {
+            r.beacon(&format!("step {} done", step.index));
+        }
         match out {
             Ok(r) if r.loss.is_finite() => {
                 rec.record(step, &r, lr, dt, start);
@@ -425,10 +583,11 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn new(cfg: &Config, p: &Prepared, dir: &Path) -> Self {
+    fn new(cfg: &Config, p: &Prepared, dir: &Path, write: bool) -> Self {
         let log_path = dir.join("steps.jsonl");
-        let log = std::fs::File::create(&log_path)
-            .ok()
+        let log = write
+            .then(|| std::fs::File::create(&log_path).ok())
+            .flatten()
             .map(std::io::BufWriter::new);
         Self {
             log,

@@ -23,6 +23,8 @@ pub struct Prepared {
     pub hash: String,
     /// Statements for the summary's notes (what was synthetic, ...).
     pub notes: Vec<String>,
+    /// This process's rank in a data-parallel run (steps then hold its share of the records).
+    pub rank: Option<crate::dist::Rank>,
 }
 
 /// Resolves the model: built-in shape or `config.json` (local folder or hub), and its weights.
@@ -264,6 +266,7 @@ pub fn prepare(cfg: &Config) -> Result<Prepared> {
         steps,
         hash,
         notes,
+        rank: None,
     })
 }
 

@@ -559,3 +559,34 @@ fn html_report_renders_in_headless_chromium_without_fetching_anything() {
         );
     }
 }
+
+#[test]
+fn multi_gpu_runs_get_a_scaling_row_against_the_one_gpu_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = fixture();
+    let mut four = fixture();
+    faster(&mut four, 3.6); // 3.6x the one-GPU rate on 4 GPUs: 90 % efficiency
+    four["backend"]["world_size"] = json!(4);
+    let mut other = four.clone(); // another workload: no one-GPU counterpart, no row
+    other["workload"]["hash"] = json!("0".repeat(64));
+    let a = write_run(dir.path(), "one", &one, None);
+    let b = write_run(dir.path(), "four", &four, None);
+    let c = write_run(dir.path(), "other", &other, None);
+    let out_dir = dir.path().join("report");
+    let out = compare(
+        &[&a, &b, &c],
+        &["--skip-invalid", "--output-dir", out_dir.to_str().unwrap()],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
+    assert!(md.contains("## Scaling (data parallel)"), "{md}");
+    let rows: Vec<&str> = md
+        .lines()
+        .filter(|l| l.starts_with("| #") && l.contains("90.0 %"))
+        .collect();
+    assert_eq!(rows.len(), 1, "one scaling row at 90.0 %:\n{md}");
+    assert!(rows[0].contains("| 4 |"), "{}", rows[0]);
+    let html = std::fs::read_to_string(out_dir.join("report.html")).unwrap();
+    assert!(html.contains("id=\"scaling\""));
+}

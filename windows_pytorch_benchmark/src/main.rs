@@ -27,6 +27,13 @@ struct Cli {
 
 fn main() {
     let start = Instant::now();
+    // A data-parallel rank: its own GPU only, and cudarc able to open libtorch's NCCL. Both
+    // before CUDA initialises (the second may run this executable again).
+    #[cfg(target_os = "linux")]
+    {
+        windows_pytorch_benchmark::nccl::select_rank_gpu();
+        windows_pytorch_benchmark::nccl::bridge_nccl_library();
+    }
     let cli = Cli::parse();
     // Micro-batch shapes change every step; expandable segments stop the caching allocator from
     // fragmenting (measured on the H200: full fine-tuning reserved 129 GiB without it). Must be

@@ -56,18 +56,53 @@ pub struct Lora {
 
 impl Linear {
     fn forward(&self, x: &Tensor, dt: DType) -> Tensor {
+        let rows = self.weight.size()[0];
+        self.forward_split(x, &[rows], dt).pop().expect("one part")
+    }
+
+    /// The output in parts, each from its own consecutive rows of the weight (`sizes` add up to
+    /// the output width). Each part comes out of its own matrix product as a contiguous tensor,
+    /// so what follows (RoPE on q/k, SiLU x up) runs on contiguous memory instead of strided
+    /// views of one fused output. The weight rows are views, not copies; a trainable weight's
+    /// gradient gathers the parts' gradients (ATen's `narrow` backward).
+    fn forward_split(&self, x: &Tensor, sizes: &[i64], dt: DType) -> Vec<Tensor> {
         let ck = dt.compute_kind();
         let x = x.to_kind(ck);
-        let y = x.linear::<Tensor>(&self.weight.to_kind(ck), None);
-        match &self.lora {
-            None => y,
-            Some(l) => {
-                y + x
-                    .linear::<Tensor>(&l.a.to_kind(ck), None)
-                    .linear::<Tensor>(&l.b.to_kind(ck), None)
-                    * l.scale
-            }
-        }
+        let w = self.weight.to_kind(ck);
+        // LoRA: the scale goes on the rank-r activations (small), not on the output.
+        let xa = self.lora.as_ref().map(|l| {
+            let xa = x.linear::<Tensor>(&l.a.to_kind(ck), None);
+            let r = xa.size()[xa.dim() - 1];
+            (xa * l.scale).view([-1, r])
+        });
+        let whole = sizes.len() == 1;
+        let mut start = 0;
+        sizes
+            .iter()
+            .map(|&n| {
+                let part = |t: &Tensor| {
+                    if whole {
+                        t.shallow_clone()
+                    } else {
+                        t.narrow(0, start, n)
+                    }
+                };
+                let y = x.linear::<Tensor>(&part(&w), None);
+                let y = match (&self.lora, &xa) {
+                    // y + (s·xA) Bᵀ in one product that accumulates into y (addmm, beta = 1)
+                    // instead of a product, a scaling pass and an addition over the output.
+                    (Some(l), Some(xa)) => {
+                        let shape = y.size();
+                        y.view([-1, n])
+                            .addmm(xa, &part(&l.b.to_kind(ck)).tr())
+                            .view(shape.as_slice())
+                    }
+                    _ => y,
+                };
+                start += n;
+                y
+            })
+            .collect()
     }
 }
 
@@ -88,12 +123,23 @@ pub struct Phi3 {
     pub layers: Vec<Block>,
     pub norm: Tensor,
     pub lm_head: Tensor,
-    /// RoPE tables [max_positions, head_dim] in fp32.
+    /// RoPE tables [max_positions, head_dim] in fp32; the sine with its first half negated.
     cos: Tensor,
-    sin: Tensor,
+    sin_signed: Tensor,
     /// Blocks before this index are frozen with nothing trainable before them: they run without
     /// building an autograd graph (`last-n`).
     pub first_grad_layer: usize,
+}
+
+/// How attention keeps tokens apart.
+pub enum Attention {
+    /// One right-padded record per row: causal attention alone keeps real tokens off padding.
+    Causal,
+    /// Packed rows: boolean [rows, 1, T, T] mask (true = may attend).
+    Mask(Tensor),
+    /// One row of real tokens only, documents end to end (padding dropped): causal flash
+    /// attention within each document, `cu_seqlens` int32 [docs + 1].
+    Varlen { cu_seqlens: Tensor, max_len: i64 },
 }
 
 /// The micro-batch as device tensors.
@@ -101,13 +147,23 @@ pub struct Inputs {
     pub input_ids: Tensor,
     pub labels: Tensor,
     pub position_ids: Tensor,
-    /// Boolean [rows, 1, T, T] mask for packed rows (true = may attend); None ⇒ causal.
-    pub mask: Option<Tensor>,
+    pub attention: Attention,
     /// Flat indices of the positions that carry a loss, built on the host (no device sync).
     pub loss_positions: Tensor,
 }
 
+fn loss_positions(labels: &[i64], device: Device) -> Tensor {
+    let pos: Vec<i64> = labels
+        .iter()
+        .enumerate()
+        .filter(|(_, &l)| l != IGNORE_INDEX)
+        .map(|(i, _)| i as i64)
+        .collect();
+    Tensor::from_slice(&pos).to_device(device)
+}
+
 impl Inputs {
+    /// The micro-batch as laid out by the plan, padding included.
     pub fn new(mb: &MicroBatch, device: Device) -> Self {
         let shape = [mb.rows as i64, mb.seq_len as i64];
         let t = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(device);
@@ -124,19 +180,75 @@ impl Inputs {
                 .logical_or(&diag)
                 .unsqueeze(1)
         });
-        let pos: Vec<i64> = mb
-            .labels
-            .iter()
-            .enumerate()
-            .filter(|(_, &l)| l != IGNORE_INDEX)
-            .map(|(i, _)| i as i64)
-            .collect();
         Self {
             input_ids: t(&mb.input_ids),
             labels: t(&mb.labels),
             position_ids: t(&mb.position_ids),
-            mask,
-            loss_positions: Tensor::from_slice(&pos).to_device(device),
+            attention: mask.map_or(Attention::Causal, Attention::Mask),
+            loss_positions: loss_positions(&mb.labels, device),
+        }
+    }
+
+    /// The micro-batch's real tokens only, every document end to end in one row, for
+    /// variable-length flash attention: no position of padding is computed at all, whatever the
+    /// plan (a padded or bucketed row is one document, a packed row one or more). The loss is the
+    /// same sum over the same labelled positions.
+    pub fn varlen(mb: &MicroBatch, device: Device) -> Self {
+        let n = mb.input_tokens;
+        let (mut ids, mut labels, mut pos) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let mut cu: Vec<i32> = vec![0];
+        let mut max_len = 0i64;
+        let mut doc_start = 0usize;
+        for r in 0..mb.rows {
+            let mut current: Option<i32> = None;
+            for c in 0..mb.seq_len {
+                let i = r * mb.seq_len + c;
+                // Real tokens: a segment id >= 0 (packed), or not padding (one record per row:
+                // the record fills the row from column 0, padding follows).
+                let seg = match &mb.segment_ids {
+                    Some(s) => s[i],
+                    None if c < mb.row_lengths[r] => 0,
+                    None => -1,
+                };
+                if seg < 0 {
+                    continue;
+                }
+                if current != Some(seg) && current.is_some() {
+                    let len = ids.len() - doc_start;
+                    max_len = max_len.max(len as i64);
+                    cu.push(ids.len() as i32);
+                    doc_start = ids.len();
+                }
+                current = Some(seg);
+                ids.push(mb.input_ids[i]);
+                labels.push(mb.labels[i]);
+                pos.push(mb.position_ids[i]);
+            }
+            if current.is_some() {
+                let len = ids.len() - doc_start;
+                max_len = max_len.max(len as i64);
+                cu.push(ids.len() as i32);
+                doc_start = ids.len();
+            }
+        }
+        let t = |v: &[i64]| {
+            Tensor::from_slice(v)
+                .view([1, v.len() as i64])
+                .to_device(device)
+        };
+        Self {
+            input_ids: t(&ids),
+            labels: t(&labels),
+            position_ids: t(&pos),
+            attention: Attention::Varlen {
+                cu_seqlens: Tensor::from_slice(&cu).to_device(device),
+                max_len,
+            },
+            loss_positions: loss_positions(&labels, device),
         }
     }
 }
@@ -156,11 +268,19 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, dt: DType) -> Tensor {
     }
 }
 
-fn rotate_half(x: &Tensor) -> Tensor {
-    let half = x.size()[3] / 2;
-    let x1 = x.narrow(3, 0, half);
-    let x2 = x.narrow(3, half, half);
-    Tensor::cat(&[x2.neg(), x1], 3)
+/// RoPE tables at each token's position, [rows, T, 1, head_dim] in the compute kind, with the
+/// sine's first half negated so that HF's `x * cos + rotate_half(x) * sin` becomes
+/// `x * cos + roll(x, half) * sin_signed`: three kernels (mul, roll, addcmul) instead of five.
+pub struct Rope {
+    cos: Tensor,
+    sin_signed: Tensor,
+}
+
+impl Rope {
+    fn apply(&self, x: &Tensor) -> Tensor {
+        let half = x.size()[3] / 2;
+        (x * &self.cos).addcmul(&x.roll([half], [3]), &self.sin_signed)
+    }
 }
 
 impl Phi3 {
@@ -225,9 +345,10 @@ impl Phi3 {
         let pos = Tensor::arange(shape.max_position_embeddings as i64, (Kind::Float, device));
         let freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0);
         let emb = Tensor::cat(&[&freqs, &freqs], 1);
+        let sin = freqs.sin();
         Ok(Self {
             cos: emb.cos(),
-            sin: emb.sin(),
+            sin_signed: Tensor::cat(&[&sin.neg(), &sin], 1),
             shape,
             dtype,
             device,
@@ -239,14 +360,7 @@ impl Phi3 {
         })
     }
 
-    fn attention(
-        &self,
-        b: &Block,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-    ) -> Tensor {
+    fn attention(&self, b: &Block, x: &Tensor, rope: &Rope, attn: &Attention) -> Tensor {
         let s = &self.shape;
         let (bsz, t) = (x.size()[0], x.size()[1]);
         let (nh, nkv, hd) = (
@@ -254,83 +368,100 @@ impl Phi3 {
             s.num_kv_heads as i64,
             s.head_dim() as i64,
         );
-        let qkv = b.qkv_proj.forward(x, self.dtype);
-        let q = qkv
-            .narrow(2, 0, nh * hd)
-            .view([bsz, t, nh, hd])
-            .transpose(1, 2);
-        let k = qkv
-            .narrow(2, nh * hd, nkv * hd)
-            .view([bsz, t, nkv, hd])
-            .transpose(1, 2);
-        let v = qkv
-            .narrow(2, (nh + nkv) * hd, nkv * hd)
-            .view([bsz, t, nkv, hd])
-            .transpose(1, 2);
-        let (cos, sin) = (cos.to_kind(q.kind()), sin.to_kind(q.kind()));
-        let q = &q * &cos + rotate_half(&q) * &sin;
-        let k = &k * &cos + rotate_half(&k) * &sin;
+        // q and k in one contiguous product (RoPE on both in one pass), v in another.
+        let mut parts = b
+            .qkv_proj
+            .forward_split(x, &[(nh + nkv) * hd, nkv * hd], self.dtype);
+        let v = parts.pop().expect("v").view([bsz, t, nkv, hd]);
+        let qk = rope.apply(&parts.pop().expect("qk").view([bsz, t, nh + nkv, hd]));
+        let q = qk.narrow(2, 0, nh);
+        let k = qk.narrow(2, nh, nkv);
         let gqa = nkv != nh;
-        let y = match mask {
-            // Right-padded rows: causal attention alone keeps every real token away from padding.
-            None => Tensor::scaled_dot_product_attention::<Tensor>(
-                &q, &k, &v, None, 0.0, true, None, gqa,
-            ),
-            Some(m) => {
-                Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, gqa)
+        let y = match attn {
+            Attention::Varlen {
+                cu_seqlens,
+                max_len,
+            } => {
+                let y = crate::ext::flash_varlen(
+                    &q.squeeze_dim(0),
+                    &k.squeeze_dim(0),
+                    &v.squeeze_dim(0),
+                    cu_seqlens,
+                    *max_len,
+                )
+                .unwrap_or_else(|e| panic!("{e:#}"));
+                y.view([bsz, t, nh * hd])
+            }
+            _ => {
+                let (q, k, v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
+                let y = match attn {
+                    Attention::Mask(m) => Tensor::scaled_dot_product_attention(
+                        &q,
+                        &k,
+                        &v,
+                        Some(m),
+                        0.0,
+                        false,
+                        None,
+                        gqa,
+                    ),
+                    _ => Tensor::scaled_dot_product_attention::<Tensor>(
+                        &q, &k, &v, None, 0.0, true, None, gqa,
+                    ),
+                };
+                y.transpose(1, 2).reshape([bsz, t, nh * hd])
             }
         };
-        let y = y.transpose(1, 2).reshape([bsz, t, nh * hd]);
         b.o_proj.forward(&y, self.dtype)
     }
 
-    fn block(
-        &self,
-        b: &Block,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-    ) -> Tensor {
+    fn block(&self, b: &Block, x: &Tensor, rope: &Rope, attn: &Attention) -> Tensor {
         let eps = self.shape.rms_norm_eps;
         let h = rms_norm(x, &b.input_layernorm, eps, self.dtype);
-        let x = x + self.attention(b, &h, cos, sin, mask);
+        let x = x + self.attention(b, &h, rope, attn);
         let h = rms_norm(&x, &b.post_attention_layernorm, eps, self.dtype);
-        let gu = b.gate_up_proj.forward(&h, self.dtype);
-        let half = gu.size()[2] / 2;
-        let gate = gu.narrow(2, 0, half);
-        let up = gu.narrow(2, half, half);
+        let inter = self.shape.intermediate_size as i64;
+        let mut gu = b
+            .gate_up_proj
+            .forward_split(&h, &[inter, inter], self.dtype);
+        let up = gu.pop().expect("up");
+        let gate = gu.pop().expect("gate");
         x + b.down_proj.forward(&(up * gate.silu()), self.dtype)
     }
 
     /// Hidden states after the final norm, [rows, T, H].
     pub fn hidden(&self, inp: &Inputs) -> Tensor {
-        // RoPE tables gathered at each token's position: [rows, 1, T, head_dim].
+        // RoPE tables gathered at each token's position, once for all blocks.
         let (rows, t) = (inp.position_ids.size()[0], inp.position_ids.size()[1]);
+        let ck = self.dtype.compute_kind();
         let at_positions = |table: &Tensor| {
             table
                 .index_select(0, &inp.position_ids.view([-1]))
-                .view([rows, 1, t, -1])
+                .view([rows, t, 1, -1])
+                .to_kind(ck)
         };
-        let (cos, sin) = (at_positions(&self.cos), at_positions(&self.sin));
+        let rope = Rope {
+            cos: at_positions(&self.cos),
+            sin_signed: at_positions(&self.sin_signed),
+        };
         let emb = Tensor::embedding(&self.embed_tokens, &inp.input_ids, -1, false, false);
         let mut x = match self.dtype {
             DType::MixedBf16 => emb, // fp32 residual stream
             _ => emb.to_kind(self.dtype.param_kind()),
         };
-        let mask = inp.mask.as_ref();
+        let attn = &inp.attention;
         // Frozen prefix: no autograd graph, no activations kept.
         if self.first_grad_layer > 0 {
             x = tch::no_grad(|| {
                 let mut x = x;
                 for b in &self.layers[..self.first_grad_layer] {
-                    x = self.block(b, &x, &cos, &sin, mask);
+                    x = self.block(b, &x, &rope, attn);
                 }
                 x
             });
         }
         for b in &self.layers[self.first_grad_layer..] {
-            x = self.block(b, &x, &cos, &sin, mask);
+            x = self.block(b, &x, &rope, attn);
         }
         rms_norm(&x, &self.norm, self.shape.rms_norm_eps, self.dtype)
     }

@@ -9,7 +9,7 @@ use shared::config::{Config, DTypeChoice, DeviceChoice, StrategyKind};
 use shared::data::batch::Step;
 use shared::error::ConfigError;
 use shared::measure::probe::{self, Software};
-use shared::model::ParamCounts;
+use shared::model::{ParamCounts, WeightSource};
 use shared::runner::{Backend, MemoryReading, StepReport};
 use shared::summary::BackendInfo;
 use shared::workload::Prepared;
@@ -27,6 +27,13 @@ pub struct TorchBackend {
     device_name: String,
     peak_process_gib: Option<f64>,
     nvml: Option<nvml_wrapper::Nvml>,
+    attention: AttentionMode,
+    /// Data parallel: the communicator with the other ranks.
+    #[cfg(target_os = "linux")]
+    comm: Option<crate::nccl::Comm>,
+    /// Data parallel: every rank's peak device memory (GiB), gathered at the end.
+    rank_peaks: Vec<f64>,
+    rank: Option<shared::dist::Rank>,
     /// `FTB_PROFILE=1`: synchronise between phases and add up their wall time (forward, backward,
     /// clipping, optimizer). Costs the overlap between phases, so only for finding where time goes.
     profile: Option<[f64; 4]>,
@@ -66,6 +73,71 @@ pub fn pick_device(choice: DeviceChoice) -> Result<Device> {
     })
 }
 
+/// Which attention path the model runs (`FTB_ATTENTION`; an implementation choice of this
+/// backend, not part of the workload: every path computes the same loss).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionMode {
+    /// Real tokens only, documents end to end, FlashAttention-2 varlen (CUDA, bf16): no compute
+    /// on padding in any plan. The default where it applies.
+    Varlen,
+    /// `scaled_dot_product_attention` on the plan's padded rows (causal, or a document mask for
+    /// packed rows), cuDNN's kernel excluded: flash for causal rows, memory-efficient for masks.
+    Sdpa,
+    /// The same with libtorch's default kernel choice (cuDNN first on Hopper).
+    SdpaDefault,
+}
+
+impl AttentionMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionMode::Varlen => "varlen",
+            AttentionMode::Sdpa => "sdpa",
+            AttentionMode::SdpaDefault => "sdpa-default",
+        }
+    }
+
+    /// `FTB_ATTENTION=auto|varlen|sdpa|sdpa-default` (unset = auto). `auto` is varlen where it
+    /// applies, except with `--pad-to`: padding to a fixed length is then part of the
+    /// configuration being reproduced (the seed preset), so it is computed, not dropped.
+    pub fn pick(device: Device, dtype: DType, pad_to: Option<usize>) -> Result<Self> {
+        let flash_ok = matches!(device, Device::Cuda(_)) && dtype.compute_kind() != Kind::Float;
+        let v = std::env::var("FTB_ATTENTION").unwrap_or_default();
+        Ok(match v.as_str() {
+            "" | "auto" if flash_ok && pad_to.is_none() => AttentionMode::Varlen,
+            "" | "auto" | "sdpa" => AttentionMode::Sdpa,
+            "sdpa-default" => AttentionMode::SdpaDefault,
+            "varlen" if flash_ok => AttentionMode::Varlen,
+            "varlen" => {
+                return Err(ConfigError::Value {
+                    key: "FTB_ATTENTION".into(),
+                    value: v,
+                    reason: "flash attention needs a CUDA device and bf16 matrix products".into(),
+                    fix: "unset FTB_ATTENTION, or use --device cuda with --dtype bf16/mixed-bf16"
+                        .into(),
+                }
+                .into())
+            }
+            _ => {
+                return Err(ConfigError::Value {
+                    key: "FTB_ATTENTION".into(),
+                    value: v,
+                    reason: "unknown attention path".into(),
+                    fix: "use auto, varlen, sdpa or sdpa-default".into(),
+                }
+                .into())
+            }
+        })
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            AttentionMode::Varlen => "FlashAttention-2 varlen through ATen's _flash_attention_forward: real tokens only, documents end to end",
+            AttentionMode::Sdpa => "torch scaled_dot_product_attention without cuDNN (flash for causal rows, memory-efficient with a document mask for packed rows)",
+            AttentionMode::SdpaDefault => "torch scaled_dot_product_attention, libtorch's default kernel choice (causal; document mask for packed rows)",
+        }
+    }
+}
+
 pub fn pick_dtype(choice: DTypeChoice, device: Device) -> DType {
     match choice {
         DTypeChoice::Auto if device == Device::Cpu => DType::Float32,
@@ -88,7 +160,45 @@ fn device_label(d: Device) -> String {
 impl TorchBackend {
     pub fn new(cfg: &Config, p: &Prepared) -> Result<Self> {
         let device = pick_device(cfg.run.device)?;
+        #[cfg(target_os = "linux")]
+        let comm = match &p.rank {
+            Some(r) => {
+                if !matches!(device, Device::Cuda(_)) {
+                    return Err(ConfigError::Value {
+                        key: "device".into(),
+                        value: device_label(device),
+                        reason: "data parallelism runs NCCL between CUDA devices".into(),
+                        fix: "use --device cuda (one GPU per rank), or --nproc 1".into(),
+                    }
+                    .into());
+                }
+                Some(crate::nccl::Comm::init(
+                    r,
+                    std::time::Duration::from_secs_f64(cfg.run.dist_timeout_s),
+                )?)
+            }
+            None => None,
+        };
+        #[cfg(not(target_os = "linux"))]
+        if p.rank.is_some() {
+            return Err(ConfigError::Value {
+                key: "nproc".into(),
+                value: cfg.run.nproc.to_string(),
+                reason: "data parallelism needs NCCL, which this binary uses on Linux only".into(),
+                fix: "use --nproc 1".into(),
+            }
+            .into());
+        }
         let dtype = pick_dtype(cfg.run.dtype, device);
+        let attention = AttentionMode::pick(device, dtype, cfg.workload.data.pad_to)?;
+        if attention == AttentionMode::Sdpa {
+            crate::ext::set_sdp_backends(crate::ext::SdpBackends {
+                flash: true,
+                mem_efficient: true,
+                math: true,
+                cudnn: false,
+            })?;
+        }
         let strategy = &cfg.workload.strategy;
         let shape = p.shape.clone();
         let mut specs = shape.parameters();
@@ -99,12 +209,8 @@ impl TorchBackend {
         // Adapters draw from their own stream so that the base weights are the same with and
         // without LoRA.
         let adapter_seed = shared::model::adapter_seed(cfg.workload.seed);
-        p.weights.for_each(&specs, adapter_seed, |spec, data| {
-            let dims: Vec<i64> = data.shape.iter().map(|&d| d as i64).collect();
-            let t = Tensor::from_slice(&data.values)
-                .view(dims.as_slice())
-                .to_device(device)
-                .to_kind(dtype.param_kind());
+        let mut add = |spec: &shared::model::ParamSpec, t: Tensor| {
+            let t = t.to_kind(dtype.param_kind());
             let train = shape.is_trainable(&spec.name, strategy);
             counts.total += spec.numel();
             let t = if train {
@@ -116,8 +222,31 @@ impl TorchBackend {
                 t
             };
             tensors.insert(spec.name.clone(), t);
-            Ok(())
-        })?;
+        };
+        let host_init = std::env::var("FTB_HOST_INIT").is_ok_and(|v| !v.is_empty() && v != "0");
+        match &p.weights {
+            // Random weights on CUDA: generated there (same values; see `init.rs`).
+            WeightSource::Random { seed } if matches!(device, Device::Cuda(_)) && !host_init => {
+                for spec in &specs {
+                    let s = if shared::model::is_adapter(&spec.name) {
+                        adapter_seed
+                    } else {
+                        *seed
+                    };
+                    add(spec, crate::init::init_on_device(spec, s, device));
+                }
+            }
+            w => w.for_each(&specs, adapter_seed, |spec, data| {
+                let dims: Vec<i64> = data.shape.iter().map(|&d| d as i64).collect();
+                add(
+                    spec,
+                    Tensor::from_slice(&data.values)
+                        .view(dims.as_slice())
+                        .to_device(device),
+                );
+                Ok(())
+            })?,
+        }
         let expected = shape.parameter_counts(strategy);
         if counts != expected {
             return Err(anyhow!(
@@ -162,6 +291,11 @@ impl TorchBackend {
             device_name,
             peak_process_gib: None,
             nvml,
+            attention,
+            #[cfg(target_os = "linux")]
+            comm,
+            rank_peaks: Vec::new(),
+            rank: p.rank.clone(),
             profile: std::env::var("FTB_PROFILE")
                 .is_ok_and(|v| !v.is_empty() && v != "0")
                 .then_some([0.0; 4]),
@@ -226,7 +360,10 @@ impl Backend for TorchBackend {
             let denom = step.loss_tokens.max(1) as f64;
             let mut total = Tensor::zeros([], (Kind::Float, self.model.device));
             for mb in &step.micro_batches {
-                let inp = Inputs::new(mb, self.model.device);
+                let inp = match self.attention {
+                    AttentionMode::Varlen => Inputs::varlen(mb, self.model.device),
+                    _ => Inputs::new(mb, self.model.device),
+                };
                 // Sum over the micro-batch / the step's loss tokens: the micro-batches' losses add
                 // up to the step's mean, whatever the batch plan.
                 let loss = self.model.loss_sum(&inp) / denom;
@@ -234,6 +371,17 @@ impl Backend for TorchBackend {
                 loss.backward();
                 lap!(1);
                 total += loss.detach();
+            }
+            // Data parallel: each rank's gradients are its share of the step's sum (divided by
+            // the global loss-token count), so their sum over ranks is the one-process gradient.
+            #[cfg(target_os = "linux")]
+            if let Some(c) = &self.comm {
+                if let Some(r) = &self.rank {
+                    r.beacon(&format!("step {} collective", step.index));
+                }
+                let mut ts: Vec<Tensor> = self.trainable.iter().map(|p| p.grad()).collect();
+                ts.push(total.shallow_clone());
+                c.sum(&ts)?;
             }
             let grad_norm = if self.max_grad_norm > 0.0 {
                 Some(clip_grad_norm(&self.trainable, self.max_grad_norm))
@@ -254,6 +402,10 @@ impl Backend for TorchBackend {
         // Host-device sync: everything the step produced (loss, parameters, optimizer state) is
         // finished before the caller reads the clock.
         self.sync();
+        #[cfg(target_os = "linux")]
+        if let Some(c) = &self.comm {
+            c.disarm()?;
+        }
         let (total, grad_norm) = result;
         let loss = total.double_value(&[]);
         let grad_norm = grad_norm.map(|g| g.double_value(&[]));
@@ -265,8 +417,35 @@ impl Backend for TorchBackend {
         self.sample_process_memory();
     }
 
+    fn reduce_step_time(&mut self, dt: f64) -> f64 {
+        #[cfg(target_os = "linux")]
+        if let Some(c) = &self.comm {
+            return c.max_f64(dt, self.model.device).unwrap_or(dt);
+        }
+        dt
+    }
+
+    fn agree_stop(&mut self, stop: bool) -> bool {
+        #[cfg(target_os = "linux")]
+        if let Some(c) = &self.comm {
+            // A failed collective (a rank gone) also stops this rank.
+            return c
+                .max_f64(if stop { 1.0 } else { 0.0 }, self.model.device)
+                .map_or(true, |v| v > 0.0);
+        }
+        stop
+    }
+
     fn memory(&mut self) -> MemoryReading {
         self.sample_process_memory();
+        #[cfg(target_os = "linux")]
+        if let Some(c) = &self.comm {
+            let mine = self.peak_process_gib.unwrap_or(0.0);
+            if let Ok(all) = c.gather_f64(mine, self.model.device) {
+                self.peak_process_gib = all.iter().copied().reduce(f64::max);
+                self.rank_peaks = all;
+            }
+        }
         match self.model.device {
             Device::Cuda(_) => MemoryReading {
                 peak_allocated_gib: None,
@@ -279,17 +458,31 @@ impl Backend for TorchBackend {
 
     fn info(&self) -> BackendInfo {
         let mut details = serde_json::Map::new();
-        details.insert(
-            "attention".into(),
-            "torch scaled_dot_product_attention (causal; boolean document mask for packed rows)"
-                .into(),
-        );
+        details.insert("attention".into(), self.attention.describe().into());
         details.insert("optimizer".into(), "libtorch torch::optim::AdamW".into());
         details.insert("torch_threads".into(), tch::get_num_threads().into());
         details.insert(
             "frozen_prefix_without_autograd".into(),
             (self.model.first_grad_layer > 0).into(),
         );
+        #[cfg(target_os = "linux")]
+        if let Some(c) = &self.comm {
+            let mut d = serde_json::Map::new();
+            d.insert(
+                "engine".into(),
+                format!("NCCL {} through cudarc", c.version()).into(),
+            );
+            d.insert("world_size".into(), c.world.into());
+            d.insert(
+                "gradient_all_reduce".into(),
+                "one NCCL group over all gradients after the step's last backward pass (libtorch's autograd hooks are not reachable from tch, so no overlap with backward)".into(),
+            );
+            d.insert(
+                "peak_memory_gib_per_rank".into(),
+                serde_json::Value::from(self.rank_peaks.clone()),
+            );
+            details.insert("distributed".into(), d.into());
+        }
         if let Ok(conf) = std::env::var("PYTORCH_CUDA_ALLOC_CONF") {
             details.insert("pytorch_cuda_alloc_conf".into(), conf.into());
         }
@@ -307,7 +500,16 @@ impl Backend for TorchBackend {
             device: device_label(self.model.device),
             device_name: self.device_name.clone(),
             dtype: self.model.dtype.name().into(),
-            world_size: 1,
+            world_size: {
+                #[cfg(target_os = "linux")]
+                {
+                    self.comm.as_ref().map_or(1, |c| c.world)
+                }
+                #[cfg(not(target_os = "linux"))]
+                {
+                    1
+                }
+            },
             details,
         }
     }

@@ -47,6 +47,7 @@ fn batch(ids: &[i64]) -> MicroBatch {
         labels: vec![IGNORE_INDEX; n],
         position_ids: (0..n as i64).collect(),
         segment_ids: None,
+        row_lengths: vec![n],
         loss_tokens: 0,
         input_tokens: n,
         padded_tokens: n,

@@ -32,6 +32,10 @@ pub struct MicroBatch {
     /// A position attends to earlier positions of its own document only. `None` means each row
     /// holds one right-padded record, so plain causal attention keeps real tokens away from padding.
     pub segment_ids: Option<Vec<i32>>,
+    /// Real tokens in each row: every plan writes records from column 0, so a row's padding is
+    /// its columns from here on.
+    #[serde(default)]
+    pub row_lengths: Vec<usize>,
     pub loss_tokens: usize,
     pub input_tokens: usize,
     pub padded_tokens: usize,
@@ -81,17 +85,7 @@ pub fn plan_steps(
                 break 'epochs;
             }
             let docs: Vec<&Sample> = chunk.iter().map(|&i| &samples[i]).collect();
-            let mbs = match cfg.plan {
-                BatchPlanKind::Padded => {
-                    padded(&docs, cfg.micro_batch_size, pad_to, train_on_prompt)
-                }
-                BatchPlanKind::Bucketed => {
-                    bucketed(&docs, cfg.max_tokens_per_micro_batch, train_on_prompt)
-                }
-                BatchPlanKind::Packed => {
-                    packed(&docs, cfg.max_tokens_per_micro_batch, train_on_prompt)
-                }
-            };
+            let mbs = layout(&docs, cfg, pad_to, train_on_prompt);
             steps.push(Step {
                 index: steps.len(),
                 epoch,
@@ -106,6 +100,20 @@ pub fn plan_steps(
         }
     }
     steps
+}
+
+/// A step's records laid out in micro-batches by the configured plan.
+pub(crate) fn layout(
+    docs: &[&Sample],
+    cfg: &BatchConfig,
+    pad_to: Option<usize>,
+    train_on_prompt: bool,
+) -> Vec<MicroBatch> {
+    match cfg.plan {
+        BatchPlanKind::Padded => padded(docs, cfg.micro_batch_size, pad_to, train_on_prompt),
+        BatchPlanKind::Bucketed => bucketed(docs, cfg.max_tokens_per_micro_batch, train_on_prompt),
+        BatchPlanKind::Packed => packed(docs, cfg.max_tokens_per_micro_batch, train_on_prompt),
+    }
 }
 
 /// Consecutive records, `micro_batch_size` per micro-batch, right-padded to the longest or `pad_to`.
@@ -226,6 +234,7 @@ impl MicroBatch {
             labels: vec![IGNORE_INDEX; n],
             position_ids: (0..n).map(|i| (i % seq_len) as i64).collect(),
             segment_ids: segmented.then(|| vec![-1; n]),
+            row_lengths: vec![0; rows],
             loss_tokens: 0,
             input_tokens: 0,
             padded_tokens: n,
@@ -253,6 +262,7 @@ impl MicroBatch {
             }
         }
         self.input_tokens += d.len();
+        self.row_lengths[r] = self.row_lengths[r].max(offset + d.len());
     }
 
     /// Whether position `q` may attend to position `k` of the same row (the reference semantics

@@ -260,6 +260,7 @@ pub fn render(report: &Report) -> String {
 
     out.push_str("<h2 id=\"headline\">Headline figures</h2>\n");
     table(&mut out, report, "figure", &report.headline);
+    scaling(&mut out, report);
 
     out.push_str("<h2 id=\"plots\">Plots</h2>\n<div class=\"plots\">\n");
     for p in &report.plots {
@@ -316,6 +317,29 @@ pub fn render(report: &Report) -> String {
         esc(env!("CARGO_PKG_VERSION"))
     );
     out
+}
+
+/// Multi-GPU runs against a one-GPU run of the same workload, with efficiency bars.
+fn scaling(out: &mut String, report: &Report) {
+    if report.scaling.is_empty() {
+        return;
+    }
+    out.push_str("<h2 id=\"scaling\">Scaling (data parallel)</h2>\n<p>Efficiency = aggregate input tokens/s / (GPUs &times; the one-GPU run's input tokens/s), same workload hash.</p>\n<table><thead><tr><th>run</th><th>GPUs</th><th>input tokens/s</th><th>per GPU</th><th>one-GPU run</th><th>efficiency</th></tr></thead><tbody>\n");
+    for r in &report.scaling {
+        let pct = 100.0 * r.efficiency;
+        let _ = writeln!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td>{:.0}</td><td>{:.0}</td><td>{} ({:.0})</td><td><svg width=\"120\" height=\"12\" role=\"img\" aria-label=\"{pct:.1} %\"><rect width=\"120\" height=\"12\" fill=\"#eee\"/><rect width=\"{:.1}\" height=\"12\" fill=\"#4878a8\"/></svg> {pct:.1} %</td></tr>",
+            esc(&report.runs[r.run].label),
+            r.world_size,
+            r.input_tokens_per_s,
+            r.per_gpu_input_tokens_per_s,
+            esc(&report.runs[r.single].label),
+            r.single_input_tokens_per_s,
+            (1.2 * pct).clamp(0.0, 120.0),
+        );
+    }
+    out.push_str("</tbody></table>\n");
 }
 
 #[cfg(test)]

@@ -95,6 +95,7 @@ pub fn render(report: &Report) -> String {
 
     out.push_str("## Headline figures\n\n");
     table(&mut out, report, "figure", &report.headline);
+    out.push_str(&super::scaling::markdown(report.runs, &report.scaling));
 
     out.push_str("## Plots (in report.html)\n\n");
     for p in &report.plots {

@@ -11,6 +11,7 @@ pub mod html;
 pub mod load;
 pub mod markdown;
 pub mod plots;
+pub mod scaling;
 pub mod show;
 
 use std::path::{Path, PathBuf};
@@ -30,6 +31,8 @@ pub struct Report<'a> {
     pub workload_rows: Vec<figures::Row>,
     pub environment: Vec<figures::Row>,
     pub plots: Vec<plots::Plot>,
+    /// Multi-GPU runs against one-GPU runs of the same workload.
+    pub scaling: Vec<scaling::ScalingRow>,
     /// UTC, RFC 3339.
     pub generated_at: String,
 }
@@ -54,6 +57,7 @@ impl<'a> Report<'a> {
             workload_rows: figures::workload_rows(runs),
             environment: figures::environment_rows(runs),
             plots: plots::all(runs)?,
+            scaling: scaling::rows(runs),
             generated_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         })
     }
