@@ -64,3 +64,48 @@ char* ftb_flash_varlen(const at::Tensor* q, const at::Tensor* k, const at::Tenso
 }
 
 }  // extern "C"
+
+namespace {
+std::vector<at::Tensor> tensor_list(at::Tensor* const* ts, int64_t n) {
+  std::vector<at::Tensor> v;
+  v.reserve(n);
+  for (int64_t i = 0; i < n; ++i) v.push_back(*ts[i]);
+  return v;
+}
+}  // namespace
+
+extern "C" {
+
+// PyTorch's AdamW(fused=True) step over all parameters in a few multi-tensor kernels (ATen's
+// _fused_adamw_): decoupled weight decay, bias-corrected moments, eps added after the square root,
+// the same update as torch::optim::AdamW. `step` is the (already incremented) step count as a
+// float32 scalar tensor on the parameters' device, shared by all parameters.
+char* ftb_fused_adamw(at::Tensor* const* params, at::Tensor* const* grads, at::Tensor* const* exp_avg,
+                      at::Tensor* const* exp_avg_sq, int64_t n, const at::Tensor* step, double lr,
+                      double beta1, double beta2, double weight_decay, double eps) {
+  FTB_PROTECT({
+    auto p = tensor_list(params, n);
+    auto g = tensor_list(grads, n);
+    auto m = tensor_list(exp_avg, n);
+    auto v = tensor_list(exp_avg_sq, n);
+    std::vector<at::Tensor> steps(n, *step);
+    at::_fused_adamw_(p, g, m, v, {}, steps, lr, beta1, beta2, weight_decay, eps,
+                      /*amsgrad=*/false, /*maximize=*/false);
+  })
+}
+
+// torch.nn.utils.clip_grad_norm_ (foreach): total L2 norm of all gradients (per-tensor norms in
+// fp32), every gradient scaled in place by min(1, max_norm / (norm + 1e-6)). The norm before
+// clipping is returned as a device scalar; nothing synchronises.
+char* ftb_clip_grad_norm(at::Tensor* const* grads, int64_t n, double max_norm, at::Tensor** norm) {
+  FTB_PROTECT({
+    auto g = tensor_list(grads, n);
+    auto norms = at::_foreach_norm(g, 2, at::kFloat);
+    auto total = at::linalg_vector_norm(at::stack(norms), 2);
+    auto coef = at::clamp_max(max_norm / (total + 1e-6), 1.0);
+    at::_foreach_mul_(g, coef);
+    *norm = new at::Tensor(total);
+  })
+}
+
+}  // extern "C"

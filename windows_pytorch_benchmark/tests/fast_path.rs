@@ -213,3 +213,75 @@ fn device_init_matches_the_host_definition() {
         assert!(worst <= 1.0, "a value differs by {worst} ulp");
     }
 }
+
+/// The fused multi-tensor AdamW and foreach clipping against libtorch's `torch::optim::AdamW`
+/// and the per-tensor clipping they replace: same parameters after several steps.
+#[test]
+fn fused_adamw_and_clipping_match_libtorch() {
+    use windows_pytorch_benchmark::ext::{clip_grad_norm, FusedAdamW};
+    let mut devices = vec![Device::Cpu];
+    if tch::Cuda::is_available() {
+        devices.push(Device::Cuda(0));
+    }
+    for device in devices {
+        tch::manual_seed(3);
+        let shapes: [&[i64]; 3] = [&[7, 5], &[5], &[3, 4, 2]];
+        let init: Vec<Tensor> = shapes
+            .iter()
+            .map(|s| Tensor::randn(*s, (Kind::Float, device)))
+            .collect();
+        let make = || -> Vec<Tensor> {
+            init.iter()
+                .map(|t| t.copy().set_requires_grad(true))
+                .collect()
+        };
+        let (a, b) = (make(), make());
+        let (lr, b1, b2, wd, eps) = (1e-2, 0.9, 0.95, 0.1, 1e-8);
+        let mut reference = tch::COptimizer::adamw(lr, b1, b2, wd, eps, false).unwrap();
+        for p in &a {
+            reference.add_parameters(p, 0).unwrap();
+        }
+        let mut fused = FusedAdamW::new(&b, b1, b2, wd, eps);
+        for step in 0..4 {
+            let targets: Vec<Tensor> = shapes
+                .iter()
+                .map(|s| Tensor::randn(*s, (Kind::Float, device)) * (1.0 + step as f64))
+                .collect();
+            let loss = |ps: &[Tensor]| {
+                ps.iter()
+                    .zip(&targets)
+                    .map(|(p, t)| (p - t).square().sum(Kind::Float))
+                    .fold(Tensor::zeros([], (Kind::Float, device)), |x, y| x + y)
+            };
+            let lr_now = lr * (1.0 - 0.2 * step as f64);
+            reference.zero_grad().unwrap();
+            loss(&a).backward();
+            // The clipping the backend used before: per-tensor fp32 norms on the device.
+            let na = tch::no_grad(|| {
+                let norms: Vec<Tensor> = a.iter().map(|p| p.grad().norm()).collect();
+                let total = Tensor::stack(&norms, 0).norm();
+                let coef = (1.0f64 / (&total + 1e-6)).clamp_max(1.0);
+                for p in &a {
+                    let _ = p.grad().g_mul_(&coef);
+                }
+                total.double_value(&[])
+            });
+            reference.set_learning_rate(lr_now).unwrap();
+            reference.step().unwrap();
+            fused.zero_grad();
+            loss(&b).backward();
+            let nb = clip_grad_norm(&b, 1.0).unwrap().double_value(&[]);
+            fused.step(lr_now).unwrap();
+            assert!((na - nb).abs() <= 1e-5 * na, "{device:?} norm {na} vs {nb}");
+        }
+        for (x, y) in a.iter().zip(&b) {
+            let d = (x - y).abs().max().double_value(&[]);
+            assert!(d < 1e-6, "{device:?}: parameters differ by {d}");
+        }
+        let moved = (&a[0] - &init[0]).abs().max().double_value(&[]);
+        assert!(
+            moved > 1e-3,
+            "{device:?}: AdamW did not move the parameters ({moved})"
+        );
+    }
+}
