@@ -9,13 +9,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
 
 use crate::config::{CliArgs, Config, DTypeChoice, Framework, TuningMode};
 use crate::data::batch::Step;
 use crate::error::exit;
 use crate::measure::flops::step_flops;
+use crate::measure::memory::{self, DeviceKind, MemoryEstimate, Precision};
 use crate::measure::peak;
 use crate::measure::probe::{self, Software};
 use crate::measure::stats::Spread;
@@ -102,6 +103,39 @@ fn install_signal_handler() -> Arc<AtomicBool> {
     flag
 }
 
+/// What a binary knows about its device before it builds the model: the device it will use and
+/// the precision `--dtype` resolves to there. Found by the binary's preflight (see
+/// [`main_with_preflight`]); an impossible choice (a device that is absent, a dtype the device
+/// lacks) is a `ConfigError`, so the run stops with exit code 2 before anything is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceFacts {
+    pub device: DeviceKind,
+    pub precision: Precision,
+}
+
+/// The preflight a binary gets when it names none: the device from `--device` (`auto`: CUDA
+/// device 0 when NVML sees a GPU, else the CPU) and the precision from `--dtype`.
+pub fn default_device_facts(cfg: &Config) -> Result<DeviceFacts> {
+    use crate::config::DeviceChoice;
+    let device = match cfg.run.device {
+        DeviceChoice::Cpu => DeviceKind::Cpu,
+        DeviceChoice::Cuda => DeviceKind::Cuda(0),
+        DeviceChoice::Mps => DeviceKind::Mps,
+        DeviceChoice::Gpu => DeviceKind::MlxGpu,
+        DeviceChoice::Auto => {
+            if probe::probe_nvidia().is_ok_and(|g| !g.is_empty()) {
+                DeviceKind::Cuda(0)
+            } else {
+                DeviceKind::Cpu
+            }
+        }
+    };
+    Ok(DeviceFacts {
+        device,
+        precision: Precision::resolve(cfg.run.dtype, device.is_gpu()),
+    })
+}
+
 /// The whole run for a binary: parse, prepare, build, train, measure, write. Returns the exit code.
 pub fn main_with<B: Backend>(
     framework: Framework,
@@ -111,11 +145,41 @@ pub fn main_with<B: Backend>(
     process_start: Instant,
     build: impl Fn(&Config, &Prepared) -> Result<B>,
 ) -> i32 {
+    main_with_preflight(
+        framework,
+        tuning_mode,
+        args,
+        crate_dir,
+        process_start,
+        default_device_facts,
+        build,
+    )
+}
+
+/// [`main_with`] with the binary's own preflight: `preflight` resolves the device and precision
+/// without building the model (and without allocating on the device); its `ConfigError`s exit
+/// with code 2 before any file is written.
+pub fn main_with_preflight<B: Backend>(
+    framework: Framework,
+    tuning_mode: TuningMode,
+    args: &CliArgs,
+    crate_dir: &Path,
+    process_start: Instant,
+    preflight: impl Fn(&Config) -> Result<DeviceFacts>,
+    build: impl Fn(&Config, &Prepared) -> Result<B>,
+) -> i32 {
     let cfg = match Config::resolve(tuning_mode, args, framework) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
             return exit::USAGE;
+        }
+    };
+    let facts = match preflight(&cfg) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return crate::error::exit_code_for(&e);
         }
     };
     let interrupted = install_signal_handler();
@@ -152,8 +216,35 @@ pub fn main_with<B: Backend>(
         cfg.workload.batch.plan,
         cfg.workload.strategy.kind,
     ));
+    // Preflight memory estimate: printed first, checked against the device's free memory before
+    // the model loads, and kept in the summary next to the measured peak.
+    let estimate = memory::estimate(
+        &p.shape,
+        &cfg.workload.strategy,
+        facts.precision,
+        facts.device,
+        &p.steps,
+    );
+    if args.plan {
+        print_plan(&cfg, p, &facts, &estimate);
+        warn_if_it_will_not_fit(&cfg, p, &facts, &estimate);
+        return exit::OK;
+    }
+    for line in estimate.lines() {
+        say(&line);
+    }
+    warn_if_it_will_not_fit(&cfg, p, &facts, &estimate);
     let repeats = cfg.run.repeats;
-    let run_id = new_run_id(framework, &out_dir);
+    let run_id = match create_run_dir(framework, &out_dir) {
+        Ok(id) => id,
+        Err(e) => {
+            eprintln!(
+                "error: cannot create a run folder under {}: {e}; pass a writable --output-dir",
+                out_dir.join("runs").display()
+            );
+            return exit::FAILED;
+        }
+    };
     let mut summaries = Vec::new();
     let mut code = exit::OK;
     for r in 0..repeats {
@@ -163,12 +254,15 @@ pub fn main_with<B: Backend>(
             format!("runs/{run_id}")
         };
         let dir = out_dir.join(&dir_rel);
-        if let Err(e) = std::fs::create_dir_all(&dir) {
-            eprintln!(
-                "error: cannot create the run folder {}: {e}; pass a writable --output-dir",
-                dir.display()
-            );
-            return exit::FAILED;
+        // `create_dir`, not `create_dir_all`: the run folder is new, and so is each repeat's.
+        if repeats > 1 {
+            if let Err(e) = std::fs::create_dir(&dir) {
+                eprintln!(
+                    "error: cannot create the run folder {}: {e}; pass a writable --output-dir",
+                    dir.display()
+                );
+                return exit::FAILED;
+            }
         }
         // Each repeat starts in fresh state: a new backend, built from nothing.
         let start = if r == 0 {
@@ -189,6 +283,9 @@ pub fn main_with<B: Backend>(
             data_time,
             &interrupted,
         );
+        let mut summary = summary;
+        summary.metrics.memory.estimated_peak_bytes = Some(estimate.peak_bytes);
+        summary.metrics.memory.estimate = Some(estimate.clone());
         if let Err(e) = summary.write(&dir.join("benchmark_summary.json")) {
             eprintln!("error: {e:#}");
             return exit::FAILED;
@@ -235,17 +332,125 @@ pub fn main_with<B: Backend>(
     code
 }
 
-fn new_run_id(framework: Framework, out_dir: &Path) -> String {
+/// Creates `<out_dir>/runs/<run-id>/` and returns the id. A run folder is never reused: the
+/// folder is made with `create_dir`, which fails if it exists (even when another process made it
+/// a moment ago), and then the next counter is tried.
+fn create_run_dir(framework: Framework, out_dir: &Path) -> std::io::Result<String> {
+    let runs = out_dir.join("runs");
+    std::fs::create_dir_all(&runs)?;
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
     let base = format!("{stamp}-{framework}-{}", std::process::id());
-    // A run folder is never reused: add a counter if one exists.
     let mut id = base.clone();
     let mut k = 1;
-    while out_dir.join("runs").join(&id).exists() {
-        k += 1;
-        id = format!("{base}-{k}");
+    loop {
+        match std::fs::create_dir(runs.join(&id)) {
+            Ok(()) => return Ok(id),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && k < 10_000 => {
+                k += 1;
+                id = format!("{base}-{k}");
+            }
+            Err(e) => return Err(e),
+        }
     }
-    id
+}
+
+/// `--plan`: what the run would do, on stdout, without loading the model or writing anything.
+fn print_plan(cfg: &Config, p: &Prepared, facts: &DeviceFacts, estimate: &MemoryEstimate) {
+    let w = &cfg.workload;
+    let mbs: Vec<&crate::data::batch::MicroBatch> =
+        p.steps.iter().flat_map(|s| &s.micro_batches).collect();
+    let params = p.shape.parameter_counts(&w.strategy);
+    println!("workload {}", p.hash);
+    println!(
+        "model {}: {} blocks, hidden {}, vocabulary {}; {} parameters, {} trainable ({:?})",
+        p.shape.name,
+        p.shape.num_layers,
+        p.shape.hidden_size,
+        p.shape.vocab_size,
+        params.total,
+        params.trainable,
+        w.strategy.kind
+    );
+    println!(
+        "data {}: {} records used of {} read ({} bad skipped, {} truncated, {} dropped as overlong)",
+        p.data.source,
+        p.data.records_used,
+        p.data.records_read,
+        p.data.bad_records_skipped,
+        p.data.truncated,
+        p.data.dropped_overlong
+    );
+    println!(
+        "plan {:?}: {} steps, {} micro-batches; {} loss / {} input / {} padded tokens",
+        w.batch.plan,
+        p.steps.len(),
+        mbs.len(),
+        p.steps.iter().map(|s| s.loss_tokens).sum::<usize>(),
+        p.steps.iter().map(|s| s.input_tokens).sum::<usize>(),
+        p.steps.iter().map(|s| s.padded_tokens).sum::<usize>(),
+    );
+    println!(
+        "device {:?}, dtype {}",
+        facts.device,
+        facts.precision.name()
+    );
+    for line in estimate.lines() {
+        println!("{line}");
+    }
+    match memory::free_memory(facts.device) {
+        Some((free, source)) => println!(
+            "free memory {:.2} GiB ({source}): {}",
+            free as f64 / (1u64 << 30) as f64,
+            if estimate.peak_bytes <= free {
+                "the estimate fits"
+            } else {
+                "the estimate does NOT fit"
+            }
+        ),
+        None => println!("free memory: unknown on this device"),
+    }
+}
+
+/// Before loading: warn when the estimate exceeds the device's free memory, naming settings whose
+/// estimate fits.
+fn warn_if_it_will_not_fit(
+    cfg: &Config,
+    p: &Prepared,
+    facts: &DeviceFacts,
+    estimate: &MemoryEstimate,
+) {
+    let Some((free, source)) = memory::free_memory(facts.device) else {
+        return;
+    };
+    if estimate.peak_bytes <= free {
+        return;
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let fits = memory::settings_that_fit(
+        cfg,
+        &p.shape,
+        &p.samples,
+        facts.precision,
+        facts.device,
+        free,
+    );
+    let advice = if fits.is_empty() {
+        "no smaller micro-batch, LoRA or last-n setting fits either; use a device with more memory"
+            .to_string()
+    } else {
+        format!(
+            "settings that would fit: {}",
+            fits.iter()
+                .map(|f| format!("{} (estimated {:.2} GiB)", f.flags, gib(f.peak_bytes)))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    };
+    eprintln!(
+        "warning: the estimated peak memory ({:.2} GiB) exceeds the free memory of the device ({:.2} GiB, {source}); the run may fail with out-of-memory. {advice}",
+        gib(estimate.peak_bytes),
+        gib(free)
+    );
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -308,6 +513,10 @@ fn run_once<B: Backend>(
     }
     let pb = progress_bar(cfg, p.steps.len());
     let total_steps = p.steps.len();
+    // Hidden testing hook: fail step K (0-based) as if the device ran out of memory.
+    let inject_oom_at: Option<usize> = std::env::var("FTB_INJECT_OOM_AT_STEP")
+        .ok()
+        .and_then(|v| v.trim().parse().ok());
     let mut status = Status::Completed;
     let mut error = None;
     let mut code = exit::OK;
@@ -329,7 +538,16 @@ fn run_once<B: Backend>(
             total_steps,
         );
         let t0 = Instant::now();
-        let out = backend.train_step(step, lr);
+        let out = if inject_oom_at == Some(step.index) {
+            // Testing hook: the failure path of a real out-of-memory, without the memory.
+            Err(anyhow!(
+                "out of memory (injected by FTB_INJECT_OOM_AT_STEP={} at step {})",
+                step.index,
+                step.index
+            ))
+        } else {
+            backend.train_step(step, lr)
+        };
         // train_step synchronised the device before returning: this clock read closes the step.
         let dt = t0.elapsed().as_secs_f64();
         backend.after_step();
@@ -362,7 +580,7 @@ fn run_once<B: Backend>(
                     message: format!("{e:#}"),
                     steps_completed: rec.losses.len(),
                     hint: Some(if oom {
-                        "out of device memory: lower --max-tokens-per-micro-batch or --micro-batch-size, or use --strategy lora / last-n".into()
+                        format!("out of device memory at step {} after {} completed steps: lower --max-tokens-per-micro-batch (now {}) or --micro-batch-size, or use --strategy lora / last-n; `--plan` estimates the memory of a setting without running it", step.index, rec.losses.len(), cfg.workload.batch.max_tokens_per_micro_batch)
                     } else {
                         "see the message; the figures cover the steps completed before it".into()
                     }),
@@ -615,6 +833,8 @@ impl Recorder {
                     mem.source.clone()
                 },
                 process_peak_rss_gib: rss,
+                estimated_peak_bytes: None,
+                estimate: None,
             },
             first_loss: self.losses.first().copied(),
             final_loss: self.losses.last().copied(),
