@@ -490,7 +490,11 @@ fn run_once<B: Backend>(
                 Some(RunError {
                     message: format!("{e:#}"),
                     steps_completed: 0,
-                    hint: Some("the model could not be built or loaded; see the message".into()),
+                    hint: Some(if format!("{e:#}").to_ascii_lowercase().contains("out of memory") {
+                        "out of device memory while loading the model: the weights alone do not fit; use --dtype bf16 (half the bytes of float32 and mixed-bf16) or a device with more free memory (--plan shows the estimate)".into()
+                    } else {
+                        "the model could not be built or loaded; see the message".into()
+                    }),
                 }),
             );
             return (s, crate::error::exit_code_for(&e));
