@@ -61,10 +61,20 @@ pub trait Backend {
     /// Bookkeeping between steps (e.g. sampling device memory), called after the clock read that
     /// closes a step, so it never counts in step time.
     fn after_step(&mut self) {}
-    /// Whether an error is the device running out of memory (for the failure hint).
+    /// Whether an error is the device running out of memory (for the failure hint). The default
+    /// knows CUDA's and MPS's messages ("CUDA out of memory", "MPS backend out of memory") and
+    /// Metal's as MLX reports them (`kIOGPUCommandBufferCallbackErrorOutOfMemory`, "Insufficient
+    /// Memory", `[metal::malloc]` refusing a buffer); a backend with other messages overrides it.
     fn is_out_of_memory(&self, err: &anyhow::Error) -> bool {
         let s = format!("{err:#}").to_ascii_lowercase();
-        s.contains("out of memory") || s.contains("outofmemory")
+        [
+            "out of memory",
+            "outofmemory",
+            "insufficient memory",
+            "metal::malloc",
+        ]
+        .iter()
+        .any(|k| s.contains(k))
     }
 }
 
@@ -928,12 +938,33 @@ fn combine_repeats(mut runs: Vec<Summary>, run_id: &str) -> Summary {
 }
 
 /// Reads the `steps.jsonl` of a run folder (tests and reports).
+///
+/// The log is the one file not written atomically: it is appended and flushed a line per step, so
+/// that a crash keeps every completed step. A process killed in the middle of an append leaves a
+/// last line without its newline; that torn line is left out, while a bad line anywhere else is an
+/// error naming the file and the line.
 pub fn read_steps(run_dir: &Path) -> Result<Vec<serde_json::Value>> {
     let path = run_dir.join("steps.jsonl");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).with_context(|| format!("{}: bad line", path.display())))
-        .collect()
+    let torn = !text.is_empty() && !text.ends_with('\n');
+    let lines: Vec<(usize, &str)> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .collect();
+    let last = lines.last().map(|(i, _)| *i);
+    let mut out = Vec::with_capacity(lines.len());
+    for (i, l) in lines {
+        match serde_json::from_str(l) {
+            Ok(v) => out.push(v),
+            Err(_) if torn && Some(i) == last => {}
+            Err(e) => anyhow::bail!(
+                "{}: line {}: not a step record ({e})",
+                path.display(),
+                i + 1
+            ),
+        }
+    }
+    Ok(out)
 }

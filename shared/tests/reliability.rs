@@ -309,3 +309,22 @@ fn estimate_is_near_the_peaks_measured_on_the_h200() {
         assert!((ratio - 1.0).abs() < 0.20, "{run}: ratio {ratio:.3}");
     }
 }
+
+/// The steps log is appended line by line; a line torn by a kill mid-append is left out, any other
+/// bad line is an error naming the file and the line.
+#[test]
+fn a_torn_last_line_of_the_steps_log_is_left_out() {
+    let d = tempfile::tempdir().unwrap();
+    let log = d.path().join("steps.jsonl");
+    std::fs::write(&log, "{\"step\":0}\n{\"step\":1}\n{\"step\":2,\"lo").unwrap();
+    let steps = shared::runner::read_steps(d.path()).unwrap();
+    assert_eq!(steps.len(), 2);
+    std::fs::write(&log, "{\"step\":0}\nnot json\n{\"step\":2}\n").unwrap();
+    let msg = shared::runner::read_steps(d.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("steps.jsonl") && msg.contains("line 2"),
+        "{msg}"
+    );
+}
