@@ -18,17 +18,21 @@ run() { # NAME [ENV=VAL ...] -- FLAGS...
   while [[ $1 != -- ]]; do envs+=("$1"); shift; done; shift
   echo "=== $name: ${envs[*]} $*" | tee -a "$out/log.txt"
   local t0=$SECONDS
-  env "${envs[@]}" "$bin" "$@" --quiet --output-dir "$out/runs/$name" >>"$out/log.txt" 2>&1
+  timeout -s INT "${VARIANT_TIMEOUT:-240}" env "${envs[@]}" "$bin" "$@" --quiet --output-dir "$out/runs/$name" >>"$out/log.txt" 2>&1
   echo "exit $? after $((SECONDS - t0)) s" | tee -a "$out/log.txt"
+  tar czf "$out/results.tar.gz" -C "$out" runs log.txt machine.txt
 }
 T="--preset tiny --device cuda --dtype float32 --samples 128 --micro-batch-size 4 --grad-accum 4"
 B="--weights random --dataset synthetic --samples 2048 --device cuda"
 for n in 1 2 4; do ((n <= ngpu)) && run "tiny_np$n" X=1 -- $T --nproc $n; done
 for n in 1 2 4; do ((n <= ngpu)) && run "lastn_np$n" X=1 -- $B --nproc $n; done
+# The same with 256 records per optimizer step (4x the work per rank between all-reduces).
+B256="--weights random --dataset synthetic --samples 4096 --grad-accum 32 --device cuda"
+for n in 1 2 4; do ((n <= ngpu)) && run "lastn256_np$n" X=1 -- $B256 --nproc $n; done
 run fault_exit FTB_FAULT=1:3:exit -- $T --nproc 2 --dist-timeout 20
 run fault_hang FTB_FAULT=1:3:hang -- $T --nproc 2 --dist-timeout 20
 if [[ -x .device/compare ]]; then
-  .device/compare "$out"/runs/lastn_np*/benchmark_summary.json --output-dir "$out/report" >>"$out/log.txt" 2>&1
+  .device/compare "$out"/runs/lastn_np*/benchmark_summary.json "$out"/runs/lastn256_np*/benchmark_summary.json --output-dir "$out/report" >>"$out/log.txt" 2>&1
   grep -A8 "## Scaling" "$out/report/report.md" | tee "$out/scaling.md"
 fi
 python3 - "$out/runs" <<'PY' | tee "$out/table.txt"
@@ -48,14 +52,15 @@ for n in (2, 4):
     if base and l:
         rel = max(abs(a - b) / abs(a) for a, b in zip(base, l))
         print(f"tiny fp32 world {n} vs 1: {len(l)} steps, max relative loss difference {rel:.2e} (first losses {base[0]:.6f} / {l[0]:.6f})")
-one = load("lastn_np1")
-for n in (1, 2, 4):
-    s = load(f"lastn_np{n}")
-    if not s: print(f"lastn_np{n}: no summary"); continue
+for pre in ("lastn", "lastn256"):
+  one = load(f"{pre}_np1")
+  for n in (1, 2, 4):
+    s = load(f"{pre}_np{n}")
+    if not s: print(f"{pre}_np{n}: no summary"); continue
     m = s["metrics"]; t = m["input_tokens_per_s"] or 0
     eff = t / (n * one["metrics"]["input_tokens_per_s"]) if one and s["workload"]["hash"] == one["workload"]["hash"] else float("nan")
     per = s["backend"]["details"].get("distributed", {}).get("peak_memory_gib_per_rank")
-    print(f"lastn world {s['backend']['world_size']}: {s['status']}, {t:,.0f} input tok/s ({t/n:,.0f} per GPU), efficiency {100*eff:.1f} %, step median {m['step_time_s']['median']:.3f} s, peak GiB {m['peak_memory_gib']} per rank {per}, hash {s['workload']['hash'][:12]}")
+    print(f"{pre} world {s['backend']['world_size']}: {s['status']}, {t:,.0f} input tok/s ({t/n:,.0f} per GPU), efficiency {100*eff:.1f} %, step median {m['step_time_s']['median']:.3f} s, peak GiB {m['peak_memory_gib']} per rank {per}, hash {s['workload']['hash'][:12]}")
 for f in ("fault_exit", "fault_hang"):
     s = load(f)
     print(f"{f}: " + ("no summary" if not s else f"{s['status']}, steps {s['metrics']['steps']}: {s['error']['message'] if s['error'] else ''}"))

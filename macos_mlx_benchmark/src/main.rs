@@ -14,8 +14,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use clap::Parser;
-use shared::config::{CliArgs, Config, Framework};
-use shared::error::exit;
+use shared::config::{CliArgs, Config, DeviceChoice, Framework};
+use shared::measure::memory::{DeviceKind, Precision};
+use shared::runner::DeviceFacts;
 use shared::TuningMode;
 
 use crate::train::MlxBackend;
@@ -33,22 +34,30 @@ fn main() {
     #[cfg(target_os = "linux")]
     openblas::ensure_cpu_kernels();
     let cli = Cli::parse();
-    // `--device cuda` (or `device = "cuda"` in a TOML file) is a usage error for this binary.
-    // The runner maps errors from building the backend to "run failed" (exit 1), so the device
-    // is checked here first to exit with the usage code (2), naming the value and the choices.
-    if let Ok(cfg) = Config::resolve(TUNING_MODE, &cli.args, Framework::Mlx) {
-        if let Err(e) = train::check_device(&cfg) {
-            eprintln!("error: {e}");
-            std::process::exit(exit::USAGE);
-        }
-    }
-    let code = shared::runner::main_with(
+    let code = shared::runner::main_with_preflight(
         Framework::Mlx,
         TUNING_MODE,
         &cli.args,
         Path::new(env!("CARGO_MANIFEST_DIR")),
         start,
+        preflight,
         MlxBackend::new,
     );
     std::process::exit(code);
+}
+
+/// `--device cuda` (or `device = "cuda"` in a TOML file) is a usage error for this binary: checked
+/// here, before anything is loaded or written, so it exits with code 2 naming the value and the
+/// choices. MLX runs bf16 on both its devices, so no dtype is refused.
+fn preflight(cfg: &Config) -> anyhow::Result<DeviceFacts> {
+    train::check_device(cfg)?;
+    let device = match cfg.run.device {
+        DeviceChoice::Gpu => DeviceKind::MlxGpu,
+        DeviceChoice::Auto if cfg!(target_os = "macos") => DeviceKind::MlxGpu,
+        _ => DeviceKind::Cpu,
+    };
+    Ok(DeviceFacts {
+        device,
+        precision: Precision::resolve(cfg.run.dtype, device.is_gpu()),
+    })
 }

@@ -493,6 +493,10 @@ pub struct CliArgs {
     /// No progress bar; only errors and the final line.
     #[arg(long)]
     pub quiet: bool,
+    /// Print the workload, the batch plan and the memory estimate (and whether it fits the
+    /// device's free memory), then exit without loading the model or writing anything.
+    #[arg(long)]
+    pub plan: bool,
 }
 
 impl Config {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
 
 use crate::config::{CliArgs, Config, DTypeChoice, Framework, TuningMode};
@@ -17,6 +17,7 @@ use crate::data::batch::Step;
 use crate::dist::{self, Rank};
 use crate::error::exit;
 use crate::measure::flops::step_flops;
+use crate::measure::memory::{self, DeviceKind, MemoryEstimate, Precision};
 use crate::measure::peak;
 use crate::measure::probe::{self, Software};
 use crate::measure::stats::Spread;
@@ -71,10 +72,20 @@ pub trait Backend {
     fn agree_stop(&mut self, stop: bool) -> bool {
         stop
     }
-    /// Whether an error is the device running out of memory (for the failure hint).
+    /// Whether an error is the device running out of memory (for the failure hint). The default
+    /// knows CUDA's and MPS's messages ("CUDA out of memory", "MPS backend out of memory") and
+    /// Metal's as MLX reports them (`kIOGPUCommandBufferCallbackErrorOutOfMemory`, "Insufficient
+    /// Memory", `[metal::malloc]` refusing a buffer); a backend with other messages overrides it.
     fn is_out_of_memory(&self, err: &anyhow::Error) -> bool {
         let s = format!("{err:#}").to_ascii_lowercase();
-        s.contains("out of memory") || s.contains("outofmemory")
+        [
+            "out of memory",
+            "outofmemory",
+            "insufficient memory",
+            "metal::malloc",
+        ]
+        .iter()
+        .any(|k| s.contains(k))
     }
 }
 
@@ -113,6 +124,39 @@ fn install_signal_handler() -> Arc<AtomicBool> {
     flag
 }
 
+/// What a binary knows about its device before it builds the model: the device it will use and
+/// the precision `--dtype` resolves to there. Found by the binary's preflight (see
+/// [`main_with_preflight`]); an impossible choice (a device that is absent, a dtype the device
+/// lacks) is a `ConfigError`, so the run stops with exit code 2 before anything is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceFacts {
+    pub device: DeviceKind,
+    pub precision: Precision,
+}
+
+/// The preflight a binary gets when it names none: the device from `--device` (`auto`: CUDA
+/// device 0 when NVML sees a GPU, else the CPU) and the precision from `--dtype`.
+pub fn default_device_facts(cfg: &Config) -> Result<DeviceFacts> {
+    use crate::config::DeviceChoice;
+    let device = match cfg.run.device {
+        DeviceChoice::Cpu => DeviceKind::Cpu,
+        DeviceChoice::Cuda => DeviceKind::Cuda(0),
+        DeviceChoice::Mps => DeviceKind::Mps,
+        DeviceChoice::Gpu => DeviceKind::MlxGpu,
+        DeviceChoice::Auto => {
+            if probe::probe_nvidia().is_ok_and(|g| !g.is_empty()) {
+                DeviceKind::Cuda(0)
+            } else {
+                DeviceKind::Cpu
+            }
+        }
+    };
+    Ok(DeviceFacts {
+        device,
+        precision: Precision::resolve(cfg.run.dtype, device.is_gpu()),
+    })
+}
+
 /// The whole run for a binary: parse, prepare, build, train, measure, write. Returns the exit code.
 pub fn main_with<B: Backend>(
     framework: Framework,
@@ -120,6 +164,29 @@ pub fn main_with<B: Backend>(
     args: &CliArgs,
     crate_dir: &Path,
     process_start: Instant,
+    build: impl Fn(&Config, &Prepared) -> Result<B>,
+) -> i32 {
+    main_with_preflight(
+        framework,
+        tuning_mode,
+        args,
+        crate_dir,
+        process_start,
+        default_device_facts,
+        build,
+    )
+}
+
+/// [`main_with`] with the binary's own preflight: `preflight` resolves the device and precision
+/// without building the model (and without allocating on the device); its `ConfigError`s exit
+/// with code 2 before any file is written.
+pub fn main_with_preflight<B: Backend>(
+    framework: Framework,
+    tuning_mode: TuningMode,
+    args: &CliArgs,
+    crate_dir: &Path,
+    process_start: Instant,
+    preflight: impl Fn(&Config) -> Result<DeviceFacts>,
     build: impl Fn(&Config, &Prepared) -> Result<B>,
 ) -> i32 {
     let cfg = match Config::resolve(tuning_mode, args, framework) {
@@ -141,6 +208,13 @@ pub fn main_with<B: Backend>(
         cfg.run.quiet = true; // rank 0 speaks for the run
     }
     let cfg = cfg;
+    let facts = match preflight(&cfg) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return crate::error::exit_code_for(&e);
+        }
+    };
     let interrupted = install_signal_handler();
     let out_dir = cfg
         .run
@@ -195,11 +269,41 @@ pub fn main_with<B: Backend>(
         cfg.workload.batch.plan,
         cfg.workload.strategy.kind,
     ));
+    // Preflight memory estimate: printed first, checked against the device's free memory before
+    // the model loads, and kept in the summary next to the measured peak.
+    let estimate = memory::estimate(
+        &p.shape,
+        &cfg.workload.strategy,
+        facts.precision,
+        facts.device,
+        &p.steps,
+    );
+    if args.plan {
+        print_plan(&cfg, p, &facts, &estimate);
+        warn_if_it_will_not_fit(&cfg, p, &facts, &estimate);
+        return exit::OK;
+    }
+    for line in estimate.lines() {
+        say(&line);
+    }
+    warn_if_it_will_not_fit(&cfg, p, &facts, &estimate);
     let repeats = cfg.run.repeats;
-    let run_id = std::env::var("FTB_RUN_ID")
-        .ok()
-        .filter(|_| rank.is_some())
-        .unwrap_or_else(|| new_run_id(framework, &out_dir));
+    let run_id = match std::env::var("FTB_RUN_ID").ok().filter(|_| rank.is_some()) {
+        // `--nproc`: the supervisor made the run folder.
+        Some(id) => id,
+        // Ranks other than 0 write nothing.
+        None if !leader => format!("rank-{}", rank.as_ref().map_or(0, |r| r.rank)),
+        None => match create_run_dir(framework, &out_dir) {
+            Ok(id) => id,
+            Err(e) => {
+                eprintln!(
+                    "error: cannot create a run folder under {}: {e}; pass a writable --output-dir",
+                    out_dir.join("runs").display()
+                );
+                return exit::FAILED;
+            }
+        },
+    };
     let mut summaries = Vec::new();
     let mut code = exit::OK;
     for r in 0..repeats {
@@ -209,8 +313,9 @@ pub fn main_with<B: Backend>(
             format!("runs/{run_id}")
         };
         let dir = out_dir.join(&dir_rel);
-        if leader {
-            if let Err(e) = std::fs::create_dir_all(&dir) {
+        // `create_dir`, not `create_dir_all`: the run folder is new, and so is each repeat's.
+        if leader && repeats > 1 {
+            if let Err(e) = std::fs::create_dir(&dir) {
                 eprintln!(
                     "error: cannot create the run folder {}: {e}; pass a writable --output-dir",
                     dir.display()
@@ -240,6 +345,9 @@ pub fn main_with<B: Backend>(
         if !leader {
             return c; // rank 0 writes the run folder
         }
+        let mut summary = summary;
+        summary.metrics.memory.estimated_peak_bytes = Some(estimate.peak_bytes);
+        summary.metrics.memory.estimate = Some(estimate.clone());
         if let Err(e) = summary.write(&dir.join("benchmark_summary.json")) {
             eprintln!("error: {e:#}");
             return exit::FAILED;
@@ -290,14 +398,20 @@ pub fn main_with<B: Backend>(
 /// rank in rank 0's summary. Rank 0 writes the run folder; this process only creates it.
 fn supervise_ranks(cfg: &Config, framework: Framework, out_dir: &Path) -> i32 {
     let n = cfg.run.nproc;
-    let run_id = new_run_id(framework, out_dir);
+    let run_id = match create_run_dir(framework, out_dir) {
+        Ok(id) => id,
+        Err(e) => {
+            eprintln!(
+                "error: cannot create a run folder under {}: {e}; pass a writable --output-dir",
+                out_dir.join("runs").display()
+            );
+            return exit::FAILED;
+        }
+    };
     let run_dir = out_dir.join("runs").join(&run_id);
     let beacons = run_dir.join("ranks");
-    if let Err(e) = std::fs::create_dir_all(&beacons) {
-        eprintln!(
-            "error: cannot create the run folder {}: {e}; pass a writable --output-dir",
-            run_dir.display()
-        );
+    if let Err(e) = std::fs::create_dir(&beacons) {
+        eprintln!("error: cannot create {}: {e}", beacons.display());
         return exit::FAILED;
     }
     let cmds = match dist::free_port().and_then(|p| dist::rank_commands(n, p, &run_id, &beacons)) {
@@ -386,17 +500,125 @@ fn inject_rank_fault(r: &Rank, step: usize) {
     }
 }
 
-fn new_run_id(framework: Framework, out_dir: &Path) -> String {
+/// Creates `<out_dir>/runs/<run-id>/` and returns the id. A run folder is never reused: the
+/// folder is made with `create_dir`, which fails if it exists (even when another process made it
+/// a moment ago), and then the next counter is tried.
+fn create_run_dir(framework: Framework, out_dir: &Path) -> std::io::Result<String> {
+    let runs = out_dir.join("runs");
+    std::fs::create_dir_all(&runs)?;
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
     let base = format!("{stamp}-{framework}-{}", std::process::id());
-    // A run folder is never reused: add a counter if one exists.
     let mut id = base.clone();
     let mut k = 1;
-    while out_dir.join("runs").join(&id).exists() {
-        k += 1;
-        id = format!("{base}-{k}");
+    loop {
+        match std::fs::create_dir(runs.join(&id)) {
+            Ok(()) => return Ok(id),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && k < 10_000 => {
+                k += 1;
+                id = format!("{base}-{k}");
+            }
+            Err(e) => return Err(e),
+        }
     }
-    id
+}
+
+/// `--plan`: what the run would do, on stdout, without loading the model or writing anything.
+fn print_plan(cfg: &Config, p: &Prepared, facts: &DeviceFacts, estimate: &MemoryEstimate) {
+    let w = &cfg.workload;
+    let mbs: Vec<&crate::data::batch::MicroBatch> =
+        p.steps.iter().flat_map(|s| &s.micro_batches).collect();
+    let params = p.shape.parameter_counts(&w.strategy);
+    println!("workload {}", p.hash);
+    println!(
+        "model {}: {} blocks, hidden {}, vocabulary {}; {} parameters, {} trainable ({:?})",
+        p.shape.name,
+        p.shape.num_layers,
+        p.shape.hidden_size,
+        p.shape.vocab_size,
+        params.total,
+        params.trainable,
+        w.strategy.kind
+    );
+    println!(
+        "data {}: {} records used of {} read ({} bad skipped, {} truncated, {} dropped as overlong)",
+        p.data.source,
+        p.data.records_used,
+        p.data.records_read,
+        p.data.bad_records_skipped,
+        p.data.truncated,
+        p.data.dropped_overlong
+    );
+    println!(
+        "plan {:?}: {} steps, {} micro-batches; {} loss / {} input / {} padded tokens",
+        w.batch.plan,
+        p.steps.len(),
+        mbs.len(),
+        p.steps.iter().map(|s| s.loss_tokens).sum::<usize>(),
+        p.steps.iter().map(|s| s.input_tokens).sum::<usize>(),
+        p.steps.iter().map(|s| s.padded_tokens).sum::<usize>(),
+    );
+    println!(
+        "device {:?}, dtype {}",
+        facts.device,
+        facts.precision.name()
+    );
+    for line in estimate.lines() {
+        println!("{line}");
+    }
+    match memory::free_memory(facts.device) {
+        Some((free, source)) => println!(
+            "free memory {:.2} GiB ({source}): {}",
+            free as f64 / (1u64 << 30) as f64,
+            if estimate.peak_bytes <= free {
+                "the estimate fits"
+            } else {
+                "the estimate does NOT fit"
+            }
+        ),
+        None => println!("free memory: unknown on this device"),
+    }
+}
+
+/// Before loading: warn when the estimate exceeds the device's free memory, naming settings whose
+/// estimate fits.
+fn warn_if_it_will_not_fit(
+    cfg: &Config,
+    p: &Prepared,
+    facts: &DeviceFacts,
+    estimate: &MemoryEstimate,
+) {
+    let Some((free, source)) = memory::free_memory(facts.device) else {
+        return;
+    };
+    if estimate.peak_bytes <= free {
+        return;
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let fits = memory::settings_that_fit(
+        cfg,
+        &p.shape,
+        &p.samples,
+        facts.precision,
+        facts.device,
+        free,
+    );
+    let advice = if fits.is_empty() {
+        "no smaller micro-batch, LoRA or last-n setting fits either; use a device with more memory"
+            .to_string()
+    } else {
+        format!(
+            "settings that would fit: {}",
+            fits.iter()
+                .map(|f| format!("{} (estimated {:.2} GiB)", f.flags, gib(f.peak_bytes)))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    };
+    eprintln!(
+        "warning: the estimated peak memory ({:.2} GiB) exceeds the free memory of the device ({:.2} GiB, {source}); the run may fail with out-of-memory. {advice}",
+        gib(estimate.peak_bytes),
+        gib(free)
+    );
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -436,7 +658,11 @@ fn run_once<B: Backend>(
                 Some(RunError {
                     message: format!("{e:#}"),
                     steps_completed: 0,
-                    hint: Some("the model could not be built or loaded; see the message".into()),
+                    hint: Some(if format!("{e:#}").to_ascii_lowercase().contains("out of memory") {
+                        "out of device memory while loading the model: the weights alone do not fit; use --dtype bf16 (half the bytes of float32 and mixed-bf16) or a device with more free memory (--plan shows the estimate)".into()
+                    } else {
+                        "the model could not be built or loaded; see the message".into()
+                    }),
                 }),
             );
             return (s, crate::error::exit_code_for(&e));
@@ -459,6 +685,10 @@ fn run_once<B: Backend>(
     }
     let pb = progress_bar(cfg, p.steps.len());
     let total_steps = p.steps.len();
+    // Hidden testing hook: fail step K (0-based) as if the device ran out of memory.
+    let inject_oom_at: Option<usize> = std::env::var("FTB_INJECT_OOM_AT_STEP")
+        .ok()
+        .and_then(|v| v.trim().parse().ok());
     let mut status = Status::Completed;
     let mut error = None;
     let mut code = exit::OK;
@@ -483,7 +713,16 @@ fn run_once<B: Backend>(
             inject_rank_fault(r, step.index);
         }
         let t0 = Instant::now();
-        let out = backend.train_step(step, lr);
+        let out = if inject_oom_at == Some(step.index) {
+            // Testing hook: the failure path of a real out-of-memory, without the memory.
+            Err(anyhow!(
+                "out of memory (injected by FTB_INJECT_OOM_AT_STEP={} at step {})",
+                step.index,
+                step.index
+            ))
+        } else {
+            backend.train_step(step, lr)
+        };
         // train_step synchronised the device before returning: this clock read closes the step.
         let dt = t0.elapsed().as_secs_f64();
         backend.after_step();
@@ -520,7 +759,7 @@ fn run_once<B: Backend>(
                     message: format!("{e:#}"),
                     steps_completed: rec.losses.len(),
                     hint: Some(if oom {
-                        "out of device memory: lower --max-tokens-per-micro-batch or --micro-batch-size, or use --strategy lora / last-n".into()
+                        format!("out of device memory at step {} after {} completed steps: lower --max-tokens-per-micro-batch (now {}) or --micro-batch-size, or use --strategy lora / last-n; `--plan` estimates the memory of a setting without running it", step.index, rec.losses.len(), cfg.workload.batch.max_tokens_per_micro_batch)
                     } else {
                         "see the message; the figures cover the steps completed before it".into()
                     }),
@@ -774,6 +1013,8 @@ impl Recorder {
                     mem.source.clone()
                 },
                 process_peak_rss_gib: rss,
+                estimated_peak_bytes: None,
+                estimate: None,
             },
             first_loss: self.losses.first().copied(),
             final_loss: self.losses.last().copied(),
@@ -863,12 +1104,33 @@ fn combine_repeats(mut runs: Vec<Summary>, run_id: &str) -> Summary {
 }
 
 /// Reads the `steps.jsonl` of a run folder (tests and reports).
+///
+/// The log is the one file not written atomically: it is appended and flushed a line per step, so
+/// that a crash keeps every completed step. A process killed in the middle of an append leaves a
+/// last line without its newline; that torn line is left out, while a bad line anywhere else is an
+/// error naming the file and the line.
 pub fn read_steps(run_dir: &Path) -> Result<Vec<serde_json::Value>> {
     let path = run_dir.join("steps.jsonl");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).with_context(|| format!("{}: bad line", path.display())))
-        .collect()
+    let torn = !text.is_empty() && !text.ends_with('\n');
+    let lines: Vec<(usize, &str)> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .collect();
+    let last = lines.last().map(|(i, _)| *i);
+    let mut out = Vec::with_capacity(lines.len());
+    for (i, l) in lines {
+        match serde_json::from_str(l) {
+            Ok(v) => out.push(v),
+            Err(_) if torn && Some(i) == last => {}
+            Err(e) => anyhow::bail!(
+                "{}: line {}: not a step record ({e})",
+                path.display(),
+                i + 1
+            ),
+        }
+    }
+    Ok(out)
 }

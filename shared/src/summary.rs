@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Workload;
@@ -155,6 +155,14 @@ pub struct MemoryInfo {
     /// `process RSS (CPU run)`).
     pub source: String,
     pub process_peak_rss_gib: Option<f64>,
+    /// The preflight estimate of the peak, in bytes (`estimate.peak_bytes`), to compare with the
+    /// measured peak above. Absent in summaries written before the estimate existed.
+    #[serde(default)]
+    pub estimated_peak_bytes: Option<u64>,
+    /// The estimate's breakdown (weights, gradients, optimizer, activations, ...); see
+    /// `shared/src/measure/memory.rs`.
+    #[serde(default)]
+    pub estimate: Option<crate::measure::memory::MemoryEstimate>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -269,21 +277,33 @@ impl Summary {
         write_atomic(path, json.as_bytes())
     }
 
-    /// Reads and validates; errors name the file and the problem.
+    /// Reads and validates. Every error is one message (whole in `{}` as in `{:#}`) that names
+    /// the file, the JSON path of the offending field and the problem.
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let name = path.display();
+        let text =
+            std::fs::read_to_string(path).map_err(|e| anyhow!("{name}: cannot read: {e}"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| anyhow!("{name}: not valid JSON: {e}"))?;
         match v.get("schema_version").and_then(|s| s.as_u64()) {
             Some(n) if n == u64::from(SCHEMA_VERSION) => {}
-            Some(n) => bail!("{}: unknown schema_version {n} (this build reads {SCHEMA_VERSION}); use a matching build of the benchmark", path.display()),
-            None => bail!("{}: no schema_version; not a benchmark_summary.json", path.display()),
+            Some(n) => bail!("{name}: unknown schema_version {n} (this build reads {SCHEMA_VERSION}); use a matching build of the benchmark"),
+            None => bail!("{name}: no schema_version; not a benchmark_summary.json"),
         }
-        let s: Summary = serde_json::from_value(v)
-            .with_context(|| format!("{}: does not match the summary schema", path.display()))?;
+        let s: Summary = serde_path_to_error::deserialize(v).map_err(|e| {
+            let at = e.path().to_string();
+            let at = if at.is_empty() || at == "." {
+                "the top level".to_string()
+            } else {
+                format!("`{at}`")
+            };
+            anyhow!(
+                "{name}: does not match the summary schema at {at}: {}",
+                e.into_inner()
+            )
+        })?;
         s.validate()
-            .with_context(|| format!("{}: invalid summary", path.display()))?;
+            .map_err(|e| anyhow!("{name}: invalid summary: {e:#}"))?;
         Ok(s)
     }
 }
@@ -300,6 +320,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     tmp.write_all(bytes)?;
+    // A temporary file is created readable by its owner only (0600); the result is an ordinary
+    // file: the permissions of the file it replaces, else rw-r--r--.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let perms = std::fs::metadata(path)
+            .map(|m| m.permissions())
+            .unwrap_or_else(|_| std::fs::Permissions::from_mode(0o644));
+        tmp.as_file()
+            .set_permissions(perms)
+            .with_context(|| format!("setting permissions of {}", tmp.path().display()))?;
+    }
     tmp.as_file().sync_all()?;
     tmp.persist(path)
         .map_err(|e| e.error)

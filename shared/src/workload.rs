@@ -398,4 +398,56 @@ mod tests {
             assert_ne!(prepare(&e).unwrap().hash, a.hash);
         }
     }
+
+    /// Records longer than `max_seq_len`: `truncate` keeps their first `max_seq_len` tokens,
+    /// `drop` leaves them out; both are counted for the summary's `workload.data`.
+    #[test]
+    fn overlong_records_are_truncated_or_dropped_and_counted() {
+        let mut c = Config::default();
+        c.apply_preset(
+            crate::config::Preset::Tiny,
+            crate::config::Framework::Pytorch,
+        );
+        c.workload.samples = Some(64);
+        c.workload.data.max_seq_len = 128;
+        let longest = synthetic::generate(64, c.workload.seed)
+            .iter()
+            .map(|(s, _)| s.len())
+            .collect::<Vec<_>>();
+        let over = longest.iter().filter(|&&n| n > 128).count();
+        assert!(
+            over > 0 && over < 64,
+            "the test needs some overlong records"
+        );
+
+        c.workload.data.overlong = OverlongPolicy::Truncate;
+        let t = prepare(&c).unwrap();
+        assert_eq!(t.data.truncated, over);
+        assert_eq!(t.data.dropped_overlong, 0);
+        assert_eq!(t.data.records_used, 64);
+        assert_eq!(t.data.max_tokens, 128);
+        assert!(t.samples.iter().all(|s| s.len() <= 128));
+        assert!(t
+            .steps
+            .iter()
+            .flat_map(|s| &s.micro_batches)
+            .all(|m| m.seq_len <= 128));
+
+        c.workload.data.overlong = OverlongPolicy::Drop;
+        let d = prepare(&c).unwrap();
+        assert_eq!(d.data.dropped_overlong, over);
+        assert_eq!(d.data.truncated, 0);
+        assert_eq!(d.data.records_used, 64 - over);
+        assert_eq!(d.data.records_read, 64);
+        assert!(d.samples.iter().all(|s| s.len() <= 128));
+        assert_ne!(d.hash, t.hash);
+
+        // Every record dropped: a configuration error naming the fix, before any model loads.
+        c.workload.data.max_seq_len = 8;
+        let Err(e) = prepare(&c) else {
+            panic!("every record dropped must be an error")
+        };
+        assert_eq!(crate::error::exit_code_for(&e), crate::error::exit::USAGE);
+        assert!(e.to_string().contains("--overlong truncate"), "{e}");
+    }
 }

@@ -7,7 +7,10 @@ use std::time::Instant;
 
 use clap::Parser;
 use shared::config::{CliArgs, Framework, TuningMode};
+use shared::measure::memory::{DeviceKind, Precision};
+use shared::runner::DeviceFacts;
 
+use windows_pytorch_benchmark::phi3::DType;
 use windows_pytorch_benchmark::train;
 
 /// `Fast` trains on the first 100 records, `Full` on all 15,011 of dolly-15k. Edit to change the
@@ -48,13 +51,37 @@ fn main() {
             eprintln!("{info}");
         }
     }));
-    let code = shared::runner::main_with(
+    let code = shared::runner::main_with_preflight(
         Framework::Pytorch,
         TUNING_MODE,
         &cli.args,
         Path::new(env!("CARGO_MANIFEST_DIR")),
         start,
+        preflight,
         train::TorchBackend::new,
     );
     std::process::exit(code);
+}
+
+/// The device and precision the backend will pick, found before anything is loaded so that an
+/// absent device exits with the usage code (2) and the memory estimate uses the right dtype.
+/// libtorch runs bf16 on every device it supports (CUDA, MPS, CPU), so no dtype is refused here.
+fn preflight(cfg: &shared::config::Config) -> anyhow::Result<DeviceFacts> {
+    let device = train::pick_device(cfg.run.device)?;
+    let kind = match device {
+        tch::Device::Cpu => DeviceKind::Cpu,
+        tch::Device::Cuda(i) => DeviceKind::Cuda(i),
+        tch::Device::Mps => DeviceKind::Mps,
+        // tch's Vulkan device is never picked by `pick_device`.
+        tch::Device::Vulkan => DeviceKind::Cpu,
+    };
+    let precision = match train::pick_dtype(cfg.run.dtype, device) {
+        DType::Float32 => Precision::Float32,
+        DType::Bf16 => Precision::Bf16,
+        DType::MixedBf16 => Precision::MixedBf16,
+    };
+    Ok(DeviceFacts {
+        device: kind,
+        precision,
+    })
 }

@@ -152,7 +152,7 @@ pub fn load_file(path: &Path, limit: usize, policy: BadRecordPolicy) -> Result<L
                 }
                 let loc = format!("line {}", i + 1);
                 let r = match std::str::from_utf8(line) {
-                    Err(e) => Err(bad(&name, &loc, &format!("invalid UTF-8 at byte {}", e.valid_up_to()), "re-encode the file as UTF-8")),
+                    Err(e) => Err(bad(&name, &loc, &format!("invalid UTF-8 at byte {}{}", e.valid_up_to(), utf8_field(line)), "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), or pass --on-bad-record skip")),
                     Ok(text) => match serde_json::from_str::<serde_json::Value>(text) {
                         Err(e) => Err(bad(&name, &loc, &format!("not valid JSON ({e})"), "each line must be one JSON object with instruction, context, response, category")),
                         Ok(v) => record_from_json(&v, &name, &loc),
@@ -228,15 +228,26 @@ pub fn load_file(path: &Path, limit: usize, policy: BadRecordPolicy) -> Result<L
                         "re-download the file",
                     )
                 })?;
-                let column = |n: &str| -> Option<arrow::array::ArrayRef> {
-                    let c = batch.column_by_name(n)?;
-                    arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8).ok()
+                // A column of another type (a list, a struct) is named, not taken for missing.
+                let column = |n: &str| -> Result<Option<arrow::array::ArrayRef>, DataError> {
+                    let Some(c) = batch.column_by_name(n) else {
+                        return Ok(None);
+                    };
+                    arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8)
+                        .map(Some)
+                        .map_err(|_| {
+                            bad(
+                                &name,
+                                &format!("column {n:?}"),
+                                &format!("field {n:?} has type {}, not a string", c.data_type()),
+                                &format!("write {n:?} as a string column"),
+                            )
+                        })
                 };
-                let cols: Vec<Option<arrow::array::ArrayRef>> =
-                    ["instruction", "context", "response", "category"]
-                        .iter()
-                        .map(|n| column(n))
-                        .collect();
+                let mut cols: Vec<Option<arrow::array::ArrayRef>> = Vec::new();
+                for n in ["instruction", "context", "response", "category"] {
+                    cols.push(column(n)?);
+                }
                 for i in 0..batch.num_rows() {
                     let get = |k: usize| {
                         cols[k].as_ref().and_then(|a| {
@@ -273,6 +284,25 @@ pub fn load_file(path: &Path, limit: usize, policy: BadRecordPolicy) -> Result<L
         }
     }
     Ok(out)
+}
+
+/// Names the field an invalid UTF-8 sequence sits in, when the rest of the line is valid JSON.
+fn utf8_field(line: &[u8]) -> String {
+    let text = String::from_utf8_lossy(line);
+    let Ok(serde_json::Value::Object(obj)) = serde_json::from_str::<serde_json::Value>(&text)
+    else {
+        return String::new();
+    };
+    let fields: Vec<String> = obj
+        .iter()
+        .filter(|(_, v)| v.as_str().is_some_and(|s| s.contains('\u{FFFD}')))
+        .map(|(k, _)| format!("{k:?}"))
+        .collect();
+    if fields.is_empty() {
+        String::new()
+    } else {
+        format!(" in field {}", fields.join(", "))
+    }
 }
 
 fn bad(file: &str, loc: &str, problem: &str, fix: &str) -> DataError {
@@ -396,10 +426,13 @@ mod tests {
             "d.jsonl",
             b"{\"instruction\":\"a\xff\",\"response\":\"b\"}\n",
         );
-        assert!(load_file(&p, 10, BadRecordPolicy::Error)
+        let e = load_file(&p, 10, BadRecordPolicy::Error)
             .unwrap_err()
-            .to_string()
-            .contains("UTF-8"));
+            .to_string();
+        assert!(
+            e.contains("UTF-8") && e.contains("line 1") && e.contains("\"instruction\""),
+            "{e}"
+        );
         let (_d, p) = write("d.jsonl", b"{\"instruction\":\n");
         let e = load_file(&p, 10, BadRecordPolicy::Error)
             .unwrap_err()

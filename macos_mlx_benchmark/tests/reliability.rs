@@ -1,0 +1,121 @@
+//! Interruptions and failures of the real MLX binary on the tiny preset (issue 7): SIGINT and
+//! SIGTERM mid-training write a valid `interrupted` summary with the steps measured and exit 130;
+//! an out-of-memory error at the backend boundary writes a `failed` summary and exits 1.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use shared::summary::{Status, Summary};
+
+const BIN: &str = env!("CARGO_BIN_EXE_macos_mlx_benchmark");
+
+fn spawn_long_run(out: &Path) -> Child {
+    Command::new(BIN)
+        .args([
+            "--preset",
+            "tiny",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--samples",
+            "2000",
+        ])
+        .arg("--output-dir")
+        .arg(out)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts")
+}
+
+fn wait_for_first_step(out: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let logged = std::fs::read_dir(out.join("runs"))
+            .ok()
+            .and_then(|mut r| r.next())
+            .and_then(|e| e.ok())
+            .and_then(|e| std::fs::read_to_string(e.path().join("steps.jsonl")).ok())
+            .is_some_and(|t| t.lines().count() >= 1);
+        if logged {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no step logged within 180 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn interrupt_with(sig: &str) {
+    let d = tempfile::tempdir().expect("temp dir");
+    let child = spawn_long_run(d.path());
+    wait_for_first_step(d.path());
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .expect("kill runs")
+        .success();
+    assert!(ok);
+    let o = child.wait_with_output().expect("the binary ends");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{sig}: {stderr}");
+    let s = Summary::read(&d.path().join("benchmark_summary.json")).expect("a valid summary");
+    assert_eq!(s.status, Status::Interrupted);
+    assert!(
+        s.metrics.steps >= 1 && s.metrics.steps < 125,
+        "{}",
+        s.metrics.steps
+    );
+    assert_eq!(s.metrics.loss_curve.len(), s.metrics.steps);
+    assert!(s.error.expect("the reason").message.contains("interrupted"));
+}
+
+#[cfg(unix)]
+#[test]
+fn sigint_writes_an_interrupted_summary() {
+    interrupt_with("-INT");
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_writes_an_interrupted_summary() {
+    interrupt_with("-TERM");
+}
+
+#[test]
+fn out_of_memory_writes_a_failed_summary() {
+    let d = tempfile::tempdir().expect("temp dir");
+    let o = Command::new(BIN)
+        .args([
+            "--preset",
+            "tiny",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--samples",
+            "16",
+            "--micro-batch-size",
+            "2",
+            "--grad-accum",
+            "2",
+            "--max-steps",
+            "3",
+        ])
+        .arg("--output-dir")
+        .arg(d.path())
+        .env("FTB_INJECT_OOM_AT_STEP", "1")
+        .output()
+        .expect("the binary starts");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    let s = Summary::read(&d.path().join("benchmark_summary.json")).expect("a valid summary");
+    assert_eq!(s.status, Status::Failed);
+    let e = s.error.expect("the error");
+    assert!(e.message.contains("out of memory"), "{}", e.message);
+    assert_eq!(e.steps_completed, 1);
+    assert!(e
+        .hint
+        .expect("a hint")
+        .contains("--max-tokens-per-micro-batch"));
+    assert_eq!(s.metrics.steps, 1);
+    assert!(s.metrics.memory.estimated_peak_bytes.is_some());
+}

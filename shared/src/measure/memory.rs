@@ -1,0 +1,738 @@
+//! Preflight memory estimate: how many bytes a run will hold at its peak, computed from the model
+//! shape, the strategy, the precision and the batch plan before anything is loaded, so that a run
+//! that cannot fit says so (and what would fit) instead of failing an hour in.
+//!
+//! The count follows the tensors the PyTorch backend (`windows_pytorch_benchmark`: `phi3.rs`,
+//! `train.rs`) allocates; the MLX backend stores the same parameters, gradients and AdamW moments
+//! (fp32 moments for fp32 master weights, the parameter dtype under bf16), so the persistent part
+//! is the same there, while its activations depend on MLX's graph evaluation and are only
+//! approximated by this count.
+//!
+//! Persistent, for the whole run:
+//! - weights: every base parameter and LoRA adapter in the parameter dtype (fp32 for `float32` and
+//!   `mixed-bf16`, whose fp32 weights are the master copy; bf16 for `bf16`);
+//! - gradients: one per trainable parameter, in the parameter dtype;
+//! - optimizer: AdamW's two moments per trainable parameter, in the parameter dtype (libtorch's
+//!   `exp_avg`/`exp_avg_sq` are `zeros_like(param)`).
+//!
+//! Per micro-batch, at the start of its backward pass (the peak of a step; the worst micro-batch of
+//! the plan is taken):
+//! - activations: the tensors autograd saves in the blocks that need gradients (all of them for
+//!   `full` and `lora`; the last N for `last-n`, whose frozen prefix runs without autograd and keeps
+//!   nothing), counted per padded token below, plus the final norm's input;
+//! - LM head and loss: computed only at loss positions, in fp32 logits: the saved hidden state, the
+//!   log-softmax output kept for backward, and its gradient and input gradient at the backward
+//!   peak: 12 bytes per vocabulary entry per loss token;
+//! - weight casts: under `mixed-bf16` every product casts its fp32 weight to bf16 and autograd keeps
+//!   that copy for the input gradient, in every block that needs gradients (and the head);
+//! - transient: one block's largest live intermediates (its MLP, `4 × intermediate` values per
+//!   token), the working set of a frozen block's forward or of one block's backward;
+//! - attention masks: packed rows carry a boolean `[rows, T, T]` mask; SDPA turns it into an
+//!   additive bias in the compute dtype that every block needing gradients keeps.
+//! - runtime: on CUDA, an allowance for the CUDA context and library workspaces (cuBLAS, cuDNN) that
+//!   the process holds besides tensors. Assumed, not measured: 1 GiB.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{DTypeChoice, LoraTarget, StrategyConfig, StrategyKind};
+use crate::data::batch::{MicroBatch, Step};
+use crate::model::ModelShape;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Assumed CUDA context + library workspaces (see the module documentation).
+pub const CUDA_RUNTIME_ALLOWANCE_BYTES: u64 = 1 << 30;
+
+/// The precision a run resolves to (`--dtype auto` resolved for the device).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    Float32,
+    Bf16,
+    MixedBf16,
+}
+
+impl Precision {
+    /// `auto` is bf16 on GPUs and fp32 on CPUs (both binaries resolve it so).
+    pub fn resolve(choice: DTypeChoice, on_gpu: bool) -> Self {
+        match choice {
+            DTypeChoice::Auto if on_gpu => Precision::Bf16,
+            DTypeChoice::Auto | DTypeChoice::Float32 => Precision::Float32,
+            DTypeChoice::Bf16 => Precision::Bf16,
+            DTypeChoice::MixedBf16 => Precision::MixedBf16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Float32 => "float32",
+            Precision::Bf16 => "bf16",
+            Precision::MixedBf16 => "mixed-bf16",
+        }
+    }
+
+    /// Bytes per stored parameter (and its gradient and AdamW moments).
+    pub fn param_bytes(self) -> u64 {
+        match self {
+            Precision::Bf16 => 2,
+            _ => 4,
+        }
+    }
+
+    /// Bytes per activation value that a matrix product produces.
+    pub fn compute_bytes(self) -> u64 {
+        match self {
+            Precision::Float32 => 4,
+            _ => 2,
+        }
+    }
+
+    /// Bytes per value of the residual stream (fp32 under `mixed-bf16`, as under autocast).
+    pub fn residual_bytes(self) -> u64 {
+        match self {
+            Precision::Bf16 => 2,
+            _ => 4,
+        }
+    }
+}
+
+/// The device a run will use, as far as the preflight needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Cpu,
+    /// CUDA device index as the framework numbers it (after `CUDA_VISIBLE_DEVICES`).
+    Cuda(usize),
+    /// Apple GPU through PyTorch's MPS.
+    Mps,
+    /// Apple GPU through MLX (Metal).
+    MlxGpu,
+}
+
+impl DeviceKind {
+    pub fn is_gpu(self) -> bool {
+        !matches!(self, DeviceKind::Cpu)
+    }
+}
+
+/// The estimate, broken down; all figures in bytes. Goes into the summary as
+/// `metrics.memory.estimate`, next to the measured peak.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemoryEstimate {
+    /// The precision the figures are for.
+    pub dtype: String,
+    /// weights + gradients + optimizer + activations + head + weight casts + transient + masks +
+    /// runtime.
+    pub peak_bytes: u64,
+    /// Base weights and LoRA adapters.
+    pub weights_bytes: u64,
+    /// LoRA adapters alone (included in `weights_bytes`).
+    pub lora_adapter_bytes: u64,
+    pub gradients_bytes: u64,
+    /// AdamW's two moments.
+    pub optimizer_bytes: u64,
+    /// Saved for backward in the blocks that need gradients, worst micro-batch.
+    pub activations_bytes: u64,
+    /// LM head and loss at the loss positions (fp32 logits), worst micro-batch.
+    pub head_bytes: u64,
+    /// bf16 copies of fp32 weights kept for backward (`mixed-bf16` only).
+    pub weight_casts_bytes: u64,
+    /// One block's working set (forward of a frozen block or backward of one block).
+    pub transient_bytes: u64,
+    /// Packed rows' attention masks and the biases SDPA derives from them.
+    pub attention_mask_bytes: u64,
+    /// CUDA context and library workspaces (assumed); 0 elsewhere.
+    pub runtime_bytes: u64,
+    /// Blocks whose activations are kept for backward.
+    pub blocks_with_grad: usize,
+    /// The micro-batch the per-micro-batch figures are for: padded tokens (rows × length).
+    pub micro_batch_padded_tokens: usize,
+    pub micro_batch_loss_tokens: usize,
+    pub micro_batch_rows: usize,
+    pub micro_batch_seq_len: usize,
+}
+
+impl MemoryEstimate {
+    pub fn peak_gib(&self) -> f64 {
+        self.peak_bytes as f64 / GIB
+    }
+
+    /// One line per component, for `--plan` and the first lines of a run.
+    pub fn lines(&self) -> Vec<String> {
+        let g = |b: u64| format!("{:.2} GiB", b as f64 / GIB);
+        let mut v = vec![format!(
+            "memory estimate ({}): peak {} = weights {} (LoRA adapters {}) + gradients {} + AdamW moments {} + activations {} + LM head/loss {} + weight casts {} + transient {} + attention masks {} + runtime {}",
+            self.dtype,
+            g(self.peak_bytes),
+            g(self.weights_bytes),
+            g(self.lora_adapter_bytes),
+            g(self.gradients_bytes),
+            g(self.optimizer_bytes),
+            g(self.activations_bytes),
+            g(self.head_bytes),
+            g(self.weight_casts_bytes),
+            g(self.transient_bytes),
+            g(self.attention_mask_bytes),
+            g(self.runtime_bytes),
+        )];
+        v.push(format!(
+            "  worst micro-batch: {} rows x {} tokens = {} padded tokens, {} loss tokens; activations kept in {} blocks",
+            self.micro_batch_rows,
+            self.micro_batch_seq_len,
+            self.micro_batch_padded_tokens,
+            self.micro_batch_loss_tokens,
+            self.blocks_with_grad
+        ));
+        v
+    }
+}
+
+/// Which projections of a block keep their input for a weight gradient: those whose weight trains
+/// or that carry a LoRA adapter (whose `A` needs the same input).
+fn keeps_input(s: &StrategyConfig, t: LoraTarget) -> bool {
+    match s.kind {
+        StrategyKind::Full | StrategyKind::LastN => true,
+        StrategyKind::Lora => s.lora_targets.contains(&t),
+    }
+}
+
+/// Bytes autograd keeps per padded token in one block that needs gradients (see `phi3.rs`).
+pub fn saved_bytes_per_token_per_block(
+    shape: &ModelShape,
+    s: &StrategyConfig,
+    p: Precision,
+) -> u64 {
+    let a = p.compute_bytes();
+    let r = p.residual_bytes();
+    let (h, i) = (shape.hidden_size as u64, shape.intermediate_size as u64);
+    let (nh, nkv, hd) = (
+        shape.num_heads as u64,
+        shape.num_kv_heads as u64,
+        shape.head_dim() as u64,
+    );
+    let input = |t: LoraTarget, width: u64| if keeps_input(s, t) { width * a } else { 0 };
+    // Two RMSNorms: input (residual dtype) and the fp32 reciprocal RMS.
+    let norms = 2 * (r + 4);
+    // q|k|v projection input; its output stays alive because v is a view of it that SDPA keeps.
+    let qkv = input(LoraTarget::QkvProj, h) + shape.qkv_out() as u64 * a;
+    // RoPE keeps the cos/sin tables it multiplies by: cast to the compute dtype per block
+    // (no copy in fp32, where the shared fp32 tables are used; counted per micro-batch).
+    let rope = if p == Precision::Float32 {
+        0
+    } else {
+        2 * hd * a
+    };
+    // SDPA keeps the rotated q and k, its output and the fp32 log-sum-exp per head.
+    let sdpa = (nh + nkv) * hd * a + nh * hd * a + nh * 4;
+    // The output projection's input is a contiguous copy of the attention output.
+    let o = input(LoraTarget::OProj, nh * hd);
+    // MLP: gate|up input, the fused gate|up output (SiLU keeps gate, the product keeps up: both
+    // views of it), SiLU's output, and the product that feeds down_proj.
+    let mlp = input(LoraTarget::GateUpProj, h) + 2 * i * a + i * a + input(LoraTarget::DownProj, i);
+    // LoRA: each adapter keeps x·Aᵀ (rank values) for B's gradient.
+    let lora = match s.kind {
+        StrategyKind::Lora => {
+            let mut t = s.lora_targets.clone();
+            t.sort();
+            t.dedup();
+            t.len() as u64 * s.lora_rank as u64 * a
+        }
+        _ => 0,
+    };
+    norms + qkv + rope + sdpa + o + mlp + lora
+}
+
+/// Blocks whose activations autograd keeps.
+pub fn blocks_with_grad(shape: &ModelShape, s: &StrategyConfig) -> usize {
+    match s.kind {
+        StrategyKind::LastN => s.last_n.min(shape.num_layers),
+        _ => shape.num_layers,
+    }
+}
+
+/// Per-micro-batch bytes: (activations, head, transient, masks).
+fn micro_batch_bytes(
+    shape: &ModelShape,
+    s: &StrategyConfig,
+    p: Precision,
+    device: DeviceKind,
+    mb: &MicroBatch,
+) -> (u64, u64, u64, u64) {
+    let tokens = (mb.rows * mb.seq_len) as u64;
+    let loss = mb.loss_tokens as u64;
+    let a = p.compute_bytes();
+    let r = p.residual_bytes();
+    let (h, i, v) = (
+        shape.hidden_size as u64,
+        shape.intermediate_size as u64,
+        shape.vocab_size as u64,
+    );
+    let hd = shape.head_dim() as u64;
+    let g = blocks_with_grad(shape, s) as u64;
+    let per_block = saved_bytes_per_token_per_block(shape, s, p);
+    // The final norm's input and fp32 statistics, and the RoPE tables gathered at each position
+    // (fp32, shared by all blocks).
+    let activations = tokens * (g * per_block + r + 4 + 2 * hd * 4);
+    // Head: the hidden state at loss positions kept for the head's gradients, and, at the
+    // backward peak, the fp32 log-softmax output, its gradient and the input gradient (12 B per
+    // logit).
+    let head = loss * (h * a + 12 * v);
+    // One block's MLP working set: the fused gate|up output, SiLU and the product (4 × I values).
+    let transient = tokens * 4 * i * a;
+    let masks = match &mb.segment_ids {
+        None => 0,
+        Some(_) => {
+            let t2 = (mb.rows * mb.seq_len * mb.seq_len) as u64;
+            // The boolean mask, then SDPA's additive bias per block that needs gradients; on the
+            // CPU a masked SDPA takes the math path, which also keeps the softmax per head.
+            let mut b = t2 + g * t2 * a;
+            if device == DeviceKind::Cpu {
+                b += g * t2 * shape.num_heads as u64 * a;
+            }
+            b
+        }
+    };
+    (activations, head, transient, masks)
+}
+
+/// The estimate for a run of `steps` (the prepared batch plan).
+pub fn estimate(
+    shape: &ModelShape,
+    s: &StrategyConfig,
+    p: Precision,
+    device: DeviceKind,
+    steps: &[Step],
+) -> MemoryEstimate {
+    let pb = p.param_bytes();
+    let counts = shape.parameter_counts(s);
+    let lora_params: u64 = shape
+        .lora_parameters(s)
+        .iter()
+        .map(|x| x.numel() as u64)
+        .sum();
+    let weights = counts.total as u64 * pb;
+    let gradients = counts.trainable as u64 * pb;
+    let optimizer = 2 * counts.trainable as u64 * pb;
+    let g = blocks_with_grad(shape, s);
+    // mixed-bf16: bf16 copies of the weights of every block that needs gradients, and of the head.
+    let weight_casts = if p == Precision::MixedBf16 {
+        let per_block: u64 = shape
+            .parameters()
+            .iter()
+            .filter(|x| crate::model::layer_index(&x.name) == Some(0))
+            .map(|x| x.numel() as u64)
+            .sum();
+        let adapters_per_block = lora_params / shape.num_layers.max(1) as u64;
+        2 * (g as u64 * (per_block + adapters_per_block)
+            + (shape.vocab_size * shape.hidden_size) as u64)
+    } else {
+        0
+    };
+    let mut worst = (0u64, 0u64, 0u64, 0u64);
+    let mut worst_mb: Option<&MicroBatch> = None;
+    for mb in steps.iter().flat_map(|st| st.micro_batches.iter()) {
+        let b = micro_batch_bytes(shape, s, p, device, mb);
+        if b.0 + b.1 + b.2 + b.3 > worst.0 + worst.1 + worst.2 + worst.3 {
+            worst = b;
+            worst_mb = Some(mb);
+        }
+    }
+    let runtime = if matches!(device, DeviceKind::Cuda(_)) {
+        CUDA_RUNTIME_ALLOWANCE_BYTES
+    } else {
+        0
+    };
+    let (activations, head, transient, masks) = worst;
+    MemoryEstimate {
+        dtype: p.name().into(),
+        peak_bytes: weights
+            + gradients
+            + optimizer
+            + activations
+            + head
+            + weight_casts
+            + transient
+            + masks
+            + runtime,
+        weights_bytes: weights,
+        lora_adapter_bytes: lora_params * pb,
+        gradients_bytes: gradients,
+        optimizer_bytes: optimizer,
+        activations_bytes: activations,
+        head_bytes: head,
+        weight_casts_bytes: weight_casts,
+        transient_bytes: transient,
+        attention_mask_bytes: masks,
+        runtime_bytes: runtime,
+        blocks_with_grad: g,
+        micro_batch_padded_tokens: worst_mb.map_or(0, |m| m.rows * m.seq_len),
+        micro_batch_loss_tokens: worst_mb.map_or(0, |m| m.loss_tokens),
+        micro_batch_rows: worst_mb.map_or(0, |m| m.rows),
+        micro_batch_seq_len: worst_mb.map_or(0, |m| m.seq_len),
+    }
+}
+
+/// Free memory of the device, in bytes, and where the figure comes from. CUDA: NVML's free memory
+/// of the chosen GPU; CPU and Apple GPUs (unified memory): the host's available memory (sysinfo).
+pub fn free_memory(device: DeviceKind) -> Option<(u64, String)> {
+    if let Ok(v) = std::env::var("FTB_ASSUME_FREE_MEMORY_BYTES") {
+        // Testing hook: pretend the device has this much free memory.
+        if let Ok(b) = v.trim().parse::<u64>() {
+            return Some((b, "FTB_ASSUME_FREE_MEMORY_BYTES".into()));
+        }
+    }
+    match device {
+        DeviceKind::Cuda(i) => {
+            let nvml = nvml_wrapper::Nvml::init().ok()?;
+            let dev = match nvml_device_for_cuda_index(i) {
+                NvmlPick::Index(k) => nvml.device_by_index(k).ok()?,
+                NvmlPick::Uuid(u) => nvml.device_by_uuid(u.as_str()).ok()?,
+            };
+            let m = dev.memory_info().ok()?;
+            Some((m.free, format!("NVML free memory of GPU {i}")))
+        }
+        _ => {
+            let mut sys = sysinfo::System::new();
+            sys.refresh_memory();
+            let b = sys.available_memory();
+            (b > 0).then(|| {
+                (
+                    b,
+                    "host available memory (sysinfo; unified memory on Apple GPUs)".into(),
+                )
+            })
+        }
+    }
+}
+
+/// A setting that would fit, with its estimate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fit {
+    /// The flags to add, e.g. `--strategy lora --max-tokens-per-micro-batch 8192`.
+    pub flags: String,
+    pub peak_bytes: u64,
+}
+
+/// Settings that would fit in `free_bytes`, found by re-running the estimate: for the current
+/// strategy, then `lora` and `last-n` (when not current), the largest micro-batch (token budget
+/// for the bucketed and packed plans, records per micro-batch for the padded plan, with the
+/// records per step kept) whose estimate fits. At most one setting per strategy.
+pub fn settings_that_fit(
+    cfg: &crate::config::Config,
+    shape: &ModelShape,
+    samples: &[crate::data::Sample],
+    precision: Precision,
+    device: DeviceKind,
+    free_bytes: u64,
+) -> Vec<Fit> {
+    use crate::config::BatchPlanKind;
+    let w = &cfg.workload;
+    let mut strategies = vec![(w.strategy.clone(), String::new())];
+    if w.strategy.kind != StrategyKind::Lora {
+        let mut s = w.strategy.clone();
+        s.kind = StrategyKind::Lora;
+        strategies.push((s, "--strategy lora ".into()));
+    }
+    if w.strategy.kind != StrategyKind::LastN {
+        let mut s = w.strategy.clone();
+        s.kind = StrategyKind::LastN;
+        s.last_n = s.last_n.clamp(1, shape.num_layers);
+        let flags = format!("--strategy last-n --last-n {} ", s.last_n);
+        strategies.push((s, flags));
+    }
+    let mut out = Vec::new();
+    for (s, prefix) in strategies {
+        let current = s == w.strategy;
+        // Candidate batch settings, largest first (the current one only for other strategies).
+        let mut batches = Vec::new();
+        let mut b = w.batch.clone();
+        if !current {
+            batches.push((b.clone(), String::new()));
+        }
+        loop {
+            match w.batch.plan {
+                BatchPlanKind::Padded => {
+                    if b.micro_batch_size < 2 || !b.micro_batch_size.is_multiple_of(2) {
+                        break;
+                    }
+                    b.micro_batch_size /= 2;
+                    b.grad_accum *= 2;
+                    batches.push((
+                        b.clone(),
+                        format!(
+                            "--micro-batch-size {} --grad-accum {}",
+                            b.micro_batch_size, b.grad_accum
+                        ),
+                    ));
+                }
+                _ => {
+                    let next = b.max_tokens_per_micro_batch / 2;
+                    if next < w.data.max_seq_len {
+                        break;
+                    }
+                    b.max_tokens_per_micro_batch = next;
+                    batches.push((b.clone(), format!("--max-tokens-per-micro-batch {next}")));
+                }
+            }
+        }
+        for (batch, flags) in batches {
+            let steps = crate::data::batch::plan_steps(
+                samples,
+                &batch,
+                w.data.pad_to,
+                w.data.train_on_prompt,
+                w.seed,
+                w.train.epochs,
+                w.train.max_steps,
+            );
+            let e = estimate(shape, &s, precision, device, &steps);
+            if e.peak_bytes <= free_bytes {
+                out.push(Fit {
+                    flags: format!("{prefix}{flags}").trim().to_string(),
+                    peak_bytes: e.peak_bytes,
+                });
+                break;
+            }
+        }
+    }
+    out
+}
+
+enum NvmlPick {
+    Index(u32),
+    Uuid(String),
+}
+
+/// CUDA numbers the GPUs listed in `CUDA_VISIBLE_DEVICES` from 0; NVML numbers all of them.
+fn nvml_device_for_cuda_index(i: usize) -> NvmlPick {
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    match visible
+        .as_deref()
+        .and_then(|v| v.split(',').nth(i).map(str::trim))
+    {
+        Some(e) if e.parse::<u32>().is_ok() => NvmlPick::Index(e.parse().unwrap_or(0)),
+        Some(e) if e.starts_with("GPU-") => NvmlPick::Uuid(e.to_string()),
+        _ => NvmlPick::Index(i as u32),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::Sample;
+
+    fn strategy(kind: StrategyKind) -> StrategyConfig {
+        StrategyConfig {
+            kind,
+            last_n: 1,
+            ..Default::default()
+        }
+    }
+
+    fn one_micro_batch(rows: usize, seq_len: usize, loss_tokens: usize) -> Vec<Step> {
+        let n = rows * seq_len;
+        vec![Step {
+            index: 0,
+            epoch: 0,
+            micro_batches: vec![MicroBatch {
+                rows,
+                seq_len,
+                input_ids: vec![0; n],
+                labels: vec![0; n],
+                position_ids: vec![0; n],
+                segment_ids: None,
+                loss_tokens,
+                input_tokens: n,
+                padded_tokens: n,
+            }],
+            samples: rows,
+            loss_tokens,
+            input_tokens: n,
+            padded_tokens: n,
+            doc_lengths: vec![seq_len; rows],
+            sample_ids: (0..rows).collect(),
+        }]
+    }
+
+    /// The tiny shape counted by hand: H = 64, I = 128, 4 heads of 16, vocabulary 32,064, 2 blocks.
+    #[test]
+    fn tiny_shape_matches_a_hand_count() {
+        let shape = ModelShape::tiny();
+        // Parameters: embedding and head 2 x 32064 x 64 = 4,104,192; per block qkv 192x64 = 12,288,
+        // o 64x64 = 4,096, gate_up 256x64 = 16,384, down 64x128 = 8,192, norms 128: 41,088;
+        // final norm 64. Total 4,104,192 + 82,176 + 64 = 4,186,432.
+        let total = 4_186_432u64;
+        let s = strategy(StrategyKind::LastN);
+        // last-n 1: block 1 (41,088) + final norm (64) + head (2,052,096) = 2,093,248 trainable.
+        let trainable = 2_093_248u64;
+        let steps = one_micro_batch(2, 100, 150);
+        let e = estimate(&shape, &s, Precision::Float32, DeviceKind::Cpu, &steps);
+        assert_eq!(e.weights_bytes, total * 4);
+        assert_eq!(e.gradients_bytes, trainable * 4);
+        assert_eq!(e.optimizer_bytes, 2 * trainable * 4);
+        assert_eq!(e.lora_adapter_bytes, 0);
+        assert_eq!(e.blocks_with_grad, 1);
+        // Saved per token in one fp32 block: norms 2 x (4 + 4) = 16; qkv input 64 x 4 = 256 and
+        // output 192 x 4 = 768; no RoPE casts in fp32; SDPA q,k (128 x 4 = 512), output (256),
+        // lse (4 x 4 = 16); o input 256; gate|up input 256, output 1,024, SiLU 512, down input 512.
+        let per_block = 16 + 256 + 768 + 512 + 256 + 16 + 256 + 256 + 1024 + 512 + 512;
+        assert_eq!(
+            saved_bytes_per_token_per_block(&shape, &s, Precision::Float32),
+            per_block
+        );
+        // 200 padded tokens x (1 block + final norm 8 B + RoPE tables 2 x 16 x 4 = 128 B).
+        assert_eq!(e.activations_bytes, 200 * (per_block + 8 + 128));
+        // Head at 150 loss tokens: hidden 64 x 4 + 12 B per logit x 32,064.
+        assert_eq!(e.head_bytes, 150 * (256 + 12 * 32_064));
+        assert_eq!(e.transient_bytes, 200 * 4 * 128 * 4);
+        assert_eq!(e.weight_casts_bytes, 0);
+        assert_eq!(e.runtime_bytes, 0);
+        assert_eq!(
+            e.peak_bytes,
+            e.weights_bytes
+                + e.gradients_bytes
+                + e.optimizer_bytes
+                + e.activations_bytes
+                + e.head_bytes
+                + e.transient_bytes
+        );
+        assert_eq!(
+            (e.micro_batch_padded_tokens, e.micro_batch_loss_tokens),
+            (200, 150)
+        );
+    }
+
+    #[test]
+    fn precision_and_strategy_change_what_is_counted() {
+        let shape = ModelShape::phi3_mini();
+        let steps = one_micro_batch(4, 1024, 2048);
+        let full = strategy(StrategyKind::Full);
+        let f32 = estimate(
+            &shape,
+            &full,
+            Precision::Float32,
+            DeviceKind::Cuda(0),
+            &steps,
+        );
+        let bf16 = estimate(&shape, &full, Precision::Bf16, DeviceKind::Cuda(0), &steps);
+        let mixed = estimate(
+            &shape,
+            &full,
+            Precision::MixedBf16,
+            DeviceKind::Cuda(0),
+            &steps,
+        );
+        // 3.82 B parameters: 15.3 GB of fp32 weights, 7.6 GB in bf16.
+        assert_eq!(f32.weights_bytes, 2 * bf16.weights_bytes);
+        assert!((f32.weights_bytes as f64 / 1e9 - 15.28).abs() < 0.05);
+        assert_eq!(mixed.optimizer_bytes, f32.optimizer_bytes);
+        assert!(
+            mixed.weight_casts_bytes > 7_000_000_000,
+            "bf16 copies of 3.7 B weights"
+        );
+        assert_eq!(bf16.weight_casts_bytes, 0);
+        assert_eq!(f32.runtime_bytes, CUDA_RUNTIME_ALLOWANCE_BYTES);
+        // last-n keeps activations in N blocks only; LoRA trains little but keeps all blocks'.
+        let mut last4 = strategy(StrategyKind::LastN);
+        last4.last_n = 4;
+        let l4 = estimate(&shape, &last4, Precision::Bf16, DeviceKind::Cuda(0), &steps);
+        assert_eq!(l4.blocks_with_grad, 4);
+        assert!(l4.activations_bytes < bf16.activations_bytes / 6);
+        let lora = estimate(
+            &shape,
+            &strategy(StrategyKind::Lora),
+            Precision::Bf16,
+            DeviceKind::Cuda(0),
+            &steps,
+        );
+        assert!(lora.gradients_bytes < bf16.gradients_bytes / 50);
+        assert!(lora.lora_adapter_bytes > 0 && lora.lora_adapter_bytes < lora.weights_bytes);
+        assert_eq!(lora.blocks_with_grad, 32);
+        // Halving the micro-batch halves what scales with it.
+        let half = estimate(
+            &shape,
+            &full,
+            Precision::Bf16,
+            DeviceKind::Cuda(0),
+            &one_micro_batch(2, 1024, 1024),
+        );
+        assert_eq!(half.activations_bytes * 2, bf16.activations_bytes);
+        assert_eq!(half.head_bytes * 2, bf16.head_bytes);
+    }
+
+    #[test]
+    fn worst_micro_batch_of_the_plan_is_taken() {
+        let shape = ModelShape::tiny();
+        let s = strategy(StrategyKind::Full);
+        let samples: Vec<Sample> = (0..16)
+            .map(|k| Sample {
+                ids: vec![5; 20 + 10 * k],
+                prompt_len: 10,
+            })
+            .collect();
+        let cfg = crate::config::BatchConfig {
+            plan: crate::config::BatchPlanKind::Bucketed,
+            micro_batch_size: 4,
+            grad_accum: 4,
+            max_tokens_per_micro_batch: 512,
+        };
+        let steps = crate::data::batch::plan_steps(&samples, &cfg, None, false, 1, 1, None);
+        let e = estimate(&shape, &s, Precision::Float32, DeviceKind::Cpu, &steps);
+        let max_tokens = steps
+            .iter()
+            .flat_map(|s| &s.micro_batches)
+            .map(|m| m.rows * m.seq_len)
+            .max()
+            .unwrap();
+        assert_eq!(e.micro_batch_padded_tokens, max_tokens);
+        assert!(e.micro_batch_padded_tokens <= 512);
+    }
+
+    #[test]
+    fn settings_that_fit_are_smaller_and_fit() {
+        let mut cfg = crate::config::Config::default();
+        cfg.apply_preset(
+            crate::config::Preset::Tiny,
+            crate::config::Framework::Pytorch,
+        );
+        cfg.workload.strategy.kind = StrategyKind::Full;
+        let p = crate::workload::prepare(&cfg).unwrap();
+        let full = estimate(
+            &p.shape,
+            &cfg.workload.strategy,
+            Precision::Float32,
+            DeviceKind::Cpu,
+            &p.steps,
+        );
+        // Room for everything but a third of this plan's per-micro-batch memory.
+        let per_mb = full.activations_bytes + full.head_bytes + full.transient_bytes;
+        let free = full.peak_bytes - per_mb / 3;
+        let fits = settings_that_fit(
+            &cfg,
+            &p.shape,
+            &p.samples,
+            Precision::Float32,
+            DeviceKind::Cpu,
+            free,
+        );
+        assert!(!fits.is_empty());
+        assert!(fits.iter().all(|f| f.peak_bytes <= free), "{fits:?}");
+        assert!(
+            fits[0].flags.starts_with("--max-tokens-per-micro-batch "),
+            "{fits:?}"
+        );
+        assert!(fits.iter().any(|f| f.flags.starts_with("--strategy lora")));
+        assert!(fits
+            .iter()
+            .any(|f| f.flags.starts_with("--strategy last-n --last-n 1")));
+        // Nothing fits in one byte.
+        assert!(settings_that_fit(
+            &cfg,
+            &p.shape,
+            &p.samples,
+            Precision::Float32,
+            DeviceKind::Cpu,
+            1
+        )
+        .is_empty());
+    }
+}
