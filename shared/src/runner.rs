@@ -19,6 +19,7 @@ use crate::measure::flops::step_flops;
 use crate::measure::peak;
 use crate::measure::probe::{self, Software};
 use crate::measure::stats::Spread;
+use crate::measure::telemetry::{self, Phase, Telemetry};
 use crate::model::ParamCounts;
 use crate::summary::{
     BackendInfo, MemoryInfo, Metrics, RepeatFigures, Repeats, RunError, RunInfo, Status, Summary,
@@ -262,6 +263,9 @@ fn run_once<B: Backend>(
     interrupted: &AtomicBool,
 ) -> (Summary, i32) {
     let started_at = chrono::Utc::now().to_rfc3339();
+    // The sampler runs for the whole run (load, warm-up, steady, finish) on its own thread; it
+    // appends to telemetry.jsonl as it goes. None when --telemetry-interval-ms 0.
+    let tel = Telemetry::start(cfg.run.telemetry_interval_ms, dir);
     let t_model = Instant::now();
     let built = build(cfg, p);
     let model_load_s = t_model.elapsed().as_secs_f64();
@@ -270,7 +274,7 @@ fn run_once<B: Backend>(
         Ok(b) => b,
         Err(e) => {
             eprintln!("error: building the model failed: {e:#}");
-            let s = rec.summary::<B>(
+            let mut s = rec.summary::<B>(
                 cfg,
                 p,
                 None,
@@ -288,6 +292,7 @@ fn run_once<B: Backend>(
                     hint: Some("the model could not be built or loaded; see the message".into()),
                 }),
             );
+            attach_telemetry(&mut s, tel, cfg);
             return (s, crate::error::exit_code_for(&e));
         }
     };
@@ -328,6 +333,14 @@ fn run_once<B: Backend>(
             cfg.workload.train.lr_warmup_steps,
             total_steps,
         );
+        if let Some(t) = &tel {
+            // Before the clock starts: an atomic store (and a short lock when the phase changes).
+            t.set_phase(if step.index < rec.warmup {
+                Phase::Warmup
+            } else {
+                Phase::Steady
+            });
+        }
         let t0 = Instant::now();
         let out = backend.train_step(step, lr);
         // train_step synchronised the device before returning: this clock read closes the step.
@@ -336,6 +349,9 @@ fn run_once<B: Backend>(
         match out {
             Ok(r) if r.loss.is_finite() => {
                 rec.record(step, &r, lr, dt, start);
+                if let Some(t) = &tel {
+                    t.step_done();
+                }
                 if let Some(pb) = &pb {
                     pb.set_message(format!(
                         "loss {:.4} | {:.0} tok/s",
@@ -373,6 +389,9 @@ fn run_once<B: Backend>(
             }
         }
     }
+    if let Some(t) = &tel {
+        t.set_phase(Phase::Finish);
+    }
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
@@ -395,7 +414,34 @@ fn run_once<B: Backend>(
         s.metrics.measured_peak_tflops = Some(t);
         s.metrics.mfu_measured = s.metrics.model_tflops_per_s.map(|x| x / t);
     }
+    attach_telemetry(&mut s, tel, cfg);
     (s, code)
+}
+
+/// Stops the sampler and puts its aggregate into the summary (with notes saying why a figure is
+/// null); with telemetry off, says so.
+fn attach_telemetry(s: &mut Summary, tel: Option<Telemetry>, cfg: &Config) {
+    let Some(tel) = tel else {
+        if cfg.run.telemetry_interval_ms == 0 {
+            s.notes
+                .push("telemetry: null: off (--telemetry-interval-ms 0)".into());
+        } else {
+            s.notes
+                .push("telemetry: null: the sampler thread could not start".into());
+        }
+        return;
+    };
+    let recording = tel.finish();
+    let cuda_visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    let cx = telemetry::aggregate::Context {
+        steady_loss_tokens: s.metrics.steady_loss_tokens,
+        steady_input_tokens: s.metrics.steady_input_tokens,
+        backend_device: &s.backend.device,
+        cuda_visible_devices: cuda_visible.as_deref(),
+    };
+    let (t, notes) = telemetry::aggregate::summarize(&recording, &cx);
+    s.metrics.telemetry = Some(t);
+    s.notes.extend(notes);
 }
 
 fn progress_bar(cfg: &Config, n: usize) -> Option<indicatif::ProgressBar> {
@@ -621,6 +667,7 @@ impl Recorder {
             final_loss_avg10: (!last10.is_empty())
                 .then(|| last10.iter().sum::<f64>() / last10.len() as f64),
             loss_curve: self.losses.clone(),
+            telemetry: None,
         };
         Summary {
             schema_version: SCHEMA_VERSION,

@@ -1,6 +1,7 @@
-//! Measurement: step statistics, FLOPs, peak tables, hardware probe.
+//! Measurement: step statistics, FLOPs, peak tables, hardware probe, telemetry samplers.
 
 pub mod flops;
 pub mod peak;
 pub mod probe;
 pub mod stats;
+pub mod telemetry;
