@@ -46,6 +46,26 @@ struct Point<'a> {
     errors: &'a [String],
 }
 
+/// Readings out of their physical range (a driver glitch) are dropped here rather than allowed
+/// to make the summary fail its validation and cost the run its result.
+fn sane(p: Point) -> Point {
+    let pct = |v: Option<f64>| v.filter(|x| x.is_finite()).map(|x| x.clamp(0.0, 100.0));
+    let nonneg = |v: Option<f64>| v.filter(|x| x.is_finite() && *x >= 0.0);
+    Point {
+        util: pct(p.util),
+        power: nonneg(p.power),
+        counter: nonneg(p.counter),
+        mem_used: nonneg(p.mem_used),
+        proc_mem: nonneg(p.proc_mem),
+        sm_clock: nonneg(p.sm_clock),
+        cpu_cores: nonneg(p.cpu_cores),
+        rss: nonneg(p.rss),
+        sys_mem: nonneg(p.sys_mem),
+        temp: p.temp.filter(|x| x.is_finite()),
+        ..p
+    }
+}
+
 fn points<'a>(rec: &'a Recording, id: &str) -> Vec<Point<'a>> {
     let nv_index: Option<u32> = id.strip_prefix("nvidia:").and_then(|i| i.parse().ok());
     rec.samples
@@ -92,6 +112,7 @@ fn points<'a>(rec: &'a Recording, id: &str) -> Vec<Point<'a>> {
                 })
             }
         })
+        .map(sane)
         .collect()
 }
 
@@ -732,6 +753,21 @@ mod tests {
         let mut r2 = rec.clone();
         r2.samples[9].phase = Phase::Steady;
         assert_eq!(summarize(&r2, &cx("cuda:0")).0.steady_samples, 5);
+        // A driver glitch (utilization 250 %, negative power) is clamped or dropped, not passed on.
+        let mut r3 = rec.clone();
+        r3.samples[8].nvidia[0].utilization_percent = Some(250.0);
+        r3.samples[8].nvidia[0].power_w = Some(-5.0);
+        let (t3, _) = summarize(&r3, &cx("cuda:0"));
+        let u3 = t3.devices[1].utilization_percent.unwrap();
+        assert!(
+            (u3.p95 - 94.0).abs() < 1e-9,
+            "70 + 0.8 x (100 - 70), not 214: {u3:?}"
+        );
+        assert_eq!(
+            t3.devices[1].power_w_peak,
+            Some(170.0),
+            "the 180 W at t = 8 is gone"
+        );
     }
 
     #[test]
