@@ -594,7 +594,8 @@ pub fn over_time(runs: &[Run], which: Series) -> Result<Plot> {
         .flat_map(|s| s.iter().map(|p| p.0))
         .fold(1.0_f64, f64::max);
     let (y_top, y_desc) = match which {
-        Series::Utilization => (100.0, "utilization (%)"),
+        // A little headroom so a line at 100 % stays visible above the frame.
+        Series::Utilization => (105.0, "utilization (%)"),
         Series::Power => (
             axis_top(series.iter().flatten().flat_map(|s| s.iter().map(|p| p.1))),
             "power (W)",
