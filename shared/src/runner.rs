@@ -221,7 +221,7 @@ pub fn main_with<B: Backend>(
             .unwrap_or_else(|| "n/a".into())
     };
     eprintln!(
-        "{:?}: {} steps, {} loss tokens/s ({} input tokens/s, {} samples/s) steady; total {:.1} s; MFU {}; peak memory {} GiB; final loss {}; summary {}",
+        "{:?}: {} steps, {} loss tokens/s ({} input tokens/s, {} samples/s) steady; total {:.1} s; MFU {}; peak memory {} GiB; final loss {}{}; summary {}",
         top.status,
         m.steps,
         fmt(m.tokens_per_s, 0),
@@ -231,9 +231,26 @@ pub fn main_with<B: Backend>(
         m.mfu.map(|x| format!("{:.1} %", 100.0 * x)).unwrap_or_else(|| "n/a (no peak for this device)".into()),
         fmt(m.peak_memory_gib, 2),
         fmt(m.final_loss, 4),
+        match m.telemetry.as_ref() {
+            Some(t) => match (t.joules_per_1k_tokens, primary_utilization(t)) {
+                (Some(j), Some((d, u))) => {
+                    format!("; {j:.1} J per 1k loss tokens, {d} utilization {u:.0} %")
+                }
+                (Some(j), None) => format!("; {j:.1} J per 1k loss tokens"),
+                (None, Some((d, u))) => format!("; {d} utilization {u:.0} %"),
+                (None, None) => String::new(),
+            },
+            None => String::new(),
+        },
         out_dir.join(&top.run.run_dir).join("benchmark_summary.json").display()
     );
     code
+}
+
+/// The device the run computed on and its steady mean utilization (for the closing line).
+fn primary_utilization(t: &crate::summary::Telemetry) -> Option<(&str, f64)> {
+    let d = crate::report::figures::primary_device(t)?;
+    Some((d.id.as_str(), d.utilization_percent?.mean))
 }
 
 fn new_run_id(framework: Framework, out_dir: &Path) -> String {
