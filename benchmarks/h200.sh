@@ -5,6 +5,8 @@
 # FLAGS may start with environment assignments (e.g. "FTB_ATTENTION=sdpa --strategy full").
 # Test binaries carried in .device/tests/ run first (GPU-only tests skip on CPU machines).
 # Every run writes under $OUT/runs/<NAME>; all of it is packed into $OUT/results.tar.gz.
+# Telemetry (utilization, power, energy) is on by default; to measure its cost run the same flags
+# twice, e.g.  lastn "FLAGS"  lastn_notel "FLAGS --telemetry-interval-ms 0".
 set -uo pipefail
 export LD_LIBRARY_PATH=$(python3 -c "import torch,os;print(os.path.dirname(torch.__file__)+'/lib')"):${LD_LIBRARY_PATH:-} TORCH_CPP_LOG_LEVEL=ERROR
 bin=${BIN:-.device/windows_pytorch_benchmark}
@@ -33,7 +35,7 @@ done
 python3 - "$out/runs" <<'PY' | tee "$out/table.txt"
 import json, os, sys
 root = sys.argv[1]
-print(f"{'variant':<22}{'status':<11}{'steps':>6}{'in tok/s':>10}{'loss tok/s':>11}{'samp/s':>8}{'e2e in/s':>10}{'step med s':>11}{'MFU%':>7}{'mem GiB':>9}{'total s':>9}{'loss':>8}")
+print(f"{'variant':<22}{'status':<11}{'steps':>6}{'in tok/s':>10}{'loss tok/s':>11}{'samp/s':>8}{'e2e in/s':>10}{'step med s':>11}{'MFU%':>7}{'mem GiB':>9}{'total s':>9}{'loss':>8}{'util%':>7}{'W':>6}{'J/1k':>7}")
 for name in sorted(os.listdir(root)):
     p = os.path.join(root, name, "benchmark_summary.json")
     if not os.path.exists(p):
@@ -43,7 +45,10 @@ for name in sorted(os.listdir(root)):
     st = m.get("step_time_s") or {}
     prof = s["backend"]["details"].get("profile_by_phase_total_s")
     if prof: print("   profile: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(prof.items())))
-    print(f"{name:<22}{s['status']:<11}{m['steps']:>6}{f(m['input_tokens_per_s']):>10}{f(m['tokens_per_s']):>11}{f(m['samples_per_s'],2):>8}{f(m['end_to_end_input_tokens_per_s']):>10}{f(st.get('median'),3):>11}{f(None if m['mfu'] is None else 100*m['mfu'],1):>7}{f(m['peak_memory_gib'],1):>9}{f(m['total_s'],1):>9}{f(m['final_loss'],3):>8}")
+    tel = m.get("telemetry") or {}
+    dev = next((d for d in tel.get("devices", []) if d.get("counted_in_energy")), {})
+    util = (dev.get("utilization_percent") or {}).get("mean")
+    print(f"{name:<22}{s['status']:<11}{m['steps']:>6}{f(m['input_tokens_per_s']):>10}{f(m['tokens_per_s']):>11}{f(m['samples_per_s'],2):>8}{f(m['end_to_end_input_tokens_per_s']):>10}{f(st.get('median'),3):>11}{f(None if m['mfu'] is None else 100*m['mfu'],1):>7}{f(m['peak_memory_gib'],1):>9}{f(m['total_s'],1):>9}{f(m['final_loss'],3):>8}{f(util):>7}{f(dev.get('power_w_mean')):>6}{f(tel.get('joules_per_1k_tokens'),1):>7}")
 PY
 tar czf "$out/results.tar.gz" -C "$out" runs log.txt machine.txt table.txt
 rm -rf "$out/runs"  # only a few files come back: everything is in the tarball

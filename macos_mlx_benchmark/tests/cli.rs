@@ -30,6 +30,8 @@ struct Run {
     summary: Summary,
     steps: Vec<serde_json::Value>,
     losses: Vec<f64>,
+    /// `telemetry.jsonl` of the run folder, when there is one.
+    telemetry: Option<Vec<shared::measure::telemetry::Sample>>,
 }
 
 fn run_binary(out: &Path, args: &[&str]) -> Output {
@@ -63,10 +65,15 @@ fn run(args: &[&str]) -> Run {
         .iter()
         .map(|s| s["loss"].as_f64().expect("a numeric loss"))
         .collect();
+    let tpath = run_dir.join("telemetry.jsonl");
+    let telemetry = tpath.exists().then(|| {
+        shared::measure::telemetry::read_series(&tpath).expect("a readable telemetry.jsonl")
+    });
     Run {
         summary,
         steps,
         losses,
+        telemetry,
     }
 }
 
@@ -110,8 +117,45 @@ fn check_common(r: &Run, strategy: &str) {
 
 #[test]
 fn last_n_bucketed_trains() {
-    let r = run(&["--strategy", "last-n", "--max-steps", "8"]);
+    let r = run(&[
+        "--strategy",
+        "last-n",
+        "--max-steps",
+        "8",
+        "--telemetry-interval-ms",
+        "50",
+    ]);
     check_common(&r, "last-n");
+    // Telemetry: the series in the run folder and its aggregate in the summary.
+    let t = r
+        .summary
+        .metrics
+        .telemetry
+        .as_ref()
+        .expect("metrics.telemetry");
+    let series = r.telemetry.as_ref().expect("telemetry.jsonl");
+    assert_eq!(series.len(), t.samples);
+    assert!(t.samples >= 2 && t.interval_ms == 50);
+    use shared::measure::telemetry::Phase;
+    assert_eq!(series[0].phase, Phase::Load);
+    let last = series.last().unwrap();
+    assert_eq!((last.phase, last.steps_done), (Phase::Finish, 8));
+    assert!(t.steady_start_s.unwrap() < t.steady_end_s.unwrap());
+    let cpu = t
+        .devices
+        .iter()
+        .find(|d| d.id == "cpu")
+        .expect("the cpu device");
+    assert!(cpu.process_rss_gib_peak.is_some_and(|g| g > 0.01));
+    assert_eq!(
+        t.joules_per_1k_tokens, None,
+        "a CPU run has no energy reading"
+    );
+    assert!(r
+        .summary
+        .notes
+        .iter()
+        .any(|n| n.starts_with("joules_per_1k_tokens: null:")));
     let p = r.summary.workload.parameters;
     assert!(
         p.trainable < p.total,

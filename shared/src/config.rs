@@ -262,6 +262,9 @@ pub struct RunOptions {
     /// Seconds a rank may wait in one collective (or the supervisor for a rank's next step)
     /// before the run fails naming the rank.
     pub dist_timeout_s: f64,
+    /// Hardware telemetry sampling interval in milliseconds (utilisation, power, energy,
+    /// temperature); 0 turns the sampler off entirely.
+    pub telemetry_interval_ms: u64,
 }
 
 /// The whole configuration of one run.
@@ -368,6 +371,7 @@ impl Default for RunOptions {
             calibrate: false,
             nproc: 1,
             dist_timeout_s: 300.0,
+            telemetry_interval_ms: crate::measure::telemetry::DEFAULT_INTERVAL_MS,
         }
     }
 }
@@ -497,6 +501,10 @@ pub struct CliArgs {
     /// device's free memory), then exit without loading the model or writing anything.
     #[arg(long)]
     pub plan: bool,
+    /// Sample GPU/CPU utilisation, power, energy and temperature every N ms into the run
+    /// folder's telemetry.jsonl (default 200; 0 = off, no sampler thread at all).
+    #[arg(long, value_name = "MS")]
+    pub telemetry_interval_ms: Option<u64>,
 }
 
 impl Config {
@@ -664,6 +672,7 @@ impl Config {
         if a.calibrate {
             r.calibrate = true;
         }
+        set(&mut r.telemetry_interval_ms, a.telemetry_interval_ms);
         Ok(())
     }
 
@@ -869,6 +878,20 @@ impl Config {
                 "must be at least 1",
                 "use --repeats 1 or more",
             ));
+        }
+        let ti = self.run.telemetry_interval_ms;
+        {
+            use crate::measure::telemetry::{MAX_INTERVAL_MS, MIN_INTERVAL_MS};
+            if ti != 0 && !(MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(&ti) {
+                return Err(bad(
+                    "telemetry_interval_ms",
+                    ti.to_string(),
+                    &format!(
+                        "must be 0 (off) or {MIN_INTERVAL_MS} to {MAX_INTERVAL_MS} ms: faster, the drivers' readings do not change between samples and sampling costs CPU time; slower, a steady phase gets too few samples"
+                    ),
+                    "use --telemetry-interval-ms 200 (the default), or 0 to turn telemetry off",
+                ));
+            }
         }
         if w.data.dataset.trim().is_empty() {
             return Err(bad(
@@ -1108,6 +1131,43 @@ mod tests {
             msg.contains("last_n") && msg.contains("--last-n 2"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn telemetry_interval_is_validated_and_0_turns_it_off() {
+        let c = Config::resolve(TuningMode::Fast, &parse(&[]), Framework::Pytorch).unwrap();
+        assert_eq!(c.run.telemetry_interval_ms, 200, "the default");
+        let c = Config::resolve(
+            TuningMode::Fast,
+            &parse(&["--telemetry-interval-ms", "0"]),
+            Framework::Pytorch,
+        )
+        .unwrap();
+        assert_eq!(c.run.telemetry_interval_ms, 0);
+        for bad in ["5", "600000"] {
+            let msg = Config::resolve(
+                TuningMode::Fast,
+                &parse(&["--telemetry-interval-ms", bad]),
+                Framework::Pytorch,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                msg.contains(&format!("telemetry_interval_ms = {bad}"))
+                    && msg.contains("--telemetry-interval-ms 200")
+                    && msg.contains("0 to turn telemetry off"),
+                "{msg}"
+            );
+        }
+        let f = write("[run]\ntelemetry_interval_ms = 1000\n");
+        let path = f.path().to_str().unwrap().to_string();
+        let c = Config::resolve(
+            TuningMode::Fast,
+            &parse(&["--config", &path]),
+            Framework::Pytorch,
+        )
+        .unwrap();
+        assert_eq!(c.run.telemetry_interval_ms, 1000, "the TOML key works");
     }
 
     #[test]

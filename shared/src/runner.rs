@@ -21,6 +21,7 @@ use crate::measure::memory::{self, DeviceKind, MemoryEstimate, Precision};
 use crate::measure::peak;
 use crate::measure::probe::{self, Software};
 use crate::measure::stats::Spread;
+use crate::measure::telemetry::{self, Phase, Telemetry};
 use crate::model::ParamCounts;
 use crate::summary::{
     BackendInfo, MemoryInfo, Metrics, RepeatFigures, Repeats, RunError, RunInfo, Status, Summary,
@@ -379,7 +380,7 @@ pub fn main_with_preflight<B: Backend>(
             .unwrap_or_else(|| "n/a".into())
     };
     eprintln!(
-        "{:?}: {} steps, {} loss tokens/s ({} input tokens/s, {} samples/s) steady; total {:.1} s; MFU {}; peak memory {} GiB; final loss {}; summary {}",
+        "{:?}: {} steps, {} loss tokens/s ({} input tokens/s, {} samples/s) steady; total {:.1} s; MFU {}; peak memory {} GiB; final loss {}{}; summary {}",
         top.status,
         m.steps,
         fmt(m.tokens_per_s, 0),
@@ -389,6 +390,17 @@ pub fn main_with_preflight<B: Backend>(
         m.mfu.map(|x| format!("{:.1} %", 100.0 * x)).unwrap_or_else(|| "n/a (no peak for this device)".into()),
         fmt(m.peak_memory_gib, 2),
         fmt(m.final_loss, 4),
+        match m.telemetry.as_ref() {
+            Some(t) => match (t.joules_per_1k_tokens, primary_utilization(t)) {
+                (Some(j), Some((d, u))) => {
+                    format!("; {j:.1} J per 1k loss tokens, {d} utilization {u:.0} %")
+                }
+                (Some(j), None) => format!("; {j:.1} J per 1k loss tokens"),
+                (None, Some((d, u))) => format!("; {d} utilization {u:.0} %"),
+                (None, None) => String::new(),
+            },
+            None => String::new(),
+        },
         out_dir.join(&top.run.run_dir).join("benchmark_summary.json").display()
     );
     code
@@ -498,6 +510,12 @@ fn inject_rank_fault(r: &Rank, step: usize) {
             }
         }
     }
+}
+
+/// The device the run computed on and its steady mean utilization (for the closing line).
+fn primary_utilization(t: &crate::summary::Telemetry) -> Option<(&str, f64)> {
+    let d = crate::report::figures::primary_device(t)?;
+    Some((d.id.as_str(), d.utilization_percent?.mean))
 }
 
 /// Creates `<out_dir>/runs/<run-id>/` and returns the id. A run folder is never reused: the
@@ -635,6 +653,9 @@ fn run_once<B: Backend>(
     interrupted: &AtomicBool,
 ) -> (Summary, i32) {
     let started_at = chrono::Utc::now().to_rfc3339();
+    // The sampler runs for the whole run (load, warm-up, steady, finish) on its own thread; it
+    // appends to telemetry.jsonl as it goes. None when --telemetry-interval-ms 0.
+    let tel = Telemetry::start(cfg.run.telemetry_interval_ms, dir);
     let t_model = Instant::now();
     let built = build(cfg, p);
     let model_load_s = t_model.elapsed().as_secs_f64();
@@ -643,7 +664,7 @@ fn run_once<B: Backend>(
         Ok(b) => b,
         Err(e) => {
             eprintln!("error: building the model failed: {e:#}");
-            let s = rec.summary::<B>(
+            let mut s = rec.summary::<B>(
                 cfg,
                 p,
                 None,
@@ -665,6 +686,7 @@ fn run_once<B: Backend>(
                     }),
                 }),
             );
+            attach_telemetry(&mut s, tel, cfg);
             return (s, crate::error::exit_code_for(&e));
         }
     };
@@ -712,6 +734,14 @@ fn run_once<B: Backend>(
         if let Some(r) = &p.rank {
             inject_rank_fault(r, step.index);
         }
+        if let Some(t) = &tel {
+            // Before the clock starts: an atomic store (and a short lock when the phase changes).
+            t.set_phase(if step.index < rec.warmup {
+                Phase::Warmup
+            } else {
+                Phase::Steady
+            });
+        }
         let t0 = Instant::now();
         let out = if inject_oom_at == Some(step.index) {
             // Testing hook: the failure path of a real out-of-memory, without the memory.
@@ -733,6 +763,9 @@ fn run_once<B: Backend>(
         match out {
             Ok(r) if r.loss.is_finite() => {
                 rec.record(step, &r, lr, dt, start);
+                if let Some(t) = &tel {
+                    t.step_done();
+                }
                 if let Some(pb) = &pb {
                     pb.set_message(format!(
                         "loss {:.4} | {:.0} tok/s",
@@ -770,6 +803,9 @@ fn run_once<B: Backend>(
             }
         }
     }
+    if let Some(t) = &tel {
+        t.set_phase(Phase::Finish);
+    }
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
@@ -792,7 +828,34 @@ fn run_once<B: Backend>(
         s.metrics.measured_peak_tflops = Some(t);
         s.metrics.mfu_measured = s.metrics.model_tflops_per_s.map(|x| x / t);
     }
+    attach_telemetry(&mut s, tel, cfg);
     (s, code)
+}
+
+/// Stops the sampler and puts its aggregate into the summary (with notes saying why a figure is
+/// null); with telemetry off, says so.
+fn attach_telemetry(s: &mut Summary, tel: Option<Telemetry>, cfg: &Config) {
+    let Some(tel) = tel else {
+        if cfg.run.telemetry_interval_ms == 0 {
+            s.notes
+                .push("telemetry: null: off (--telemetry-interval-ms 0)".into());
+        } else {
+            s.notes
+                .push("telemetry: null: the sampler thread could not start".into());
+        }
+        return;
+    };
+    let recording = tel.finish();
+    let cuda_visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    let cx = telemetry::aggregate::Context {
+        steady_loss_tokens: s.metrics.steady_loss_tokens,
+        steady_input_tokens: s.metrics.steady_input_tokens,
+        backend_device: &s.backend.device,
+        cuda_visible_devices: cuda_visible.as_deref(),
+    };
+    let (t, notes) = telemetry::aggregate::summarize(&recording, &cx);
+    s.metrics.telemetry = Some(t);
+    s.notes.extend(notes);
 }
 
 fn progress_bar(cfg: &Config, n: usize) -> Option<indicatif::ProgressBar> {
@@ -1021,6 +1084,7 @@ impl Recorder {
             final_loss_avg10: (!last10.is_empty())
                 .then(|| last10.iter().sum::<f64>() / last10.len() as f64),
             loss_curve: self.losses.clone(),
+            telemetry: None,
         };
         Summary {
             schema_version: SCHEMA_VERSION,

@@ -143,6 +143,118 @@ pub struct Metrics {
     pub final_loss_avg10: Option<f64>,
     /// Loss of every optimizer step, in order (the full log is `steps.jsonl`).
     pub loss_curve: Vec<f64>,
+    /// What the hardware did (utilisation, power, energy, temperature, throttling), from the
+    /// background sampler; null when `--telemetry-interval-ms 0` turned it off. Absent in
+    /// summaries written before it existed, which still read.
+    #[serde(default)]
+    pub telemetry: Option<Telemetry>,
+}
+
+/// Hardware telemetry of a run (`shared/src/measure/telemetry/`). Steady figures cover the steady
+/// window: from the start of the first steady step to the end of the last, wall clock.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Telemetry {
+    pub interval_ms: u64,
+    /// The raw series beside the summary (`telemetry.jsonl`), null when it could not be written.
+    pub file: Option<String>,
+    pub samples: usize,
+    /// Samples taken during the steady window.
+    pub steady_samples: usize,
+    /// The steady window in seconds since sampling began (the series' `t_s` clock).
+    pub steady_start_s: Option<f64>,
+    pub steady_end_s: Option<f64>,
+    /// The devices whose energy counts (the GPU the run computed on; see `devices[].counted_in_energy`).
+    pub energy_devices: Vec<String>,
+    /// Energy of `energy_devices`, over the steady window and over the whole sampled run.
+    pub energy_j: Option<EnergyJ>,
+    /// Steady energy / steady loss tokens x 1000 (the same tokens as the headline tokens/s).
+    pub joules_per_1k_tokens: Option<f64>,
+    /// Steady energy / steady input (non-padding) tokens x 1000.
+    pub joules_per_1k_input_tokens: Option<f64>,
+    /// Any device slowed its clocks (power cap, thermal) during the steady window.
+    pub throttled: bool,
+    pub devices: Vec<DeviceTelemetry>,
+    /// Wall time the sampler spent per sample, in milliseconds (its cost, on its own thread).
+    pub sampler_cost_ms: Option<SamplerCost>,
+    /// Problems of the sampler and its probes, each once, with how often it happened.
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct EnergyJ {
+    pub steady: Option<f64>,
+    pub total: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Percentiles {
+    pub mean: f64,
+    pub p50: f64,
+    pub p95: f64,
+    pub n: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct SamplerCost {
+    pub mean: f64,
+    pub max: f64,
+}
+
+/// One device's telemetry. Fields a device cannot have (power of the CPU, RSS of a GPU) are absent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DeviceTelemetry {
+    /// `nvidia:<NVML index>`, `apple-gpu` or `cpu`.
+    pub id: String,
+    pub name: String,
+    pub counted_in_energy: bool,
+    /// Steady window: GPU busy percent (NVML, ioreg), or all cores' utilisation for `cpu`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub utilization_percent: Option<Percentiles>,
+    /// Steady window: energy / window length.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub power_w_mean: Option<f64>,
+    /// Steady window: the highest power sample.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub power_w_peak: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub energy_j: Option<EnergyJ>,
+    /// `nvml total-energy counter` or `integral of sampled power (...)`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub energy_source: Option<String>,
+    /// Steady window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sm_clock_mhz_mean: Option<f64>,
+    /// Whole run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature_c_peak: Option<f64>,
+    /// Whole run: device memory in use (all processes), and this process's share where visible.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_used_gib_peak: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process_memory_gib_peak: Option<f64>,
+    /// Steady window: clocks slowed by a power cap or heat (NVML's slowdown reasons, macOS's
+    /// thermal warnings); null where the device cannot tell.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttled: Option<bool>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub throttle_reasons: Vec<String>,
+    /// Apple: the worst thermal state seen in the steady window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thermal_state: Option<String>,
+    /// `cpu`, steady window: this process's CPU time per second (1.0 = one core).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process_cpu_cores: Option<Percentiles>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process_rss_gib_peak: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system_memory_used_gib_peak: Option<f64>,
+    /// Figures this device cannot give, and why (unsupported queries, no root for powermetrics).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unavailable: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -257,6 +369,9 @@ impl Summary {
         if self.status != Status::Completed && self.error.is_none() {
             bail!("status is {:?} but error is missing", self.status);
         }
+        if let Some(t) = &m.telemetry {
+            validate_telemetry(t, m)?;
+        }
         if self.workload.hash.len() != 64
             || !self.workload.hash.chars().all(|c| c.is_ascii_hexdigit())
         {
@@ -306,6 +421,83 @@ impl Summary {
             .map_err(|e| anyhow!("{name}: invalid summary: {e:#}"))?;
         Ok(s)
     }
+}
+
+fn validate_telemetry(t: &Telemetry, m: &Metrics) -> Result<()> {
+    let nonneg = |k: &str, v: Option<f64>| -> Result<()> {
+        match v {
+            Some(v) if !(v.is_finite() && v >= 0.0) => {
+                bail!("metrics.telemetry.{k} = {v} is not a finite non-negative number")
+            }
+            _ => Ok(()),
+        }
+    };
+    let energy = |k: &str, e: &Option<EnergyJ>| -> Result<()> {
+        if let Some(e) = e {
+            nonneg(&format!("{k}.steady"), e.steady)?;
+            nonneg(&format!("{k}.total"), e.total)?;
+            if let (Some(s), Some(t)) = (e.steady, e.total) {
+                if s > t * (1.0 + 1e-9) + 1e-6 {
+                    bail!("metrics.telemetry.{k}: steady energy {s} J exceeds the total {t} J");
+                }
+            }
+        }
+        Ok(())
+    };
+    let pct = |k: &str, p: &Option<Percentiles>, max: f64| -> Result<()> {
+        if let Some(p) = p {
+            for (name, v) in [("mean", p.mean), ("p50", p.p50), ("p95", p.p95)] {
+                if !(v.is_finite() && (0.0..=max).contains(&v)) {
+                    bail!("metrics.telemetry.{k}.{name} = {v} is outside 0..={max}");
+                }
+            }
+            if p.p50 > p.p95 + 1e-9 {
+                bail!("metrics.telemetry.{k}: p50 {} > p95 {}", p.p50, p.p95);
+            }
+        }
+        Ok(())
+    };
+    if t.steady_samples > t.samples {
+        bail!(
+            "metrics.telemetry.steady_samples ({}) > samples ({})",
+            t.steady_samples,
+            t.samples
+        );
+    }
+    energy("energy_j", &t.energy_j)?;
+    nonneg("joules_per_1k_tokens", t.joules_per_1k_tokens)?;
+    nonneg("joules_per_1k_input_tokens", t.joules_per_1k_input_tokens)?;
+    if let (Some(j), Some(s)) = (t.joules_per_1k_tokens, t.energy_j.and_then(|e| e.steady)) {
+        let expect = s / m.steady_loss_tokens as f64 * 1000.0;
+        if m.steady_loss_tokens == 0 || (j - expect).abs() > 1e-6 * expect.abs().max(1e-9) {
+            bail!("metrics.telemetry.joules_per_1k_tokens = {j} is not steady energy {s} J / {} steady loss tokens x 1000", m.steady_loss_tokens);
+        }
+    }
+    for d in &t.devices {
+        let k = format!("devices[{}]", d.id);
+        pct(
+            &format!("{k}.utilization_percent"),
+            &d.utilization_percent,
+            100.0,
+        )?;
+        pct(
+            &format!("{k}.process_cpu_cores"),
+            &d.process_cpu_cores,
+            f64::MAX,
+        )?;
+        energy(&format!("{k}.energy_j"), &d.energy_j)?;
+        for (name, v) in [
+            ("power_w_mean", d.power_w_mean),
+            ("power_w_peak", d.power_w_peak),
+            ("memory_used_gib_peak", d.memory_used_gib_peak),
+            ("process_memory_gib_peak", d.process_memory_gib_peak),
+            ("process_rss_gib_peak", d.process_rss_gib_peak),
+            ("sm_clock_mhz_mean", d.sm_clock_mhz_mean),
+        ] {
+            nonneg(&format!("{k}.{name}"), v)?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes a file so that readers see either the old content or the new, never a part: the bytes

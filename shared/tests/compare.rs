@@ -560,6 +560,175 @@ fn html_report_renders_in_headless_chromium_without_fetching_anything() {
     }
 }
 
+/// A run with telemetry: the fixture's summary given a `metrics.telemetry` aggregated (by the
+/// library, as the runner does) from a series built here, and that series as `telemetry.jsonl`.
+/// GPU power rises from 100 W by 10 W per second; the steady window is 3.5 s to 8.5 s.
+fn run_with_telemetry(dir: &Path) -> (PathBuf, Value) {
+    use shared::measure::telemetry::aggregate::{summarize, Context};
+    use shared::measure::telemetry::{
+        CpuSample, DeviceInfo, NvidiaSample, Phase, PhaseMark, Recording, Sample,
+    };
+    let marks = vec![
+        PhaseMark {
+            phase: Phase::Load,
+            t_s: 0.0,
+        },
+        PhaseMark {
+            phase: Phase::Warmup,
+            t_s: 2.0,
+        },
+        PhaseMark {
+            phase: Phase::Steady,
+            t_s: 3.5,
+        },
+        PhaseMark {
+            phase: Phase::Finish,
+            t_s: 8.5,
+        },
+    ];
+    let samples: Vec<Sample> = (0..=10)
+        .map(|k| {
+            let t = k as f64;
+            Sample {
+                t_s: t,
+                phase: marks.iter().rev().find(|m| m.t_s <= t).unwrap().phase,
+                steps_done: k,
+                cost_ms: 0.3,
+                cpu: Some(CpuSample {
+                    system_cpu_percent: Some(30.0),
+                    process_cpu_cores: Some(1.0),
+                    process_rss_gib: Some(2.0),
+                    system_memory_used_gib: Some(8.0),
+                    errors: vec![],
+                }),
+                nvidia: vec![NvidiaSample {
+                    index: 0,
+                    utilization_percent: Some(if (4..=8).contains(&k) { 90.0 } else { 5.0 }),
+                    power_w: Some(100.0 + 10.0 * t),
+                    temperature_c: Some(50.0),
+                    throttle_reasons: if k == 6 {
+                        vec!["sw_power_cap".into()]
+                    } else {
+                        vec![]
+                    },
+                    ..Default::default()
+                }],
+                apple_gpu: None,
+                errors: vec![],
+            }
+        })
+        .collect();
+    let device = |id: &str, name: &str| DeviceInfo {
+        id: id.into(),
+        name: name.into(),
+        uuid: None,
+        unsupported: vec![],
+        unavailable: vec![],
+    };
+    let rec = Recording {
+        interval_ms: 1000,
+        samples: samples.clone(),
+        marks,
+        devices: vec![device("cpu", "test cpu"), device("nvidia:0", "NVIDIA H200")],
+        nvidia_unavailable: None,
+        errors: vec![],
+        file: Some(PathBuf::from("telemetry.jsonl")),
+    };
+    let mut s = fixture();
+    let cx = Context {
+        steady_loss_tokens: s["metrics"]["steady_loss_tokens"].as_u64().unwrap() as usize,
+        steady_input_tokens: s["metrics"]["steady_input_tokens"].as_u64().unwrap() as usize,
+        backend_device: "cuda:0",
+        cuda_visible_devices: None,
+    };
+    let (t, _) = summarize(&rec, &cx);
+    s["run"]["run_id"] = json!("20261128T000000Z-pytorch-telemetry");
+    s["metrics"]["telemetry"] = serde_json::to_value(&t).unwrap();
+    let run = write_run(dir, "run-t", &s, Some(STEPS));
+    let lines: String = samples
+        .iter()
+        .map(|x| serde_json::to_string(x).unwrap() + "\n")
+        .collect();
+    std::fs::write(run.join("telemetry.jsonl"), lines).unwrap();
+    (run, s)
+}
+
+#[test]
+fn telemetry_shows_energy_utilization_and_plots_over_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (t_run, st) = run_with_telemetry(dir.path());
+    let plain = write_run(dir.path(), "run-plain", &fixture(), Some(STEPS));
+    let out_dir = dir.path().join("report");
+    let out = compare(
+        &[&t_run, &plain],
+        &["--output-dir", out_dir.to_str().unwrap()],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
+    let html = std::fs::read_to_string(out_dir.join("report.html")).unwrap();
+    // Steady energy: the integral of 100 + 10 t from 3.5 to 8.5 = 500 + 5 (8.5^2 - 3.5^2) = 800 J.
+    let steady_tokens = f(&st, "/metrics/steady_loss_tokens");
+    let j = 800.0 / steady_tokens * 1000.0;
+    assert!((f(&st, "/metrics/telemetry/joules_per_1k_tokens") - j).abs() < 1e-6);
+    let shown = shared::report::figures::sig(j, 3);
+    for (name, doc) in [("report.md", &md), ("report.html", &html)] {
+        assert!(
+            doc.contains(&format!("{shown} J")),
+            "{name} shows {shown} J"
+        );
+        assert!(
+            doc.contains("800 J steady"),
+            "{name} shows the steady energy"
+        );
+        // Utilization over the steady samples (t = 4..8, all 90 %); the plain run has none.
+        assert!(doc.contains("90 %"), "{name} shows the steady utilization");
+        assert!(
+            doc.contains("sw_power_cap"),
+            "{name} names the throttle reason"
+        );
+        // Mean power = 800 J / 5 s.
+        assert!(doc.contains("160 W"), "{name} shows the mean steady power");
+        assert!(doc.contains("Utilization over time") && doc.contains("Power over time"));
+    }
+    assert!(
+        md.contains("#2 pytorch cpu: no telemetry.jsonl matching its summary"),
+        "{md}"
+    );
+    let svgs = inline_svgs(&html);
+    assert_eq!(svgs.len(), 6, "four plots and the two over time");
+    for svg in &svgs {
+        roxmltree::Document::parse(svg).unwrap_or_else(|e| panic!("malformed SVG ({e})"));
+    }
+    // The power line reaches 200 W at t = 10: the axis covers it.
+    let power_svg = svgs[5];
+    assert!(power_svg.contains("power (W)"), "{power_svg}");
+    // A telemetry series that does not match the summary (another run's) is not plotted.
+    std::fs::write(
+        t_run.join("telemetry.jsonl"),
+        std::fs::read_to_string(t_run.join("telemetry.jsonl"))
+            .unwrap()
+            .lines()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n",
+    )
+    .unwrap();
+    let out = compare(
+        &[&t_run, &plain],
+        &["--output-dir", out_dir.to_str().unwrap()],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let html = std::fs::read_to_string(out_dir.join("report.html")).unwrap();
+    assert_eq!(
+        inline_svgs(&html).len(),
+        4,
+        "a mismatched series is left out"
+    );
+}
+
 #[test]
 fn multi_gpu_runs_get_a_scaling_row_against_the_one_gpu_run() {
     let dir = tempfile::tempdir().unwrap();

@@ -324,3 +324,108 @@ fn real_checkpoint_jsonl_and_tokenizer_from_local_files() {
     // A randomly initialised model over the real vocabulary starts near ln(32064).
     assert!((s.metrics.first_loss.unwrap() - 32_064f64.ln()).abs() < 0.1);
 }
+
+/// The telemetry sampler over a real run: the series in the run folder, phases in order, the
+/// host's figures, and the summary's `metrics.telemetry` made from that same series.
+#[test]
+fn telemetry_is_sampled_into_the_run_folder_and_summarized() {
+    use shared::measure::telemetry::{read_series, Phase};
+    let d = tempfile::tempdir().unwrap();
+    let o = run(d.path(), &["--telemetry-interval-ms", "50"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = summary(d.path());
+    let t = s.metrics.telemetry.as_ref().expect("metrics.telemetry");
+    let run_dir = d.path().join(&s.run.run_dir);
+    let series = read_series(&run_dir.join("telemetry.jsonl")).expect("telemetry.jsonl");
+    assert_eq!(
+        series.len(),
+        t.samples,
+        "the summary counts the file's samples"
+    );
+    assert!(
+        t.samples >= 2,
+        "a sample before the first phase and one after the last"
+    );
+    assert_eq!(
+        (t.interval_ms, t.file.as_deref()),
+        (50, Some("telemetry.jsonl"))
+    );
+    let first = &series[0];
+    let last = series.last().unwrap();
+    assert_eq!(first.phase, Phase::Load);
+    assert_eq!((last.phase, last.steps_done), (Phase::Finish, 3));
+    let order = |p: Phase| {
+        [Phase::Load, Phase::Warmup, Phase::Steady, Phase::Finish]
+            .iter()
+            .position(|q| *q == p)
+            .unwrap()
+    };
+    assert!(
+        series
+            .windows(2)
+            .all(|w| order(w[0].phase) <= order(w[1].phase) && w[0].t_s <= w[1].t_s),
+        "phases and times only move forward"
+    );
+    let (a, b) = (t.steady_start_s.unwrap(), t.steady_end_s.unwrap());
+    assert!(
+        a < b && b <= last.t_s,
+        "steady window {a}..{b} inside the series"
+    );
+    // The host is sampled everywhere.
+    let cpu = t
+        .devices
+        .iter()
+        .find(|d| d.id == "cpu")
+        .expect("the cpu device");
+    let rss = cpu.process_rss_gib_peak.unwrap();
+    assert!(rss > 0.01 && rss < 64.0, "peak RSS {rss} GiB");
+    assert!(series
+        .iter()
+        .filter_map(|x| x.cpu.as_ref()?.process_cpu_cores)
+        .any(|c| c > 0.0));
+    // A CPU run has no energy reading: null, with the reason where the report looks for it.
+    assert_eq!(t.joules_per_1k_tokens, None);
+    assert!(
+        s.notes
+            .iter()
+            .any(|n| n.starts_with("joules_per_1k_tokens: null:") && n.contains("CPU run")),
+        "{:?}",
+        s.notes
+    );
+    let raw: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.path().join("benchmark_summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(raw
+        .pointer("/metrics/telemetry/joules_per_1k_tokens")
+        .is_some());
+    assert!(
+        t.sampler_cost_ms.unwrap().mean < 50.0,
+        "a tick costs well under its interval"
+    );
+}
+
+#[test]
+fn telemetry_off_starts_nothing_and_a_bad_interval_exits_2() {
+    let d = tempfile::tempdir().unwrap();
+    let o = run(d.path(), &["--telemetry-interval-ms", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = summary(d.path());
+    assert!(s.metrics.telemetry.is_none());
+    assert!(!d
+        .path()
+        .join(&s.run.run_dir)
+        .join("telemetry.jsonl")
+        .exists());
+    assert!(s
+        .notes
+        .iter()
+        .any(|n| n.contains("--telemetry-interval-ms 0")));
+    let o = run(d.path(), &["--telemetry-interval-ms", "7"]);
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(
+        e.contains("telemetry_interval_ms = 7") && e.contains("--telemetry-interval-ms 200"),
+        "{e}"
+    );
+}

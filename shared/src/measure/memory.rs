@@ -540,6 +540,7 @@ mod tests {
                 labels: vec![0; n],
                 position_ids: vec![0; n],
                 segment_ids: None,
+                row_lengths: vec![seq_len; rows],
                 loss_tokens,
                 input_tokens: n,
                 padded_tokens: n,

@@ -5,6 +5,7 @@
 use serde_json::Value;
 
 use super::load::Run;
+use crate::summary::{DeviceTelemetry, Telemetry};
 
 /// A figure's name and its definition, as `measuring.md` states it.
 #[derive(Debug)]
@@ -70,7 +71,27 @@ pub const DEFINITIONS: &[Definition] = &[
     Definition {
         id: "energy",
         name: "energy per 1k tokens",
-        text: "Joules per 1,000 tokens over the steady steps: NVIDIA from NVML's total-energy counter where the GPU has one, else the integral of sampled power; Apple from powermetrics only when run with permission. Otherwise not measured.",
+        text: "Joules per 1,000 loss tokens over the steady window (from the start of the first steady step to the end of the last, wall clock), for the device the run computed on: NVIDIA from NVML's total-energy counter where the GPU has one, else the integral of power sampled every --telemetry-interval-ms; Apple from powermetrics only when run as root. Otherwise not measured, with the reason. In brackets the steady and whole-run energy.",
+    },
+    Definition {
+        id: "utilization",
+        name: "device utilization",
+        text: "Samples taken during the steady window by the telemetry thread: NVIDIA's \"GPU utilization\" (percent of the sample period in which a kernel ran, not how busy the SMs were), the Apple GPU's ioreg \"Device Utilization %\", or all CPU cores' utilisation for CPU runs. Mean, and in brackets p50 and p95 (numpy's linear interpolation).",
+    },
+    Definition {
+        id: "power",
+        name: "device power",
+        text: "Mean power over the steady window (steady energy / window length) and the highest power sample in it, for the device(s) whose energy counts.",
+    },
+    Definition {
+        id: "throttled",
+        name: "throttled",
+        text: "Whether a device slowed its clocks during the steady window: NVML's slowdown reasons (software power cap, hardware slowdown, thermal slowdown, power brake; idle and application clocks do not count) or a macOS thermal warning (pmset -g therm). The reasons seen are listed.",
+    },
+    Definition {
+        id: "telemetry-over-time",
+        name: "utilization and power over time",
+        text: "The raw telemetry series (telemetry.jsonl beside the summary) against seconds since sampling began: utilization of the device the run computed on, and the power of the device(s) whose energy counts. Thin vertical lines mark each run's steady window.",
     },
     Definition {
         id: "final-loss",
@@ -231,12 +252,22 @@ pub fn null_reason(run: &Run, fields: &[&str], fallback: &str) -> String {
         .unwrap_or_else(|| fallback.to_string())
 }
 
-/// Energy per 1k tokens: not in schema version 1 yet, so it is read from the raw JSON where a newer
-/// writer put it (`metrics.telemetry.joules_per_1k_tokens`).
+/// Energy per 1k tokens, read from the raw JSON (`metrics.telemetry.joules_per_1k_tokens`) so
+/// that a summary whose telemetry carries fields this reader does not know still shows it.
 pub fn joules_per_1k_tokens(run: &Run) -> Option<f64> {
     run.raw
         .pointer("/metrics/telemetry/joules_per_1k_tokens")
         .and_then(Value::as_f64)
+}
+
+/// The device a run's utilization is reported for: the first whose energy counts (the GPU the
+/// run computed on), else the first GPU, else the CPU.
+pub fn primary_device(t: &Telemetry) -> Option<&DeviceTelemetry> {
+    t.devices
+        .iter()
+        .find(|d| d.counted_in_energy)
+        .or_else(|| t.devices.iter().find(|d| d.id != "cpu"))
+        .or_else(|| t.devices.first())
 }
 
 /// Tokens per steady step / step time p90 and / p10: the range of per-step throughput.
@@ -520,7 +551,25 @@ pub fn headline_rows(runs: &[Run], baseline: usize) -> Vec<Row> {
         "energy per 1k tokens",
         Some("energy"),
         per_run(&|r| match joules_per_1k_tokens(r) {
-            Some(j) => Cell::value(format!("{} J", sig(j, 3))),
+            Some(j) => {
+                let e = r
+                    .summary
+                    .metrics
+                    .telemetry
+                    .as_ref()
+                    .and_then(|t| t.energy_j.map(|e| (e, t.energy_devices.join(", "))));
+                match e {
+                    Some((e, devs)) => Cell::with_detail(
+                        format!("{} J", sig(j, 3)),
+                        format!(
+                            "{devs}: {} J steady, {} J whole run",
+                            e.steady.map_or("?".into(), |x| sig(x, 3)),
+                            e.total.map_or("?".into(), |x| sig(x, 3))
+                        ),
+                    ),
+                    None => Cell::value(format!("{} J", sig(j, 3))),
+                }
+            }
             None => {
                 let why = null_reason(
                     r,
@@ -541,6 +590,9 @@ pub fn headline_rows(runs: &[Run], baseline: usize) -> Vec<Row> {
             }
         }),
     ));
+    if runs.iter().any(|r| r.summary.metrics.telemetry.is_some()) {
+        rows.extend(telemetry_rows(runs));
+    }
     rows.push(Row::new(
         "final loss",
         Some("final-loss"),
@@ -575,6 +627,89 @@ pub fn headline_rows(runs: &[Run], baseline: usize) -> Vec<Row> {
         }),
     ));
     rows
+}
+
+/// Utilization, power and throttling from `metrics.telemetry`.
+fn telemetry_rows(runs: &[Run]) -> Vec<Row> {
+    let per_run = |f: &dyn Fn(&Run, &Telemetry) -> Cell| {
+        runs.iter()
+            .map(|r| match &r.summary.metrics.telemetry {
+                Some(t) => f(r, t),
+                None => Cell::missing(null_reason(
+                    r,
+                    &["telemetry"],
+                    "no telemetry in this summary",
+                )),
+            })
+            .collect::<Vec<_>>()
+    };
+    vec![
+        Row::new(
+            "utilization (steady)",
+            Some("utilization"),
+            per_run(&|_, t| match primary_device(t) {
+                Some(d) => match d.utilization_percent {
+                    Some(u) => Cell::with_detail(
+                        format!("{:.0} %", u.mean),
+                        format!(
+                            "{}: p50 {:.0} %, p95 {:.0} %, {} samples",
+                            d.id, u.p50, u.p95, u.n
+                        ),
+                    ),
+                    None => Cell::missing(format!(
+                        "{}: no utilization sample in the steady window",
+                        d.id
+                    )),
+                },
+                None => Cell::missing("no device was sampled"),
+            }),
+        ),
+        Row::new(
+            "power (steady)",
+            Some("power"),
+            per_run(&|_, t| {
+                let counted: Vec<&DeviceTelemetry> =
+                    t.devices.iter().filter(|d| d.counted_in_energy).collect();
+                let mean: Option<f64> = counted
+                    .iter()
+                    .map(|d| d.power_w_mean)
+                    .sum::<Option<f64>>()
+                    .filter(|_| !counted.is_empty());
+                let peak: Option<f64> = counted
+                    .iter()
+                    .map(|d| d.power_w_peak)
+                    .sum::<Option<f64>>()
+                    .filter(|_| !counted.is_empty());
+                match (mean, peak) {
+                    (Some(m), Some(p)) => Cell::with_detail(
+                        format!("{} W", sig(m, 3)),
+                        format!("peak {} W", sig(p, 3)),
+                    ),
+                    (Some(m), None) => Cell::value(format!("{} W", sig(m, 3))),
+                    _ => Cell::value("not measured"),
+                }
+            }),
+        ),
+        Row::new(
+            "throttled",
+            Some("throttled"),
+            per_run(&|_, t| {
+                let reasons: Vec<String> = t
+                    .devices
+                    .iter()
+                    .filter(|d| d.throttled == Some(true))
+                    .map(|d| format!("{}: {}", d.id, d.throttle_reasons.join(", ")))
+                    .collect();
+                if t.throttled {
+                    Cell::with_detail("yes", reasons.join("; "))
+                } else if t.devices.iter().any(|d| d.throttled.is_some()) {
+                    Cell::value("no")
+                } else {
+                    Cell::value("unknown")
+                }
+            }),
+        ),
+    ]
 }
 
 /// A string at a JSON pointer, or a placeholder.

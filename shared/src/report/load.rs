@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use crate::measure::telemetry::{self, Sample};
 use crate::runner::read_steps;
 use crate::summary::{Summary, SCHEMA_VERSION};
 
@@ -27,6 +28,16 @@ pub struct Run {
     pub raw: Value,
     /// Steady steps' times from `steps.jsonl`, when the run folder holds a log that matches.
     pub steps: Option<StepLog>,
+    /// The raw telemetry series (`telemetry.jsonl`), when the run folder holds the one the
+    /// summary's `metrics.telemetry` was made from.
+    pub telemetry: Option<TelemetryLog>,
+}
+
+/// One run's `telemetry.jsonl`.
+#[derive(Debug, Clone)]
+pub struct TelemetryLog {
+    pub path: PathBuf,
+    pub samples: Vec<Sample>,
 }
 
 /// The steady steps of one run's `steps.jsonl`.
@@ -71,6 +82,7 @@ pub fn load_run(arg: &Path, arg_index: usize) -> Result<Run> {
         summary.backend.framework, summary.backend.device
     );
     let steps = find_steps(&path, &summary);
+    let telemetry = find_telemetry(&path, &summary);
     Ok(Run {
         arg_index,
         label,
@@ -78,6 +90,7 @@ pub fn load_run(arg: &Path, arg_index: usize) -> Result<Run> {
         summary,
         raw,
         steps,
+        telemetry,
     })
 }
 
@@ -168,6 +181,25 @@ fn find_steps(summary_path: &Path, s: &Summary) -> Option<StepLog> {
             path,
             steady_step_time_s,
         });
+    }
+    None
+}
+
+/// The telemetry series the summary's `metrics.telemetry` was made from (same number of
+/// samples, same steady window), looked for where the steps log can be.
+fn find_telemetry(summary_path: &Path, s: &Summary) -> Option<TelemetryLog> {
+    let t = s.metrics.telemetry.as_ref()?;
+    for steps_path in step_log_candidates(summary_path, s) {
+        let path = steps_path.with_file_name(telemetry::FILE);
+        if !path.is_file() {
+            continue;
+        }
+        let Ok(samples) = telemetry::read_series(&path) else {
+            continue;
+        };
+        if samples.len() == t.samples {
+            return Some(TelemetryLog { path, samples });
+        }
     }
     None
 }

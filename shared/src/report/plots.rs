@@ -9,7 +9,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::figures::{fixed, sig, throughput_whiskers};
+use super::figures::{fixed, primary_device, sig, throughput_whiskers};
 use super::load::Run;
 use crate::measure::stats::Spread;
 
@@ -49,14 +49,20 @@ pub fn color(i: usize) -> RGBColor {
     PALETTE[i % PALETTE.len()]
 }
 
-/// All four plots, in report order.
+/// The four plots every report has, then utilization and power over time when at least one run
+/// folder holds its telemetry series.
 pub fn all(runs: &[Run]) -> Result<Vec<Plot>> {
-    Ok(vec![
+    let mut v = vec![
         throughput(runs)?,
         loss_curves(runs)?,
         step_times(runs)?,
         peak_memory(runs)?,
-    ])
+    ];
+    if runs.iter().any(|r| r.telemetry.is_some()) {
+        v.push(over_time(runs, Series::Utilization)?);
+        v.push(over_time(runs, Series::Power)?);
+    }
+    Ok(v)
 }
 
 fn svg_error<E: std::fmt::Display>(e: E) -> anyhow::Error {
@@ -495,5 +501,204 @@ pub fn peak_memory(runs: &[Run]) -> Result<Plot> {
         definition: "peak-memory",
         notes,
         svg,
+    })
+}
+
+/// Which telemetry series a time plot shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Series {
+    Utilization,
+    Power,
+}
+
+/// At most this many points per line: longer series are averaged in equal buckets.
+const MAX_POINTS: usize = 1200;
+
+fn downsample(points: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
+    if points.len() <= MAX_POINTS {
+        return points;
+    }
+    let per = points.len().div_ceil(MAX_POINTS);
+    points
+        .chunks(per)
+        .map(|c| {
+            let n = c.len() as f64;
+            (
+                c.iter().map(|p| p.0).sum::<f64>() / n,
+                c.iter().map(|p| p.1).sum::<f64>() / n,
+            )
+        })
+        .collect()
+}
+
+/// A run's series from its telemetry log: the primary device's utilization, or the summed power
+/// of the devices whose energy counts (at the samples where every one of them has a reading).
+pub fn time_series(run: &Run, which: Series) -> Option<Vec<(f64, f64)>> {
+    let log = run.telemetry.as_ref()?;
+    let t = run.summary.metrics.telemetry.as_ref()?;
+    let value = |s: &crate::measure::telemetry::Sample, id: &str| -> Option<f64> {
+        if id == "cpu" {
+            let c = s.cpu.as_ref()?;
+            return match which {
+                Series::Utilization => c.system_cpu_percent,
+                Series::Power => None,
+            };
+        }
+        if id == "apple-gpu" {
+            let a = s.apple_gpu.as_ref()?;
+            return match which {
+                Series::Utilization => a.utilization_percent,
+                Series::Power => a.power_w,
+            };
+        }
+        let i: u32 = id.strip_prefix("nvidia:")?.parse().ok()?;
+        let g = s.nvidia.iter().find(|g| g.index == i)?;
+        match which {
+            Series::Utilization => g.utilization_percent,
+            Series::Power => g.power_w,
+        }
+    };
+    let ids: Vec<&str> = match which {
+        Series::Utilization => vec![primary_device(t)?.id.as_str()],
+        Series::Power => {
+            let counted: Vec<&str> = t
+                .devices
+                .iter()
+                .filter(|d| d.counted_in_energy)
+                .map(|d| d.id.as_str())
+                .collect();
+            if counted.is_empty() {
+                vec![primary_device(t)?.id.as_str()]
+            } else {
+                counted
+            }
+        }
+    };
+    let points: Vec<(f64, f64)> = log
+        .samples
+        .iter()
+        .filter_map(|s| {
+            let v: Option<f64> = ids.iter().map(|id| value(s, id)).sum();
+            v.filter(|v| v.is_finite()).map(|v| (s.t_s, v))
+        })
+        .collect();
+    (!points.is_empty()).then(|| downsample(points))
+}
+
+/// Utilization or power against time since sampling began, one line per run that has the series.
+pub fn over_time(runs: &[Run], which: Series) -> Result<Plot> {
+    let series: Vec<Option<Vec<(f64, f64)>>> = runs.iter().map(|r| time_series(r, which)).collect();
+    let t_max = series
+        .iter()
+        .flatten()
+        .flat_map(|s| s.iter().map(|p| p.0))
+        .fold(1.0_f64, f64::max);
+    let (y_top, y_desc) = match which {
+        // A little headroom so a line at 100 % stays visible above the frame.
+        Series::Utilization => (105.0, "utilization (%)"),
+        Series::Power => (
+            axis_top(series.iter().flatten().flat_map(|s| s.iter().map(|p| p.1))),
+            "power (W)",
+        ),
+    };
+    let svg = draw(|root| {
+        let mut chart = ChartBuilder::on(root)
+            .margin(16)
+            .x_label_area_size(52)
+            .y_label_area_size(88)
+            .build_cartesian_2d(0.0..t_max, 0.0..y_top)
+            .map_err(svg_error)?;
+        let x_decimals = axis_decimals(t_max);
+        let x_fmt = move |x: &f64| fixed(*x, x_decimals);
+        let y_decimals = axis_decimals(y_top);
+        let y_fmt = move |y: &f64| fixed(*y, y_decimals);
+        chart
+            .configure_mesh()
+            .x_labels(10)
+            .x_label_formatter(&x_fmt)
+            .y_label_formatter(&y_fmt)
+            .x_desc("seconds since sampling began")
+            .y_desc(y_desc)
+            .label_style(label_style(TEXT_SMALL))
+            .axis_desc_style(label_style(TEXT))
+            .light_line_style(TRANSPARENT)
+            .bold_line_style(RGBColor(215, 215, 215))
+            .draw()
+            .map_err(svg_error)?;
+        let mut any = false;
+        for (i, (r, s)) in runs.iter().zip(&series).enumerate() {
+            let Some(points) = s else { continue };
+            any = true;
+            let c = color(i);
+            if let Some(t) = &r.summary.metrics.telemetry {
+                for x in [t.steady_start_s, t.steady_end_s].into_iter().flatten() {
+                    chart
+                        .draw_series([PathElement::new(
+                            vec![(x, 0.0), (x, y_top)],
+                            c.mix(0.6).stroke_width(1),
+                        )])
+                        .map_err(svg_error)?;
+                }
+            }
+            chart
+                .draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))
+                .map_err(svg_error)?
+                .label(r.label.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
+                });
+        }
+        if any {
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.85))
+                .border_style(RGBColor(200, 200, 200))
+                .label_font(label_style(TEXT_SMALL))
+                .draw()
+                .map_err(svg_error)?;
+        }
+        Ok(())
+    })?;
+    let notes = runs
+        .iter()
+        .zip(&series)
+        .map(|(r, s)| match (s, &r.telemetry) {
+            (Some(p), Some(log)) => format!(
+                "{}: {} points from {}",
+                r.label,
+                p.len(),
+                log.path.display()
+            ),
+            (None, Some(_)) => format!(
+                "{}: no {} readings in its telemetry series",
+                r.label,
+                match which {
+                    Series::Utilization => "utilization",
+                    Series::Power => "power",
+                }
+            ),
+            (_, None) => format!(
+                "{}: no telemetry.jsonl matching its summary beside {}",
+                r.label,
+                r.summary_path.display()
+            ),
+        })
+        .collect();
+    Ok(match which {
+        Series::Utilization => Plot {
+            id: "plot-utilization",
+            title: "Utilization over time",
+            definition: "telemetry-over-time",
+            notes,
+            svg,
+        },
+        Series::Power => Plot {
+            id: "plot-power",
+            title: "Power over time",
+            definition: "telemetry-over-time",
+            notes,
+            svg,
+        },
     })
 }
