@@ -59,5 +59,6 @@ fn preflight(cfg: &Config) -> anyhow::Result<DeviceFacts> {
     Ok(DeviceFacts {
         device,
         precision: Precision::resolve(cfg.run.dtype, device.is_gpu()),
+        drops_padding: false,
     })
 }

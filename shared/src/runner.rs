@@ -133,6 +133,9 @@ fn install_signal_handler() -> Arc<AtomicBool> {
 pub struct DeviceFacts {
     pub device: DeviceKind,
     pub precision: Precision,
+    /// The backend computes only real tokens (variable-length attention), so padding costs no
+    /// activation memory.
+    pub drops_padding: bool,
 }
 
 /// The preflight a binary gets when it names none: the device from `--device` (`auto`: CUDA
@@ -155,6 +158,7 @@ pub fn default_device_facts(cfg: &Config) -> Result<DeviceFacts> {
     Ok(DeviceFacts {
         device,
         precision: Precision::resolve(cfg.run.dtype, device.is_gpu()),
+        drops_padding: false,
     })
 }
 
@@ -272,12 +276,18 @@ pub fn main_with_preflight<B: Backend>(
     ));
     // Preflight memory estimate: printed first, checked against the device's free memory before
     // the model loads, and kept in the summary next to the measured peak.
+    let unpadded;
     let estimate = memory::estimate(
         &p.shape,
         &cfg.workload.strategy,
         facts.precision,
         facts.device,
-        &p.steps,
+        if facts.drops_padding {
+            unpadded = memory::without_padding(&p.steps);
+            &unpadded
+        } else {
+            &p.steps
+        },
     );
     if args.plan {
         print_plan(&cfg, p, &facts, &estimate);

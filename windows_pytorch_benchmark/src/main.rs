@@ -80,8 +80,12 @@ fn preflight(cfg: &shared::config::Config) -> anyhow::Result<DeviceFacts> {
         DType::Bf16 => Precision::Bf16,
         DType::MixedBf16 => Precision::MixedBf16,
     };
+    // Which attention path the backend will take (an unknown FTB_ATTENTION stops here).
+    let dtype = train::pick_dtype(cfg.run.dtype, device);
+    let attention = train::AttentionMode::pick(device, dtype, cfg.workload.data.pad_to)?;
     Ok(DeviceFacts {
         device: kind,
         precision,
+        drops_padding: attention == train::AttentionMode::Varlen,
     })
 }

@@ -294,6 +294,35 @@ fn micro_batch_bytes(
     (activations, head, transient, masks)
 }
 
+/// The steps as a backend that computes real tokens only sees them (one row of each micro-batch's
+/// real tokens, documents apart without a mask), for the estimate.
+pub fn without_padding(steps: &[Step]) -> Vec<Step> {
+    steps
+        .iter()
+        .map(|s| Step {
+            micro_batches: s
+                .micro_batches
+                .iter()
+                .map(|m| MicroBatch {
+                    rows: 1,
+                    seq_len: m.input_tokens,
+                    input_ids: Vec::new(),
+                    labels: Vec::new(),
+                    position_ids: Vec::new(),
+                    segment_ids: None,
+                    row_lengths: vec![m.input_tokens],
+                    loss_tokens: m.loss_tokens,
+                    input_tokens: m.input_tokens,
+                    padded_tokens: m.input_tokens,
+                })
+                .collect(),
+            doc_lengths: s.doc_lengths.clone(),
+            sample_ids: s.sample_ids.clone(),
+            ..*s
+        })
+        .collect()
+}
+
 /// The estimate for a run of `steps` (the prepared batch plan).
 pub fn estimate(
     shape: &ModelShape,
