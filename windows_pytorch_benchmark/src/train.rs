@@ -625,7 +625,35 @@ fn catch_torch<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "libtorch raised an error".into());
-            Err(anyhow!("{msg}"))
+            Err(anyhow!("{}", torch_message(&msg)))
         }
+    }
+}
+
+/// libtorch's exception text without tch's panic wrapping and without the C++ backtrace that
+/// follows "Exception raised from" (40 frames of addresses in a CUDA out-of-memory error).
+pub fn torch_message(panic: &str) -> String {
+    let s = panic
+        .strip_prefix("called `Result::unwrap()` on an `Err` value: ")
+        .unwrap_or(panic);
+    let s = s
+        .strip_prefix("Torch(\"")
+        .map(|r| r.strip_suffix("\")").unwrap_or(r))
+        .unwrap_or(s);
+    let s = s.replace("\\n", "\n");
+    let s = s.split("\nException raised from").next().unwrap_or(&s);
+    s.trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn torch_messages_lose_the_wrapping_and_the_backtrace() {
+        let raw = "called `Result::unwrap()` on an `Err` value: Torch(\"CUDA out of memory. Tried to allocate 1024.00 MiB.\\nException raised from malloc at /pytorch/c10/cuda/CUDACachingAllocator.cpp:1574 (most recent call first):\\nframe #0: c10::Error::Error\")";
+        assert_eq!(
+            super::torch_message(raw),
+            "CUDA out of memory. Tried to allocate 1024.00 MiB."
+        );
+        assert_eq!(super::torch_message("plain"), "plain");
     }
 }

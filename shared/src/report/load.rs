@@ -77,10 +77,13 @@ pub fn load_run(arg: &Path, arg_index: usize) -> Result<Run> {
             .with_context(|| format!("{}: cannot read", path.display()))?,
     )
     .with_context(|| format!("{}: not valid JSON", path.display()))?;
-    let label = format!(
+    let mut label = format!(
         "#{arg_index} {} {}",
         summary.backend.framework, summary.backend.device
     );
+    if summary.backend.world_size > 1 {
+        label.push_str(&format!(" x{}", summary.backend.world_size));
+    }
     let steps = find_steps(&path, &summary);
     let telemetry = find_telemetry(&path, &summary);
     Ok(Run {

@@ -232,7 +232,8 @@ mod tests {
                 .expect("every NVIDIA GPU reports utilization");
             assert!((0.0..=100.0).contains(&u), "utilization {u}");
             let used = b.memory_used_gib.unwrap();
-            assert!(used > 0.0 && used < 1024.0, "memory used {used} GiB");
+            // An idle GPU may report 0 bytes used (seen on the H200, driver 580).
+            assert!((0.0..1024.0).contains(&used), "memory used {used} GiB");
             if let Some(w) = b.power_w {
                 assert!(w > 1.0 && w < 3000.0, "power {w} W");
             }
