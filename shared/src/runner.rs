@@ -304,15 +304,9 @@ pub fn main_with_preflight<B: Backend>(
         Some(id) => id,
         // Ranks other than 0 write nothing.
         None if !leader => format!("rank-{}", rank.as_ref().map_or(0, |r| r.rank)),
-        None => match create_run_dir(framework, &out_dir) {
-            Ok(id) => id,
-            Err(e) => {
-                eprintln!(
-                    "error: cannot create a run folder under {}: {e}; pass a writable --output-dir",
-                    out_dir.join("runs").display()
-                );
-                return exit::FAILED;
-            }
+        None => match new_run_folder(framework, &out_dir) {
+            Some(id) => id,
+            None => return exit::FAILED,
         },
     };
     let mut summaries = Vec::new();
@@ -420,15 +414,8 @@ pub fn main_with_preflight<B: Backend>(
 /// rank in rank 0's summary. Rank 0 writes the run folder; this process only creates it.
 fn supervise_ranks(cfg: &Config, framework: Framework, out_dir: &Path) -> i32 {
     let n = cfg.run.nproc;
-    let run_id = match create_run_dir(framework, out_dir) {
-        Ok(id) => id,
-        Err(e) => {
-            eprintln!(
-                "error: cannot create a run folder under {}: {e}; pass a writable --output-dir",
-                out_dir.join("runs").display()
-            );
-            return exit::FAILED;
-        }
+    let Some(run_id) = new_run_folder(framework, out_dir) else {
+        return exit::FAILED;
     };
     let run_dir = out_dir.join("runs").join(&run_id);
     let beacons = run_dir.join("ranks");
@@ -526,6 +513,18 @@ fn inject_rank_fault(r: &Rank, step: usize) {
 fn primary_utilization(t: &crate::summary::Telemetry) -> Option<(&str, f64)> {
     let d = crate::report::figures::primary_device(t)?;
     Some((d.id.as_str(), d.utilization_percent?.mean))
+}
+
+/// [`create_run_dir`], saying what went wrong on failure.
+fn new_run_folder(framework: Framework, out_dir: &Path) -> Option<String> {
+    create_run_dir(framework, out_dir)
+        .map_err(|e| {
+            eprintln!(
+                "error: cannot create a run folder under {}: {e}; pass a writable --output-dir",
+                out_dir.join("runs").display()
+            )
+        })
+        .ok()
 }
 
 /// Creates `<out_dir>/runs/<run-id>/` and returns the id. A run folder is never reused: the
