@@ -353,6 +353,27 @@ pub fn main_with_preflight<B: Backend>(
         let mut summary = summary;
         summary.metrics.memory.estimated_peak_bytes = Some(estimate.peak_bytes);
         summary.metrics.memory.estimate = Some(estimate.clone());
+        if let Some(r) = &rank {
+            // Rank 0's figures are aggregates (global tokens over the slowest rank's step time).
+            let per_gpu = |v: Option<f64>| v.map(|x| x / r.world_size as f64);
+            let m = &summary.metrics;
+            let d = serde_json::json!({
+                "launcher": if std::env::var_os("FTB_DIST_DIR").is_some() { "--nproc" } else { "environment (RANK, WORLD_SIZE, ...)" },
+                "per_gpu_input_tokens_per_s": per_gpu(m.input_tokens_per_s),
+                "per_gpu_tokens_per_s": per_gpu(m.tokens_per_s),
+                "per_gpu_samples_per_s": per_gpu(m.samples_per_s),
+            });
+            let details = &mut summary.backend.details;
+            match details
+                .get_mut("distributed")
+                .and_then(|v| v.as_object_mut())
+            {
+                Some(o) => o.extend(d.as_object().cloned().unwrap_or_default()),
+                None => {
+                    details.insert("distributed".into(), d);
+                }
+            }
+        }
         if let Err(e) = summary.write(&dir.join("benchmark_summary.json")) {
             eprintln!("error: {e:#}");
             return exit::FAILED;
