@@ -716,7 +716,7 @@ fn run_once<B: Backend>(
                     }),
                 }),
             );
-            attach_telemetry(&mut s, tel, cfg);
+            attach_telemetry(&mut s, tel, cfg, p.rank.as_ref());
             return (s, crate::error::exit_code_for(&e));
         }
     };
@@ -854,17 +854,20 @@ fn run_once<B: Backend>(
         status,
         error,
     );
+    // Data parallel: the model FLOP rate is the ranks' together, so the peak is one GPU's times
+    // the world size.
+    let world = p.rank.as_ref().map_or(1, |r| r.world_size) as f64;
     if let Some(t) = measured_peak {
         s.metrics.measured_peak_tflops = Some(t);
-        s.metrics.mfu_measured = s.metrics.model_tflops_per_s.map(|x| x / t);
+        s.metrics.mfu_measured = s.metrics.model_tflops_per_s.map(|x| x / (t * world));
     }
-    attach_telemetry(&mut s, tel, cfg);
+    attach_telemetry(&mut s, tel, cfg, p.rank.as_ref());
     (s, code)
 }
 
 /// Stops the sampler and puts its aggregate into the summary (with notes saying why a figure is
 /// null); with telemetry off, says so.
-fn attach_telemetry(s: &mut Summary, tel: Option<Telemetry>, cfg: &Config) {
+fn attach_telemetry(s: &mut Summary, tel: Option<Telemetry>, cfg: &Config, rank: Option<&Rank>) {
     let Some(tel) = tel else {
         if cfg.run.telemetry_interval_ms == 0 {
             s.notes
@@ -877,11 +880,26 @@ fn attach_telemetry(s: &mut Summary, tel: Option<Telemetry>, cfg: &Config) {
     };
     let recording = tel.finish();
     let cuda_visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    // Data parallel on one host: the GPUs of ranks 0..world-1 (their LOCAL_RANK-th entries of the
+    // job's CUDA_VISIBLE_DEVICES, which a rank narrows to its own GPU; see FTB_JOB_VISIBLE_DEVICES).
+    let job_gpus = rank.map(|r| {
+        let list = std::env::var("FTB_JOB_VISIBLE_DEVICES").unwrap_or_default();
+        let entries: Vec<String> = list
+            .split(',')
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        (0..r.world_size)
+            .map(|i| entries.get(i).cloned().unwrap_or_else(|| i.to_string()))
+            .collect::<Vec<_>>()
+            .join(",")
+    });
     let cx = telemetry::aggregate::Context {
         steady_loss_tokens: s.metrics.steady_loss_tokens,
         steady_input_tokens: s.metrics.steady_input_tokens,
         backend_device: &s.backend.device,
         cuda_visible_devices: cuda_visible.as_deref(),
+        job_gpus: job_gpus.as_deref(),
     };
     let (t, notes) = telemetry::aggregate::summarize(&recording, &cx);
     s.metrics.telemetry = Some(t);
@@ -1090,7 +1108,9 @@ impl Recorder {
             flops_per_token: (s_in > 0).then(|| steady_flops / s_in as f64),
             model_tflops_per_s: model_tflops,
             mfu: match (&pk, model_tflops) {
-                (Some(pk), Some(t)) => Some(t / pk.tflops),
+                (Some(pk), Some(t)) => {
+                    Some(t / (pk.tflops * p.rank.as_ref().map_or(1, |r| r.world_size) as f64))
+                }
                 _ => None,
             },
             peak: pk,

@@ -640,6 +640,7 @@ fn run_with_telemetry(dir: &Path) -> (PathBuf, Value) {
         steady_input_tokens: s["metrics"]["steady_input_tokens"].as_u64().unwrap() as usize,
         backend_device: "cuda:0",
         cuda_visible_devices: None,
+        job_gpus: None,
     };
     let (t, _) = summarize(&rec, &cx);
     s["run"]["run_id"] = json!("20261128T000000Z-pytorch-telemetry");

@@ -274,6 +274,13 @@ pub fn select_rank_gpu() {
     let Ok(local) = local.trim().parse::<usize>() else {
         return;
     };
+    // Telemetry counts the energy of every rank's GPU: keep the job's list before narrowing.
+    if std::env::var_os("FTB_JOB_VISIBLE_DEVICES").is_none() {
+        std::env::set_var(
+            "FTB_JOB_VISIBLE_DEVICES",
+            std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default(),
+        );
+    }
     let gpu = match std::env::var("CUDA_VISIBLE_DEVICES") {
         Ok(list) if !list.trim().is_empty() => list
             .split(',')

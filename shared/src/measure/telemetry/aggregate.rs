@@ -24,6 +24,9 @@ pub struct Context<'a> {
     /// `CUDA_VISIBLE_DEVICES` as this process saw it (CUDA ordinals then name other GPUs than
     /// NVML's indices).
     pub cuda_visible_devices: Option<&'a str>,
+    /// Data parallel on one host: every rank's GPU (NVML indices or UUIDs, comma-separated);
+    /// the run's energy is theirs together.
+    pub job_gpus: Option<&'a str>,
 }
 
 /// One device's reading at one sample, whatever the device.
@@ -226,6 +229,31 @@ fn energy_devices(rec: &Recording, cx: &Context, all: &[Vec<Point>]) -> (Vec<Str
         .iter()
         .filter(|d| d.id.starts_with("nvidia:"))
         .collect();
+    if let (true, Some(list)) = (dev.starts_with("cuda"), cx.job_gpus) {
+        let ids: Vec<String> = list
+            .split(',')
+            .filter_map(|e| {
+                let e = e.trim();
+                nvidia
+                    .iter()
+                    .find(|d| match e.parse::<u32>() {
+                        Ok(i) => d.id == format!("nvidia:{i}"),
+                        Err(_) => d
+                            .uuid
+                            .as_deref()
+                            .is_some_and(|u| !e.is_empty() && u.starts_with(e)),
+                    })
+                    .map(|d| d.id.clone())
+            })
+            .collect();
+        if !ids.is_empty() {
+            let n = ids.len();
+            return (
+                ids,
+                format!("the GPUs of the {n} data-parallel ranks on this host"),
+            );
+        }
+    }
     if dev.starts_with("cuda") {
         // Where NVML lists this process: the surest sign of the GPU the run used.
         let mine: Vec<String> = rec
@@ -638,6 +666,7 @@ mod tests {
             steady_input_tokens: 4_000,
             backend_device: device,
             cuda_visible_devices: None,
+            job_gpus: None,
         }
     }
 
@@ -826,6 +855,23 @@ mod tests {
             summarize(&rec, &cx("cuda:1")).0.energy_devices,
             ["nvidia:1"]
         );
+        // Data parallel: every rank's GPU counts, whatever this process's own GPU is.
+        let mut c = cx("cuda:0");
+        c.job_gpus = Some("0,2");
+        let (t, notes) = summarize(&rec, &c);
+        assert_eq!(t.energy_devices, ["nvidia:0", "nvidia:2"]);
+        assert!(
+            notes.iter().any(|n| n.contains("2 data-parallel ranks")),
+            "{notes:?}"
+        );
+        let one = summarize(&rec, &cx("cuda:0"))
+            .0
+            .energy_j
+            .unwrap()
+            .total
+            .unwrap();
+        let two = t.energy_j.unwrap().total.unwrap();
+        assert!((two - 2.0 * one).abs() < 1e-6 * one, "{one} x 2 != {two}");
     }
 
     #[test]
