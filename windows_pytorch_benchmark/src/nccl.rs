@@ -252,6 +252,10 @@ impl Comm {
 impl Drop for Comm {
     fn drop(&mut self) {
         self.watch.stop.store(true, Ordering::SeqCst);
+        // The private folder of `bridge_nccl_library` (NCCL is loaded by now).
+        if let Some(d) = std::env::var_os("FTB_NCCL_BRIDGED") {
+            let _ = std::fs::remove_dir_all(d);
+        }
         if !self.watch.aborted.load(Ordering::SeqCst) {
             // SAFETY: no collective is in flight once the owner drops the communicator.
             unsafe {
