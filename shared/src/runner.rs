@@ -194,7 +194,7 @@ pub fn main_with_preflight<B: Backend>(
     preflight: impl Fn(&Config) -> Result<DeviceFacts>,
     build: impl Fn(&Config, &Prepared) -> Result<B>,
 ) -> i32 {
-    let cfg = match Config::resolve(tuning_mode, args, framework) {
+    let mut cfg = match Config::resolve(tuning_mode, args, framework) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -208,11 +208,9 @@ pub fn main_with_preflight<B: Backend>(
             return exit::USAGE;
         }
     };
-    let mut cfg = cfg;
     if rank.as_ref().is_some_and(|r| !r.is_leader()) {
         cfg.run.quiet = true; // rank 0 speaks for the run
     }
-    let cfg = cfg;
     let facts = match preflight(&cfg) {
         Ok(f) => f,
         Err(e) => {
@@ -258,7 +256,7 @@ pub fn main_with_preflight<B: Backend>(
         }
         prepared.rank = Some(r.clone());
     }
-    let leader = rank.as_ref().is_none_or(Rank::is_leader);
+    let leader = prepared.is_leader();
     let data_s = t_data.elapsed().as_secs_f64();
     let p = &prepared;
     say(&format!(
@@ -689,7 +687,7 @@ fn run_once<B: Backend>(
     let t_model = Instant::now();
     let built = build(cfg, p);
     let model_load_s = t_model.elapsed().as_secs_f64();
-    let mut rec = Recorder::new(cfg, p, dir, p.rank.as_ref().is_none_or(Rank::is_leader));
+    let mut rec = Recorder::new(cfg, p, dir, p.is_leader());
     let mut backend = match built {
         Ok(b) => b,
         Err(e) => {
@@ -856,7 +854,7 @@ fn run_once<B: Backend>(
     );
     // Data parallel: the model FLOP rate is the ranks' together, so the peak is one GPU's times
     // the world size.
-    let world = p.rank.as_ref().map_or(1, |r| r.world_size) as f64;
+    let world = p.world_size() as f64;
     if let Some(t) = measured_peak {
         s.metrics.measured_peak_tflops = Some(t);
         s.metrics.mfu_measured = s.metrics.model_tflops_per_s.map(|x| x / (t * world));
@@ -1108,9 +1106,7 @@ impl Recorder {
             flops_per_token: (s_in > 0).then(|| steady_flops / s_in as f64),
             model_tflops_per_s: model_tflops,
             mfu: match (&pk, model_tflops) {
-                (Some(pk), Some(t)) => {
-                    Some(t / (pk.tflops * p.rank.as_ref().map_or(1, |r| r.world_size) as f64))
-                }
+                (Some(pk), Some(t)) => Some(t / (pk.tflops * p.world_size() as f64)),
                 _ => None,
             },
             peak: pk,

@@ -27,6 +27,18 @@ pub struct Prepared {
     pub rank: Option<crate::dist::Rank>,
 }
 
+impl Prepared {
+    /// Data-parallel ranks sharing this workload (1 for a single process).
+    pub fn world_size(&self) -> usize {
+        self.rank.as_ref().map_or(1, |r| r.world_size)
+    }
+
+    /// Whether this process writes the run folder (rank 0, or a single process).
+    pub fn is_leader(&self) -> bool {
+        self.rank.as_ref().is_none_or(crate::dist::Rank::is_leader)
+    }
+}
+
 /// Resolves the model: built-in shape or `config.json` (local folder or hub), and its weights.
 pub fn resolve_model(cfg: &Config) -> Result<(ModelShape, WeightSource, Vec<String>)> {
     let m = &cfg.workload.model;

@@ -75,13 +75,13 @@ fn preflight(cfg: &shared::config::Config) -> anyhow::Result<DeviceFacts> {
         // tch's Vulkan device is never picked by `pick_device`.
         tch::Device::Vulkan => DeviceKind::Cpu,
     };
-    let precision = match train::pick_dtype(cfg.run.dtype, device) {
+    let dtype = train::pick_dtype(cfg.run.dtype, device);
+    let precision = match dtype {
         DType::Float32 => Precision::Float32,
         DType::Bf16 => Precision::Bf16,
         DType::MixedBf16 => Precision::MixedBf16,
     };
     // Which attention path the backend will take (an unknown FTB_ATTENTION stops here).
-    let dtype = train::pick_dtype(cfg.run.dtype, device);
     let attention = train::AttentionMode::pick(device, dtype, cfg.workload.data.pad_to)?;
     Ok(DeviceFacts {
         device: kind,

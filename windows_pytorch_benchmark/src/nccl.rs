@@ -37,8 +37,8 @@ struct Watch {
 
 pub struct Comm {
     comm: CommPtr,
-    pub rank: usize,
-    pub world: usize,
+    /// This process's place in the run (rank, world size, where its beacons go).
+    pub rank: Rank,
     timeout: Duration,
     watch: Arc<Watch>,
     version: String,
@@ -150,8 +150,7 @@ impl Comm {
             .context("starting the NCCL watchdog")?;
         Ok(Self {
             comm: cp,
-            rank: r.rank,
-            world: r.world_size,
+            rank: r.clone(),
             timeout,
             watch,
             version: format!("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100),
@@ -239,8 +238,8 @@ impl Comm {
 
     /// Every rank's value, in rank order (synchronises).
     pub fn gather_f64(&self, x: f64, device: tch::Device) -> Result<Vec<f64>> {
-        let mut v = vec![0.0; self.world];
-        v[self.rank] = x;
+        let mut v = vec![0.0; self.rank.world_size];
+        v[self.rank.rank] = x;
         let t = Tensor::from_slice(&v).to_device(device);
         self.sum(std::slice::from_ref(&t))?;
         let out = Vec::<f64>::try_from(&t.to_device(tch::Device::Cpu))?;

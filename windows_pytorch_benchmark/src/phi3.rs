@@ -200,41 +200,30 @@ impl Inputs {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
+        // Document ends (offsets into the flat tokens). Every plan writes a row's records from
+        // column 0, so a row's real tokens are its first `row_lengths[r]`; in a packed row a new
+        // segment id starts a new document.
         let mut cu: Vec<i32> = vec![0];
-        let mut max_len = 0i64;
-        let mut doc_start = 0usize;
         for r in 0..mb.rows {
-            let mut current: Option<i32> = None;
-            for c in 0..mb.seq_len {
-                let i = r * mb.seq_len + c;
-                // Real tokens: a segment id >= 0 (packed), or not padding (one record per row:
-                // the record fills the row from column 0, padding follows).
-                let seg = match &mb.segment_ids {
-                    Some(s) => s[i],
-                    None if c < mb.row_lengths[r] => 0,
-                    None => -1,
-                };
-                if seg < 0 {
-                    continue;
-                }
-                if current != Some(seg) && current.is_some() {
-                    let len = ids.len() - doc_start;
-                    max_len = max_len.max(len as i64);
+            let row = r * mb.seq_len..r * mb.seq_len + mb.row_lengths[r];
+            for i in row.clone() {
+                let seg = |i: usize| mb.segment_ids.as_ref().map_or(0, |s| s[i]);
+                if i > row.start && seg(i) != seg(i - 1) {
                     cu.push(ids.len() as i32);
-                    doc_start = ids.len();
                 }
-                current = Some(seg);
                 ids.push(mb.input_ids[i]);
                 labels.push(mb.labels[i]);
                 pos.push(mb.position_ids[i]);
             }
-            if current.is_some() {
-                let len = ids.len() - doc_start;
-                max_len = max_len.max(len as i64);
+            if !row.is_empty() {
                 cu.push(ids.len() as i32);
-                doc_start = ids.len();
             }
         }
+        let max_len = cu
+            .windows(2)
+            .map(|w| i64::from(w[1] - w[0]))
+            .max()
+            .unwrap_or(0);
         let t = |v: &[i64]| {
             Tensor::from_slice(v)
                 .view([1, v.len() as i64])

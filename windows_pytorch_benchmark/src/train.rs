@@ -68,7 +68,6 @@ pub struct TorchBackend {
     comm: Option<crate::nccl::Comm>,
     /// Data parallel: every rank's peak device memory (GiB), gathered at the end.
     rank_peaks: Vec<f64>,
-    rank: Option<shared::dist::Rank>,
     /// `FTB_PROFILE=1`: synchronise between phases and add up their wall time (forward, backward,
     /// clipping, optimizer). Costs the overlap between phases, so only for finding where time goes.
     profile: Option<[f64; 4]>,
@@ -123,14 +122,6 @@ pub enum AttentionMode {
 }
 
 impl AttentionMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            AttentionMode::Varlen => "varlen",
-            AttentionMode::Sdpa => "sdpa",
-            AttentionMode::SdpaDefault => "sdpa-default",
-        }
-    }
-
     /// `FTB_ATTENTION=auto|varlen|sdpa|sdpa-default` (unset = auto). `auto` is varlen where it
     /// applies, except with `--pad-to`: padding to a fixed length is then part of the
     /// configuration being reproduced (the seed preset), so it is computed, not dropped.
@@ -342,7 +333,6 @@ impl TorchBackend {
             #[cfg(target_os = "linux")]
             comm,
             rank_peaks: Vec::new(),
-            rank: p.rank.clone(),
             profile: std::env::var("FTB_PROFILE")
                 .is_ok_and(|v| !v.is_empty() && v != "0")
                 .then_some([0.0; 4]),
@@ -425,9 +415,7 @@ impl Backend for TorchBackend {
             // the global loss-token count), so their sum over ranks is the one-process gradient.
             #[cfg(target_os = "linux")]
             if let Some(c) = &self.comm {
-                if let Some(r) = &self.rank {
-                    r.beacon(&format!("step {} collective", step.index));
-                }
+                c.rank.beacon(&format!("step {} collective", step.index));
                 let mut ts: Vec<Tensor> = self.trainable.iter().map(|p| p.grad()).collect();
                 ts.push(total.shallow_clone());
                 c.sum(&ts)?;
@@ -523,7 +511,7 @@ impl Backend for TorchBackend {
                 "engine".into(),
                 format!("NCCL {} through cudarc", c.version()).into(),
             );
-            d.insert("world_size".into(), c.world.into());
+            d.insert("world_size".into(), c.rank.world_size.into());
             d.insert(
                 "gradient_all_reduce".into(),
                 "one NCCL group over all gradients after the step's last backward pass (libtorch's autograd hooks are not reachable from tch, so no overlap with backward)".into(),
@@ -554,7 +542,7 @@ impl Backend for TorchBackend {
             world_size: {
                 #[cfg(target_os = "linux")]
                 {
-                    self.comm.as_ref().map_or(1, |c| c.world)
+                    self.comm.as_ref().map_or(1, |c| c.rank.world_size)
                 }
                 #[cfg(not(target_os = "linux"))]
                 {

@@ -219,23 +219,7 @@ fn sigint_writes_an_interrupted_summary() {
         .arg(d.path())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let logged = std::fs::read_dir(d.path().join("runs"))
-            .ok()
-            .and_then(|mut r| r.next())
-            .and_then(|e| e.ok())
-            .and_then(|e| std::fs::read_to_string(e.path().join("steps.jsonl")).ok())
-            .is_some_and(|t| t.lines().count() >= 1);
-        if logged {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no step logged within 120 s"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_for_first_step(d.path());
     let kill = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()

@@ -221,6 +221,21 @@ impl EnergyCurve {
     }
 }
 
+/// The NVML device a `CUDA_VISIBLE_DEVICES` entry names: an index, or a (prefix of a) UUID.
+fn nvml_device(entry: &str, nvidia: &[&DeviceInfo]) -> Option<String> {
+    let e = entry.trim();
+    nvidia
+        .iter()
+        .find(|d| match e.parse::<u32>() {
+            Ok(i) => d.id == format!("nvidia:{i}"),
+            Err(_) => d
+                .uuid
+                .as_deref()
+                .is_some_and(|u| !e.is_empty() && u.starts_with(e)),
+        })
+        .map(|d| d.id.clone())
+}
+
 /// Which devices' energy counts, and how they were chosen.
 fn energy_devices(rec: &Recording, cx: &Context, all: &[Vec<Point>]) -> (Vec<String>, String) {
     let dev = cx.backend_device;
@@ -232,19 +247,7 @@ fn energy_devices(rec: &Recording, cx: &Context, all: &[Vec<Point>]) -> (Vec<Str
     if let (true, Some(list)) = (dev.starts_with("cuda"), cx.job_gpus) {
         let ids: Vec<String> = list
             .split(',')
-            .filter_map(|e| {
-                let e = e.trim();
-                nvidia
-                    .iter()
-                    .find(|d| match e.parse::<u32>() {
-                        Ok(i) => d.id == format!("nvidia:{i}"),
-                        Err(_) => d
-                            .uuid
-                            .as_deref()
-                            .is_some_and(|u| !e.is_empty() && u.starts_with(e)),
-                    })
-                    .map(|d| d.id.clone())
-            })
+            .filter_map(|e| nvml_device(e, &nvidia))
             .collect();
         if !ids.is_empty() {
             let n = ids.len();
@@ -273,27 +276,11 @@ fn energy_devices(rec: &Recording, cx: &Context, all: &[Vec<Point>]) -> (Vec<Str
             .and_then(|n| n.parse().ok())
             .unwrap_or(0);
         let by_ordinal = match cx.cuda_visible_devices.map(str::trim) {
-            Some(v) if !v.is_empty() => v.split(',').nth(ordinal).and_then(|e| {
-                let e = e.trim();
-                match e.parse::<u32>() {
-                    Ok(i) => nvidia
-                        .iter()
-                        .find(|d| d.id == format!("nvidia:{i}"))
-                        .map(|d| d.id.clone()),
-                    Err(_) => nvidia
-                        .iter()
-                        .find(|d| {
-                            d.uuid
-                                .as_deref()
-                                .is_some_and(|u| !e.is_empty() && u.starts_with(e))
-                        })
-                        .map(|d| d.id.clone()),
-                }
-            }),
-            _ => nvidia
-                .iter()
-                .find(|d| d.id == format!("nvidia:{ordinal}"))
-                .map(|d| d.id.clone()),
+            Some(v) if !v.is_empty() => v
+                .split(',')
+                .nth(ordinal)
+                .and_then(|e| nvml_device(e, &nvidia)),
+            _ => nvml_device(&ordinal.to_string(), &nvidia),
         };
         if let Some(id) = by_ordinal {
             return (
