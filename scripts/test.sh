@@ -8,8 +8,12 @@ bash scripts/setup.sh
 export LIBTORCH_USE_PYTORCH=1
 cargo fmt --all -- --check
 cargo clippy -q --workspace --all-targets --release -- -D warnings
-# Build every binary first: the parity test runs both benchmark binaries.
-cargo build -q --release --workspace --bins
+# Build every binary first: the parity test runs both benchmark binaries. It is handed the PyTorch
+# binary this build produced (cargo's `executable`), never a leftover in the target folder.
+bins="$(cargo build --release --message-format=json-render-diagnostics --workspace --bins | python3 scripts/cargo-bins.py)"
+FTB_PYTORCH_BIN="$(sed -n 's/^windows_pytorch_benchmark=//p' <<<"$bins")"
+[[ -x "$FTB_PYTORCH_BIN" ]] || { echo "error: the build produced no windows_pytorch_benchmark binary" >&2; exit 1; }
+export FTB_PYTORCH_BIN
 log="$(mktemp)"
 set +e
 cargo test --release --workspace 2>&1 | tee "$log"

@@ -7,9 +7,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The PyTorch binary beside this one in the same target folder (`scripts/test.sh` builds every
-/// binary before running the tests).
+/// The PyTorch binary: `FTB_PYTORCH_BIN` (set by `scripts/test.sh` to the binary its build just
+/// produced), else the one beside this binary in the same target folder.
 fn pytorch_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("FTB_PYTORCH_BIN") {
+        let p = PathBuf::from(p);
+        assert!(p.exists(), "FTB_PYTORCH_BIN={} does not exist", p.display());
+        return Some(p);
+    }
     let mlx = PathBuf::from(env!("CARGO_BIN_EXE_macos_mlx_benchmark"));
     let p = mlx.with_file_name(format!(
         "windows_pytorch_benchmark{}",
