@@ -2,10 +2,10 @@
 //! against.
 //!
 //! On Linux the (patched) mlx-sys links the shared `libmlx.so` of PyPI's mlx-cpu wheel and
-//! publishes its folder as `DEP_MLX_LIB_DIR`. Cargo does not pass a dependency's
-//! `rustc-link-arg` on to the final binary, so without this script the binary would only find
-//! the library through the rpath that `setup-mlx-linux.sh` writes into `.cargo/config.toml`
-//! (lost as soon as `RUSTFLAGS` is set). On macOS MLX is linked statically and nothing is needed.
+//! publishes, as `DEP_MLX_LIB_DIR`, the folder of the `libmlx.so` to load at run time: the same
+//! one, or with `MLX_LINUX_BACKEND=cuda` the CUDA wheel's (same SONAME and ABI). Cargo does not
+//! pass a dependency's `rustc-link-arg` on to the final binary, so this script is what puts that
+//! folder in the binary's rpath. On macOS MLX is linked statically and nothing is needed.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

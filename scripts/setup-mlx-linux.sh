@@ -14,6 +14,12 @@
 #   MLX_LINUX_DIR     work dir (default: $CARGO_TARGET_DIR/mlx-linux, else <repo>/target/mlx-linux)
 #   MLX_LINUX_BLAS    "openblas" (default; falls back to "bundled" when no libopenblas.so.0 is found)
 #                     or "bundled" (keep the wheel's reference BLAS/LAPACK; slower)
+#   MLX_LINUX_BACKEND "cpu" (default) or "cuda": which MLX the binary loads at run time. "cuda" also
+#                     downloads PyPI's mlx-cuda-13 of the same version (MLX's CUDA backend, for a
+#                     Linux machine with an NVIDIA GPU) and points the binary's rpath at its
+#                     libmlx.so. mlx-c is still built against the CPU wheel's headers (byte-identical
+#                     in both wheels; the CUDA wheel's CMake files demand a CUDA toolkit) and linked
+#                     against the CPU libmlx.so, whose SONAME and ABI the CUDA one shares.
 #   PYTHON            python used for `pip download` and unzipping (default: python3)
 set -euo pipefail
 
@@ -71,6 +77,43 @@ if [[ ! -f "$WHEEL_DIR/.complete" ]]; then
   rm -rf "$WORK/download"
 fi
 MLX_LIB_DIR="$WHEEL_DIR/mlx/lib"
+
+# ---------------------------------------------------------------------------------------------
+# 1b. MLX_LINUX_BACKEND=cuda: the CUDA libmlx of the same version, loaded at run time. It needs,
+#     beside it, the wheel's mlx/include (MLX compiles kernels with NVRTC at run time and looks for
+#     its headers at <libdir>/../include) and mlx_cuda_13.libs (named by its RPATH); and on the
+#     machine, the NVIDIA driver (libcuda.so.1) and CUDA 13's cuBLAS, cuFFT, NVRTC, cuDNN 9 and NCCL.
+# ---------------------------------------------------------------------------------------------
+BACKEND=${MLX_LINUX_BACKEND:-cpu}
+RUNTIME_LIB_DIR="$MLX_LIB_DIR"
+case "$BACKEND" in
+  cpu) ;;
+  cuda)
+    [[ "$ARCH" == x86_64 ]] || die "MLX_LINUX_BACKEND=cuda: PyPI's mlx-cuda-13 is built for x86_64 only"
+    CUDA_WHEEL_DIR="$WORK/mlx-cuda-13-$MLX_VERSION"
+    if [[ ! -f "$CUDA_WHEEL_DIR/.complete" ]]; then
+      log "downloading mlx-cuda-13==$MLX_VERSION from PyPI (MLX's CUDA backend, about 90 MB)"
+      rm -rf "$WORK/download-cuda" "$CUDA_WHEEL_DIR" "$CUDA_WHEEL_DIR.tmp"
+      mkdir -p "$WORK/download-cuda"
+      "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps \
+        --only-binary=:all: --platform "manylinux_2_35_$ARCH" --python-version 3.12 \
+        --implementation cp --dest "$WORK/download-cuda" "mlx-cuda-13==$MLX_VERSION"
+      wheel=$(ls "$WORK"/download-cuda/mlx_cuda_13-"$MLX_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
+      [[ -n "$wheel" ]] || die "pip did not produce an mlx_cuda_13-$MLX_VERSION wheel"
+      "$PYTHON" -m zipfile -e "$wheel" "$CUDA_WHEEL_DIR.tmp"
+      [[ -f "$CUDA_WHEEL_DIR.tmp/mlx/lib/libmlx.so" && -d "$CUDA_WHEEL_DIR.tmp/mlx/include" ]] ||
+        die "unexpected wheel layout in $wheel"
+      touch "$CUDA_WHEEL_DIR.tmp/.complete"
+      mv "$CUDA_WHEEL_DIR.tmp" "$CUDA_WHEEL_DIR"
+      rm -rf "$WORK/download-cuda"
+    fi
+    RUNTIME_LIB_DIR="$CUDA_WHEEL_DIR/mlx/lib"
+    if ! (/sbin/ldconfig -p 2>/dev/null || true) | grep -q 'libcuda\.so\.1 '; then
+      log "warning: no NVIDIA driver (libcuda.so.1) on this machine: the binary builds, but starts only where the driver and CUDA 13's libraries are installed"
+    fi
+    ;;
+  *) die "MLX_LINUX_BACKEND must be cpu or cuda, not '$BACKEND'" ;;
+esac
 
 # ---------------------------------------------------------------------------------------------
 # 2. BLAS. libmlx.so needs libblas-<hash>.so / liblapack-<hash>.so (Netlib reference builds that
@@ -240,7 +283,7 @@ pub fn build_and_link_mlx_c() {
     println!("cargo:rustc-link-lib=dylib=mlx");
     println!("cargo:rustc-link-lib=dylib=stdc++");
     // Only reaches this crate's own tests/examples: cargo does not pass a dependency's link
-    // args on, so setup-mlx-linux.sh adds the same rpath to rustflags in .cargo/config.toml.
+    // args on: the benchmark binary's build.rs adds the rpath from `lib_dir` below.
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
 
     // mlx-rs seeds its RNG with macOS's mach_approximate_time(); provide it.
@@ -255,7 +298,13 @@ pub fn build_and_link_mlx_c() {
     println!("cargo::metadata=include={}", include.display());
     println!("cargo::metadata=defines=");
     println!("cargo::metadata=version={MLX_VERSION}");
-    println!("cargo::metadata=lib_dir={}", lib_dir.display());
+    // The folder of the libmlx.so loaded at run time: the CUDA wheel's with
+    // MLX_LINUX_BACKEND=cuda (same SONAME and ABI), else the one linked against.
+    println!("cargo:rerun-if-env-changed=MLX_LINUX_RUNTIME_LIB_DIR");
+    let runtime = env::var("MLX_LINUX_RUNTIME_LIB_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| lib_dir.clone());
+    println!("cargo::metadata=lib_dir={}", runtime.display());
 }
 EOF
 
@@ -361,12 +410,9 @@ typedef uint16_t bfloat16_t;
 fi
 
 # ---------------------------------------------------------------------------------------------
-# 4. <repo>/.cargo/config.toml: patch mlx-sys, rpath to libmlx.so, [env].
-#    The rpath has to go into rustflags: cargo does not forward a dependency's rustc-link-arg.
+# 4. <repo>/.cargo/config.toml: patch mlx-sys, [env] (which libmlx.so the binary loads).
 #    (cargo run/test would find libmlx.so anyway when the work dir is inside the target dir.)
 # ---------------------------------------------------------------------------------------------
-HOST=$(rustc -vV | sed -n 's/^host: //p')
-[[ -n "$HOST" ]] || die "cannot determine the rustc host triple"
 CONFIG="$REPO_ROOT/.cargo/config.toml"
 mkdir -p "$REPO_ROOT/.cargo"
 content="# Generated by scripts/setup-mlx-linux.sh for this machine. Do not commit (keep it git-ignored).
@@ -375,13 +421,13 @@ content="# Generated by scripts/setup-mlx-linux.sh for this machine. Do not comm
 [patch.crates-io]
 mlx-sys = { path = \"$SYS_DIR\" }
 
-# libmlx.so (PyPI mlx-cpu $MLX_VERSION) is found at run time through this rpath.
-# Note: RUSTFLAGS / CARGO_ENCODED_RUSTFLAGS in the environment replace these flags.
-[target.$HOST]
-rustflags = [\"-C\", \"link-arg=-Wl,-rpath,$MLX_LIB_DIR\"]
-
+# The MLX binary finds libmlx.so (PyPI mlx-$BACKEND $MLX_VERSION) at run time through the rpath that
+# its build.rs adds from mlx-sys's lib_dir (MLX_LINUX_RUNTIME_LIB_DIR below). No rustflags here:
+# they enter every crate's fingerprint, so a target folder moved or copied elsewhere (or a second
+# worktree's) would rebuild everything, libtorch's C++ wrapper included.
 [env]
-LIBTORCH_USE_PYTORCH = \"1\""
+LIBTORCH_USE_PYTORCH = \"1\"
+MLX_LINUX_RUNTIME_LIB_DIR = \"$RUNTIME_LIB_DIR\""
 if [[ "$(cat "$CONFIG" 2>/dev/null || true)" != "$content" ]]; then
   printf '%s\n' "$content" >"$CONFIG.tmp"
   mv "$CONFIG.tmp" "$CONFIG"
@@ -391,4 +437,4 @@ if git -C "$REPO_ROOT" rev-parse --git-dir >/dev/null 2>&1 &&
   log "warning: .cargo/config.toml is not git-ignored; add '/.cargo/config.toml' to .gitignore"
 fi
 
-echo "setup-mlx-linux: mlx-sys $MLX_SYS_VERSION patched at $SYS_DIR against mlx-cpu $MLX_VERSION ($BLAS_MODE BLAS${OPENBLAS:+: $OPENBLAS}); wrote $CONFIG"
+echo "setup-mlx-linux: mlx-sys $MLX_SYS_VERSION patched at $SYS_DIR against mlx-cpu $MLX_VERSION ($BLAS_MODE BLAS${OPENBLAS:+: $OPENBLAS}); run time: $RUNTIME_LIB_DIR/libmlx.so ($BACKEND); wrote $CONFIG"

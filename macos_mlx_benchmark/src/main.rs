@@ -5,20 +5,25 @@
 /// the default; the command line (`--mode`, `--samples`) overrides it.
 const TUNING_MODE: TuningMode = TuningMode::Fast;
 
+mod device;
+#[cfg(not(target_os = "macos"))]
+mod init;
 #[cfg(target_os = "linux")]
 mod openblas;
 mod phi3;
 mod train;
+mod tuning;
 
 use std::path::Path;
 use std::time::Instant;
 
 use clap::Parser;
-use shared::config::{CliArgs, Config, DeviceChoice, Framework};
+use shared::config::{CliArgs, Config, Framework};
 use shared::measure::memory::{DeviceKind, Precision};
 use shared::runner::DeviceFacts;
 use shared::TuningMode;
 
+use crate::device::MlxDevice;
 use crate::train::MlxBackend;
 
 /// Fine-tune Phi-3 with MLX and write benchmark_summary.json.
@@ -33,6 +38,20 @@ fn main() {
     let start = Instant::now();
     #[cfg(target_os = "linux")]
     openblas::ensure_cpu_kernels();
+    // MLX's CUDA backend computes float32 matrix products in TF32 unless told otherwise
+    // (`MLX_ENABLE_TF32`, default 1); libtorch keeps them float32 (`allow_tf32` off). A float32
+    // run computes float32 on both frameworks. Set before MLX reads it (on first use); a value
+    // the user set is kept. No effect on bf16 runs, on the CPU or on Metal.
+    if std::env::var_os("MLX_ENABLE_TF32").is_none() {
+        std::env::set_var("MLX_ENABLE_TF32", "0");
+    }
+    // MLX's CUDA backend keeps 400 instantiated CUDA graphs by default and raises "Cache thrashing
+    // is happening" past that; a training step of variable-length micro-batches goes past it
+    // (measured on the H200: full and LoRA failed at step 6-7 with 400, completed with 4,000 at
+    // the same peak memory). CUDA only; a value the user set is kept.
+    if std::env::var_os("MLX_CUDA_GRAPH_CACHE_SIZE").is_none() {
+        std::env::set_var("MLX_CUDA_GRAPH_CACHE_SIZE", "4000");
+    }
     let cli = Cli::parse();
     let code = shared::runner::main_with_preflight(
         Framework::Mlx,
@@ -46,19 +65,24 @@ fn main() {
     std::process::exit(code);
 }
 
-/// `--device cuda` (or `device = "cuda"` in a TOML file) is a usage error for this binary: checked
-/// here, before anything is loaded or written, so it exits with code 2 naming the value and the
-/// choices. MLX runs bf16 on both its devices, so no dtype is refused.
+/// `--device` is resolved against the MLX library this process loaded (`device.rs`): a GPU that
+/// the library lacks is a usage error, checked here before anything is loaded or written, so it
+/// exits with code 2 naming the value and the fix. MLX runs bf16 on every device, so no dtype is
+/// refused.
 fn preflight(cfg: &Config) -> anyhow::Result<DeviceFacts> {
-    train::check_device(cfg)?;
-    let device = match cfg.run.device {
-        DeviceChoice::Gpu => DeviceKind::MlxGpu,
-        DeviceChoice::Auto if cfg!(target_os = "macos") => DeviceKind::MlxGpu,
-        _ => DeviceKind::Cpu,
+    let (mlx_device, tuning) = train::check_device(cfg)?;
+    let device = match mlx_device {
+        MlxDevice::Metal => DeviceKind::MlxGpu,
+        // MLX's CUDA backend computes on device 0 of CUDA_VISIBLE_DEVICES: NVML's free memory and
+        // the CUDA context's share of the estimate apply as for the PyTorch binary.
+        MlxDevice::Cuda => DeviceKind::Cuda(0),
+        MlxDevice::Cpu => DeviceKind::Cpu,
     };
     Ok(DeviceFacts {
         device,
         precision: Precision::resolve(cfg.run.dtype, device.is_gpu()),
-        drops_padding: false,
+        // With real tokens only attention sees the padded rows (`phi3::RealTokens`).
+        drops_padding: tuning.real_tokens,
+        seq_multiple: tuning.seq_multiple,
     })
 }

@@ -19,6 +19,7 @@
 
 #![allow(non_snake_case)] // `lora_A` / `lora_B`: the field names are the checkpoint names.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
@@ -62,11 +63,6 @@ impl Precision {
     }
 }
 
-/// `x * s` with the scalar in `x`'s dtype: an fp32 scalar would promote a bf16 array to fp32.
-pub fn scale(x: &Array, s: f32) -> Result<Array, Exception> {
-    x.multiply(Array::from_f32(s).as_dtype(x.dtype())?)
-}
-
 /// A bare weight (`<module>.weight`): the LoRA factors, the LM head and the embedding.
 #[derive(Debug, ModuleParameters)]
 pub struct Weight {
@@ -84,8 +80,9 @@ pub struct Projection {
     pub lora_A: Option<Weight>,
     #[param]
     pub lora_B: Option<Weight>,
-    /// `alpha / rank`.
-    pub lora_scale: f32,
+    /// `alpha / rank`, a scalar array in the low-rank product's dtype, made once: a scalar made
+    /// per call is a host allocation per projection per micro-batch (managed memory on CUDA).
+    pub lora_scale: Array,
 }
 
 /// `x W^T`; under mixed precision both operands are cast to bf16 first (autocast's rule for
@@ -105,7 +102,7 @@ impl Projection {
         match (&self.lora_A, &self.lora_B) {
             (Some(a), Some(b)) => {
                 let low = matmul_t(&matmul_t(x, &a.weight, p)?, &b.weight, p)?;
-                y.add(scale(&low, self.lora_scale)?)
+                y.add(low.multiply(&self.lora_scale)?)
             }
             _ => Ok(y),
         }
@@ -121,8 +118,12 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    /// `weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)`.
-    pub fn forward(&self, x: &Array) -> Result<Array, Exception> {
+    /// `weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)`; with `fast`, MLX's fused kernel
+    /// (the same statistics in fp32, one rounding of the product instead of two).
+    pub fn forward(&self, x: &Array, fast: bool) -> Result<Array, Exception> {
+        if fast {
+            return fast::rms_norm(x, Some(&*self.weight), self.eps);
+        }
         let x32 = x.as_dtype(Dtype::Float32)?;
         let var = x32.square()?.mean_axis(-1, true)?;
         let normed = x32.multiply(var.add(Array::from_f32(self.eps))?.rsqrt()?)?;
@@ -160,15 +161,22 @@ impl Attention {
         inp: &ForwardInputs<'_>,
         p: Precision,
     ) -> Result<Array, Exception> {
-        let (b, t) = (x.dim(0), x.dim(1));
+        let (b, t) = (inp.rows, inp.seq);
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let qkv = self.qkv_proj.forward(x, p)?;
         // q = the first h*d columns, k = the next kv*d, v = the rest.
         let parts = qkv.split_at_indices(&[h * d, (h + kv) * d], -1)?;
-        // [B, T, heads, D] -> [B, heads, T, D]
-        let heads = |a: &Array, n: i32| a.reshape(&[b, t, n, d])?.transpose_axes(&[0, 2, 1, 3]);
-        let q = apply_rope(&heads(&parts[0], h)?, inp.cos, inp.sin)?;
-        let k = apply_rope(&heads(&parts[1], kv)?, inp.cos, inp.sin)?;
+        // [B, T, heads, D] -> [B, heads, T, D]; real-token rows are first laid out in the
+        // micro-batch's padded rows (see `RealTokens`).
+        let heads = |a: &Array, n: i32| -> Result<Array, Exception> {
+            let a = match inp.real {
+                Some(r) => a.take_axis(&r.gather, 0)?,
+                None => a.clone(),
+            };
+            a.reshape(&[b, t, n, d])?.transpose_axes(&[0, 2, 1, 3])
+        };
+        let q = inp.rope.apply(&heads(&parts[0], h)?)?;
+        let k = inp.rope.apply(&heads(&parts[1], kv)?)?;
         let v = heads(&parts[2], kv)?;
         let mask = match inp.mask {
             Some(m) => ScaledDotProductAttentionMask::Array(m),
@@ -176,7 +184,11 @@ impl Attention {
         };
         let scale = 1.0 / (d as f32).sqrt();
         let out = fast::scaled_dot_product_attention(&q, &k, &v, scale, mask, None)?;
-        let out = out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, t, h * d])?;
+        let out = out.transpose_axes(&[0, 2, 1, 3])?;
+        let out = match inp.real {
+            Some(r) => out.reshape(&[b * t, h * d])?.take_axis(&r.scatter, 0)?,
+            None => out.reshape(&[b, t, h * d])?,
+        };
         self.o_proj.forward(&out, p)
     }
 }
@@ -191,13 +203,58 @@ pub struct Mlp {
 
 impl Mlp {
     /// `down(up * silu(gate))`, gate = the first half of `gate_up_proj`'s output.
-    fn forward(&self, x: &Array, p: Precision) -> Result<Array, Exception> {
+    fn forward(&self, x: &Array, p: Precision, swiglu: &SwiGlu) -> Result<Array, Exception> {
         let gu = self.gate_up_proj.forward(x, p)?.split_equal(2, -1)?;
-        let (gate, up) = (&gu[0], &gu[1]);
-        // silu written out: mlx-rs's `nn::silu` is a compiled closure, and compiling on the CPU
-        // means generating and building C++ at run time (~12 s on the first call).
-        let silu = gate.multiply(ops::sigmoid(gate)?)?;
-        self.down_proj.forward(&up.multiply(silu)?, p)
+        self.down_proj.forward(&swiglu.apply(&gu[0], &gu[1])?, p)
+    }
+}
+
+/// `silu(gate) * up = gate * sigmoid(gate) * up`, written out or compiled into one kernel.
+///
+/// The compiled form is built once and kept: mlx-rs's `nn::silu` compiles a new closure on every
+/// call (a fresh compile id, erased when dropped), so MLX traces and simplifies it again each
+/// time. Not compiled on the CPU, where compiling means generating and building C++ at run time
+/// (about 12 s on the first call).
+pub struct SwiGlu {
+    compiled: Option<RefCell<Box<CompiledFn>>>,
+}
+
+/// A compiled MLX function over a list of arrays.
+pub type CompiledFn = dyn FnMut(&[Array]) -> Result<Vec<Array>, Exception>;
+
+impl std::fmt::Debug for SwiGlu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SwiGlu {{ compiled: {} }}", self.compiled.is_some())
+    }
+}
+
+fn swiglu_eager(gate: &Array, up: &Array) -> Result<Array, Exception> {
+    gate.multiply(ops::sigmoid(gate)?)?.multiply(up)
+}
+
+impl SwiGlu {
+    pub fn new(compile: bool) -> Self {
+        let compiled = compile.then(|| {
+            let f = mlx_rs::transforms::compile::compile(
+                |x: &[Array]| -> Result<Vec<Array>, Exception> {
+                    Ok(vec![swiglu_eager(&x[0], &x[1])?])
+                },
+                true,
+            );
+            RefCell::new(Box::new(f) as Box<CompiledFn>)
+        });
+        Self { compiled }
+    }
+
+    fn apply(&self, gate: &Array, up: &Array) -> Result<Array, Exception> {
+        match &self.compiled {
+            Some(f) => {
+                let mut out = (f.borrow_mut())(&[gate.clone(), up.clone()])?;
+                out.pop()
+                    .ok_or_else(|| Exception::from("internal: compiled SwiGLU returned nothing"))
+            }
+            None => swiglu_eager(gate, up),
+        }
     }
 }
 
@@ -214,20 +271,18 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn forward(
-        &self,
-        x: &Array,
-        inp: &ForwardInputs<'_>,
-        p: Precision,
-    ) -> Result<Array, Exception> {
-        let h = x.add(
-            self.self_attn
-                .forward(&self.input_layernorm.forward(x)?, inp, p)?,
-        )?;
-        h.add(
-            self.mlp
-                .forward(&self.post_attention_layernorm.forward(&h)?, p)?,
-        )
+    fn forward(&self, x: &Array, inp: &ForwardInputs<'_>, k: &Kernels) -> Result<Array, Exception> {
+        let p = k.precision;
+        let h = x.add(self.self_attn.forward(
+            &self.input_layernorm.forward(x, k.fast_norm)?,
+            inp,
+            p,
+        )?)?;
+        h.add(self.mlp.forward(
+            &self.post_attention_layernorm.forward(&h, k.fast_norm)?,
+            p,
+            &k.swiglu,
+        )?)
     }
 }
 
@@ -247,17 +302,31 @@ pub struct Phi3ForCausalLM {
     pub model: Phi3Model,
     #[param]
     pub lm_head: Weight,
+    pub kernels: Kernels,
+}
+
+/// How the forward pass computes (not what): precision and the kernel choices of
+/// `crate::tuning::Tuning`.
+#[derive(Debug)]
+pub struct Kernels {
     pub precision: Precision,
+    /// `fast::rms_norm` instead of the written-out RMSNorm.
+    pub fast_norm: bool,
+    pub swiglu: SwiGlu,
 }
 
 /// What a forward pass needs besides the token ids.
 #[derive(Clone, Copy)]
 pub struct ForwardInputs<'a> {
-    /// `[B, T]` int32 token ids.
+    /// `[B, T]` int32 token ids, or `[N]` (the real tokens) with `real`.
     pub ids: &'a Array,
-    /// `[B, 1, T, head_dim]` fp32 RoPE tables for each token's position.
-    pub cos: &'a Array,
-    pub sin: &'a Array,
+    /// Rows and (rounded) sequence length of the attention layout.
+    pub rows: i32,
+    pub seq: i32,
+    /// Every layer but attention computes the real tokens only.
+    pub real: Option<&'a RealTokens>,
+    /// How RoPE rotates q and k at each token's position.
+    pub rope: &'a Rope,
     /// `[B, 1, T, T]` boolean (true = may attend) for packed rows; `None` = causal.
     pub mask: Option<&'a Array>,
     /// `[L]` int32 flat indices into `B*T`: the positions whose logits are wanted (the loss
@@ -273,17 +342,18 @@ impl Phi3ForCausalLM {
     /// reach the loss, and with Phi-3's 32,064-entry vocabulary the LM head and the softmax
     /// over it are most of a small model's work (on the CPU, MLX's `exp` is scalar code).
     pub fn forward(&self, inp: &ForwardInputs<'_>) -> Result<Array, Exception> {
-        let p = self.precision;
+        let k = &self.kernels;
+        let p = k.precision;
         let mut x = self.model.embed_tokens.weight.take_axis(inp.ids, 0)?;
         for layer in &self.model.layers {
-            x = layer.forward(&x, inp, p)?;
+            x = layer.forward(&x, inp, k)?;
         }
         let x = match inp.positions {
             Some(idx) => x.reshape(&[-1, x.dim(-1)])?.take_axis(idx, 0)?,
             None => x,
         };
         // RMSNorm is per position, so selecting before it is the same as after.
-        let x = self.model.norm.forward(&x)?;
+        let x = self.model.norm.forward(&x, k.fast_norm)?;
         matmul_t(&x, &self.lm_head.weight, p)
     }
 
@@ -292,7 +362,7 @@ impl Phi3ForCausalLM {
     pub fn from_tensors(
         shape: &ModelShape,
         strategy: &StrategyConfig,
-        precision: Precision,
+        kernels: Kernels,
         mut tensors: HashMap<String, Array>,
     ) -> Result<Self> {
         let mut take = |name: &str| -> Result<Param<Array>> {
@@ -305,7 +375,15 @@ impl Phi3ForCausalLM {
             }
             Ok(p)
         };
-        let lora_scale = (strategy.lora_alpha / strategy.lora_rank.max(1) as f64) as f32;
+        // The low-rank product is bf16 under bf16 and mixed-bf16 (matmul_t), fp32 under float32.
+        let low_dtype = match kernels.precision {
+            Precision::Float32 => Dtype::Float32,
+            Precision::Bf16 | Precision::MixedBf16 => Dtype::Bfloat16,
+        };
+        let lora_scale =
+            Array::from_f32((strategy.lora_alpha / strategy.lora_rank.max(1) as f64) as f32)
+                .as_dtype(low_dtype)?;
+        lora_scale.eval()?;
         let eps = shape.rms_norm_eps as f32;
         let mut layers = Vec::with_capacity(shape.num_layers);
         for l in 0..shape.num_layers {
@@ -329,7 +407,7 @@ impl Phi3ForCausalLM {
                     weight,
                     lora_A,
                     lora_B,
-                    lora_scale,
+                    lora_scale: lora_scale.clone(),
                 })
             };
             let qkv_proj = proj("self_attn.qkv_proj")?;
@@ -379,75 +457,191 @@ impl Phi3ForCausalLM {
         Ok(Self {
             model,
             lm_head,
-            precision,
+            kernels,
         })
     }
 }
 
-/// One micro-batch as device arrays (built on the host from shared's `MicroBatch`).
+/// RoPE for one micro-batch.
+pub enum Rope {
+    /// Every row's positions are 0, 1, 2, ... (one record per row): MLX's fused `fast::rope`,
+    /// given Hugging Face's frequencies so that it computes `1 / (theta^(2j/D))` as they do.
+    Fast { freqs: Array },
+    /// Positions that restart inside a row (packed documents), or `fast_kernels` off: `[B, 1, T, D]`
+    /// fp32 cos/sin tables of each token's position, computed on the device.
+    Table { cos: Array, sin: Array },
+}
+
+impl Rope {
+    fn apply(&self, x: &Array) -> Result<Array, Exception> {
+        match self {
+            Rope::Fast { freqs } => {
+                fast::rope(x, x.dim(-1), false, None::<f32>, 1.0, 0, Some(freqs))
+            }
+            Rope::Table { cos, sin } => apply_rope(x, cos, sin),
+        }
+    }
+}
+
+/// RoPE's wavelengths `theta^(2j/D)`, j < D/2, in fp32 as Hugging Face computes them (its inverse
+/// frequencies are `1 / this`). Built once per model, kept on the device.
+pub fn rope_freqs(shape: &ModelShape) -> Array {
+    let d = shape.head_dim();
+    let theta = shape.rope_theta as f32;
+    let f: Vec<f32> = (0..d / 2)
+        .map(|j| theta.powf((2 * j) as f32 / d as f32))
+        .collect();
+    Array::from_slice(&f, &[f.len() as i32])
+}
+
+/// One micro-batch as device arrays (built from shared's `MicroBatch`, with its sequence length
+/// rounded up to `seq_multiple` by padding columns: see `crate::tuning::Tuning::seq_multiple`).
 pub struct MicroBatchArrays {
     pub ids: Array,
-    pub cos: Array,
-    pub sin: Array,
+    pub rope: Rope,
     pub mask: Option<Array>,
-    /// `[L]` int32 flat indices of the positions whose label counts (label != -100).
+    /// `[L]` int32 flat indices of the positions whose label counts (label != -100): into the
+    /// `[B*T]` padded layout, or into the `[N]` real tokens with `real`.
     pub positions: Array,
     /// `[L]` int32 target ids at those positions.
     pub targets: Array,
+    pub rows: i32,
+    pub seq: i32,
+    pub real: Option<RealTokens>,
+    /// Positions attention computes, padding columns included.
+    pub attention_tokens: usize,
+    /// Positions the projections, norms and MLP compute: the real tokens with `real`, else as
+    /// attention.
+    pub dense_tokens: usize,
 }
 
-/// RoPE inverse frequencies as Hugging Face computes them (fp32): `theta^(-2j/D)`.
-fn inv_freq(theta: f64, head_dim: usize) -> Vec<f32> {
-    (0..head_dim / 2)
-        .map(|j| 1.0f32 / (theta as f32).powf((2 * j) as f32 / head_dim as f32))
-        .collect()
+/// The micro-batch's real tokens as one `[N, width]` matrix for every layer but attention (the
+/// projections, norms and MLP then never compute a padding position, as the PyTorch binary's
+/// variable-length path does), and the maps between it and the padded `[B, T]` rows that MLX's
+/// fused attention takes.
+pub struct RealTokens {
+    /// `[B*T]` int32: the real token at each padded slot. A padding slot takes token 0's row:
+    /// under right padding no real query attends to it (causal or document mask) and its output is
+    /// dropped, so it receives no gradient.
+    pub gather: Array,
+    /// `[N]` int32: the padded slot of each real token.
+    pub scatter: Array,
 }
 
 impl MicroBatchArrays {
-    pub fn new(mb: &MicroBatch, shape: &ModelShape) -> Result<Self> {
-        let (b, t) = (mb.rows as i32, mb.seq_len as i32);
-        let n = mb.rows * mb.seq_len;
-        let ids: Vec<i32> = mb.input_ids.iter().map(|&x| x as i32).collect();
-        let positions: Vec<i32> = (0..n)
-            .filter(|&i| mb.labels[i] != IGNORE_INDEX)
-            .map(|i| i as i32)
-            .collect();
-        let targets: Vec<i32> = positions
-            .iter()
-            .map(|&i| mb.labels[i as usize] as i32)
-            .collect();
-        // cos/sin of position * inv_freq, each half repeated (`emb = cat(freqs, freqs)`), in fp32
-        // as Hugging Face computes them.
-        let d = shape.head_dim();
-        let inv = inv_freq(shape.rope_theta, d);
-        let mut cos = Vec::with_capacity(n * d);
-        let mut sin = Vec::with_capacity(n * d);
-        for &pos in &mb.position_ids {
-            let angles: Vec<f32> = inv.iter().map(|f| pos as f32 * f).collect();
-            for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos()));
-                sin.extend(angles.iter().map(|a| a.sin()));
+    pub fn new(
+        mb: &MicroBatch,
+        freqs: &Array,
+        seq_multiple: usize,
+        fast_rope: bool,
+        real_tokens: bool,
+    ) -> Result<Self> {
+        let (rows, t) = (mb.rows, mb.seq_len);
+        let tp = t.div_ceil(seq_multiple.max(1)) * seq_multiple.max(1);
+        let (b, tpi) = (rows as i32, tp as i32);
+        // Real tokens: each row's first `row_lengths[r]` columns (every plan writes from column 0).
+        let real_tokens = real_tokens && mb.row_lengths.len() == rows;
+        // Padding columns: token 0, no label, position continuing the row, no document.
+        let widen = |v: &[i64], fill: &dyn Fn(usize) -> i64| -> Vec<i32> {
+            let mut out = Vec::with_capacity(rows * tp);
+            for r in 0..rows {
+                out.extend(v[r * t..(r + 1) * t].iter().map(|&x| x as i32));
+                out.extend((t..tp).map(|c| fill(c) as i32));
+            }
+            out
+        };
+        let mut ids = widen(&mb.input_ids, &|_| 0);
+        let mut positions = Vec::with_capacity(mb.loss_tokens);
+        let mut targets = Vec::with_capacity(mb.loss_tokens);
+        let mut real = None;
+        if real_tokens {
+            let n: usize = mb.row_lengths.iter().sum();
+            let mut gather = vec![0i32; rows * tp];
+            let mut scatter = Vec::with_capacity(n);
+            let mut real_ids = Vec::with_capacity(n);
+            for r in 0..rows {
+                for c in 0..mb.row_lengths[r] {
+                    let j = scatter.len();
+                    gather[r * tp + c] = j as i32;
+                    scatter.push((r * tp + c) as i32);
+                    real_ids.push(mb.input_ids[r * t + c] as i32);
+                    let label = mb.labels[r * t + c];
+                    if label != IGNORE_INDEX {
+                        positions.push(j as i32);
+                        targets.push(label as i32);
+                    }
+                }
+            }
+            ids = real_ids;
+            real = Some(RealTokens {
+                gather: Array::from_slice(&gather, &[gather.len() as i32]),
+                scatter: Array::from_slice(&scatter, &[scatter.len() as i32]),
+            });
+        } else {
+            for r in 0..rows {
+                for c in 0..t {
+                    let label = mb.labels[r * t + c];
+                    if label != IGNORE_INDEX {
+                        positions.push((r * tp + c) as i32);
+                        targets.push(label as i32);
+                    }
+                }
             }
         }
+        let dense_tokens = if real_tokens { ids.len() } else { rows * tp };
+        let counting = (0..mb.position_ids.len()).all(|i| mb.position_ids[i] == (i % t) as i64);
+        let rope = if fast_rope && mb.segment_ids.is_none() && counting {
+            Rope::Fast {
+                freqs: freqs.clone(),
+            }
+        } else {
+            let pos = widen(&mb.position_ids, &|c| c as i64);
+            // angles = position x inverse frequency (fp32, as Hugging Face), each half repeated.
+            let pos = Array::from_slice(&pos, &[b, 1, tpi, 1]).as_dtype(Dtype::Float32)?;
+            let angles = pos.multiply(freqs.reciprocal()?)?;
+            let angles = ops::concatenate(&[angles.clone(), angles], -1)?;
+            Rope::Table {
+                cos: angles.cos()?,
+                sin: angles.sin()?,
+            }
+        };
         let mask = match &mb.segment_ids {
             None => None,
-            Some(seg) => Some(document_mask(&Array::from_slice(seg, &[b, t]), t)?),
+            Some(seg) => {
+                let mut padded = Vec::with_capacity(rows * tp);
+                for r in 0..rows {
+                    padded.extend_from_slice(&seg[r * t..(r + 1) * t]);
+                    padded.extend(std::iter::repeat_n(-1, tp - t));
+                }
+                Some(document_mask(&Array::from_slice(&padded, &[b, tpi]), tpi)?)
+            }
+        };
+        let ids_shape = if real.is_some() {
+            vec![ids.len() as i32]
+        } else {
+            vec![b, tpi]
         };
         Ok(Self {
-            ids: Array::from_slice(&ids, &[b, t]),
-            cos: Array::from_slice(&cos, &[b, 1, t, d as i32]),
-            sin: Array::from_slice(&sin, &[b, 1, t, d as i32]),
+            ids: Array::from_slice(&ids, &ids_shape),
+            rope,
             mask,
             positions: Array::from_slice(&positions, &[positions.len() as i32]),
             targets: Array::from_slice(&targets, &[targets.len() as i32]),
+            rows: b,
+            seq: tpi,
+            real,
+            attention_tokens: rows * tp,
+            dense_tokens,
         })
     }
 
     pub fn forward_inputs(&self) -> ForwardInputs<'_> {
         ForwardInputs {
             ids: &self.ids,
-            cos: &self.cos,
-            sin: &self.sin,
+            rows: self.rows,
+            seq: self.seq,
+            real: self.real.as_ref(),
+            rope: &self.rope,
             mask: self.mask.as_ref(),
             positions: Some(&self.positions),
         }
@@ -491,12 +685,22 @@ mod tests {
         }
     }
 
+    fn arrays(mb: &MicroBatch, multiple: usize, fast_rope: bool) -> MicroBatchArrays {
+        MicroBatchArrays::new(
+            mb,
+            &rope_freqs(&ModelShape::tiny()),
+            multiple,
+            fast_rope,
+            false,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn document_mask_is_may_attend() {
         Device::set_default(&Device::cpu());
         let mb = packed_micro_batch();
-        let arrays = MicroBatchArrays::new(&mb, &ModelShape::tiny()).unwrap();
-        let m = arrays.mask.unwrap();
+        let m = arrays(&mb, 1, true).mask.unwrap();
         assert_eq!(m.shape(), &[1, 1, 7, 7]);
         let v: Vec<bool> = m.as_slice::<bool>().to_vec();
         for q in 0..7 {
@@ -507,18 +711,117 @@ mod tests {
     }
 
     #[test]
+    fn padding_to_a_multiple_keeps_every_real_token_apart_from_it() {
+        Device::set_default(&Device::cpu());
+        let mb = packed_micro_batch();
+        let a = arrays(&mb, 8, true);
+        assert_eq!(a.ids.shape(), &[1, 8]);
+        assert_eq!(a.attention_tokens, 8);
+        // Loss positions keep their columns (one row, so the same flat indices).
+        assert_eq!(a.positions.as_slice::<i32>(), &[0, 1, 3]);
+        let m = a.mask.unwrap();
+        assert_eq!(m.shape(), &[1, 1, 8, 8]);
+        let v: Vec<bool> = m.as_slice::<bool>().to_vec();
+        for q in 0..8 {
+            for k in 0..8 {
+                let want = if q < 7 && k < 7 {
+                    mb.may_attend(0, q, k)
+                } else {
+                    q == k // the new column sees itself only, and nothing sees it
+                };
+                assert_eq!(v[q * 8 + k], want, "q {q} k {k}");
+            }
+        }
+        // Two right-padded rows of 3: row 1's loss positions move to the wider stride.
+        let rows = MicroBatch {
+            rows: 2,
+            seq_len: 3,
+            input_ids: vec![5, 6, 7, 8, 9, 0],
+            labels: vec![6, 7, -100, 9, -100, -100],
+            position_ids: vec![0, 1, 2, 0, 1, 2],
+            segment_ids: None,
+            row_lengths: vec![3, 2],
+            loss_tokens: 3,
+            input_tokens: 5,
+            padded_tokens: 6,
+        };
+        let a = arrays(&rows, 4, true);
+        assert_eq!(a.ids.shape(), &[2, 4]);
+        assert_eq!(a.positions.as_slice::<i32>(), &[0, 1, 4]);
+        assert_eq!(a.targets.as_slice::<i32>(), &[6, 7, 9]);
+        assert!(matches!(a.rope, Rope::Fast { .. }));
+        assert!(matches!(arrays(&rows, 4, false).rope, Rope::Table { .. }));
+    }
+
+    #[test]
     fn rope_tables_restart_per_document() {
         Device::set_default(&Device::cpu());
         let shape = ModelShape::tiny();
-        let arrays = MicroBatchArrays::new(&packed_micro_batch(), &shape).unwrap();
+        let Rope::Table { cos, .. } = arrays(&packed_micro_batch(), 1, true).rope else {
+            panic!("packed rows need tables");
+        };
         let d = shape.head_dim();
-        let cos: Vec<f32> = arrays.cos.as_slice::<f32>().to_vec();
+        let cos: Vec<f32> = cos.as_slice::<f32>().to_vec();
         // Position 0 (token 0 and token 3): cos = 1 everywhere.
         assert!(cos[..d].iter().all(|&c| c == 1.0));
         assert!(cos[3 * d..4 * d].iter().all(|&c| c == 1.0));
         // Position 1, frequency 0: cos(1); the second half repeats the first.
         assert!((cos[d] - 1f32.cos()).abs() < 1e-7);
         assert_eq!(cos[d], cos[d + d / 2]);
+    }
+
+    /// `fast::rope` with Hugging Face's wavelengths against the written-out tables, and
+    /// `fast::rms_norm` against the written-out norm (fp32, the CPU).
+    #[test]
+    fn fused_kernels_compute_the_written_out_arithmetic() {
+        Device::set_default(&Device::cpu());
+        let shape = ModelShape::tiny();
+        let d = shape.head_dim() as i32;
+        let t = 300;
+        let x = mlx_rs::random::normal::<f32>(&[2, 3, t, d], None, None, None).unwrap();
+        let freqs = rope_freqs(&shape);
+        let fast = Rope::Fast {
+            freqs: freqs.clone(),
+        }
+        .apply(&x)
+        .unwrap();
+        let mb = MicroBatch {
+            rows: 1,
+            seq_len: t as usize,
+            input_ids: vec![1; t as usize],
+            labels: vec![-100; t as usize],
+            position_ids: (0..t as i64).collect(),
+            segment_ids: None,
+            row_lengths: vec![t as usize],
+            loss_tokens: 0,
+            input_tokens: t as usize,
+            padded_tokens: t as usize,
+        };
+        let table = MicroBatchArrays::new(&mb, &freqs, 1, false, false)
+            .unwrap()
+            .rope;
+        let slow = table.apply(&x).unwrap();
+        let diff = fast
+            .subtract(&slow)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(None)
+            .unwrap();
+        assert!(diff.item_exact::<f32>() < 1e-4, "rope differs by {diff:?}");
+
+        let w = mlx_rs::random::normal::<f32>(&[d], None, None, None).unwrap();
+        let norm = RmsNorm {
+            weight: Param::new(w),
+            eps: 1e-5,
+        };
+        let a = norm.forward(&x, true).unwrap();
+        let b = norm.forward(&x, false).unwrap();
+        let diff = a.subtract(&b).unwrap().abs().unwrap().max(None).unwrap();
+        assert!(
+            diff.item_exact::<f32>() < 1e-5,
+            "rms_norm differs by {diff:?}"
+        );
     }
 
     #[test]

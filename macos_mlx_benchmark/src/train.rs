@@ -10,17 +10,20 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use mlx_rs::error::Exception;
 use mlx_rs::module::ModuleParameters;
-use mlx_rs::{nn, ops, transforms::eval, Array, Device, Dtype};
-use shared::config::{Config, DTypeChoice, DeviceChoice, TrainConfig};
+use mlx_rs::transforms::{async_eval, eval};
+use mlx_rs::{nn, ops, Array, Device, Dtype};
+use shared::config::{Config, DTypeChoice, TrainConfig};
 use shared::data::batch::Step;
 use shared::error::ConfigError;
 use shared::measure::probe::{self, Software};
-use shared::model::{ModelShape, ParamCounts};
+use shared::model::ParamCounts;
 use shared::runner::{Backend, MemoryReading, StepReport};
 use shared::summary::BackendInfo;
 use shared::workload::Prepared;
 
-use crate::phi3::{scale, MicroBatchArrays, Phi3ForCausalLM, Precision};
+use crate::device::{self, MlxDevice};
+use crate::phi3::{rope_freqs, Kernels, MicroBatchArrays, Phi3ForCausalLM, Precision, SwiGlu};
+use crate::tuning::Tuning;
 
 /// The MLX library version: from mlx-sys's build metadata where it is a direct dependency
 /// (Linux), else the version mlx-sys 0.7.0 pins (its mlx-c fetches MLX v0.32.2).
@@ -30,14 +33,6 @@ const MLX_VERSION: &str = match option_env!("FTB_MLX_VERSION") {
 };
 const MLX_RS_CRATE: &str = "mlx-rs 0.33.0";
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
-
-/// Which MLX device computes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum MlxDevice {
-    Cpu,
-    /// Metal on Apple Silicon.
-    Gpu,
-}
 
 /// AdamW state of one trainable tensor.
 struct AdamState {
@@ -49,46 +44,49 @@ struct AdamState {
 
 pub struct MlxBackend {
     model: Phi3ForCausalLM,
-    shape: ModelShape,
     precision: Precision,
     device: MlxDevice,
     device_name: String,
     train: TrainConfig,
     optimizer: HashMap<Rc<str>, AdamState>,
     counts: ParamCounts,
+    tuning: Tuning,
+    /// RoPE wavelengths on the device (`phi3::rope_freqs`).
+    freqs: Array,
+    /// The AdamW update compiled into one kernel per tensor (GPU; `Tuning::compile`).
+    adamw_kernel: Option<AdamWKernel>,
+    /// Positions computed in the last step by attention (padding columns of
+    /// `Tuning::seq_multiple` included) and by everything else (real tokens only with
+    /// `Tuning::real_tokens`).
+    attention_tokens: usize,
+    dense_tokens: usize,
+    /// The MLX library loaded (`/proc/self/maps`), for the summary.
+    libmlx: Option<String>,
+    /// `FTB_PROFILE=1`: host seconds per phase of the step, summed over the run (the summary's
+    /// `backend.details.profile_by_phase_total_s`). MLX encodes GPU work on the calling thread
+    /// when an evaluation starts, so these say where the host's time goes: building the graph,
+    /// encoding it (`async_eval`), and the step's final evaluation (encoding the rest and waiting).
+    profile: Option<std::collections::BTreeMap<&'static str, f64>>,
+    /// Seconds spent building the model: making the initial values on the host, and putting them
+    /// on the device (the summary's `backend.details.load_breakdown_s`).
+    load_host_s: f64,
+    load_device_s: f64,
 }
 
-/// `--device` for this binary: `auto` is Metal on a Mac and the CPU elsewhere.
-fn resolve_device(choice: DeviceChoice) -> Result<MlxDevice, ConfigError> {
-    const FIX: &str = "use --device auto, gpu (Metal, on a Mac) or cpu with macos_mlx_benchmark; \
-                       for CUDA or MPS run windows_pytorch_benchmark";
-    let bad = |value: &str, reason: &str| ConfigError::Value {
-        key: "device".into(),
-        value: value.into(),
-        reason: reason.into(),
-        fix: FIX.into(),
-    };
-    match choice {
-        DeviceChoice::Auto if cfg!(target_os = "macos") => Ok(MlxDevice::Gpu),
-        DeviceChoice::Auto | DeviceChoice::Cpu => Ok(MlxDevice::Cpu),
-        DeviceChoice::Gpu if cfg!(target_os = "macos") => Ok(MlxDevice::Gpu),
-        DeviceChoice::Gpu => Err(bad("gpu", "this build of MLX has no GPU backend (MLX's GPU is Metal, on Apple Silicon; the Linux build is CPU-only)")),
-        DeviceChoice::Cuda => Err(bad("cuda", "the MLX binary has no CUDA device (its devices are gpu = Metal and cpu)")),
-        DeviceChoice::Mps => Err(bad("mps", "MPS is PyTorch's name for the Apple GPU; MLX calls it gpu")),
-    }
-}
-
-/// Checks `--device` before anything is loaded, so that a bad value exits with the usage code.
-pub fn check_device(cfg: &Config) -> Result<(), ConfigError> {
-    resolve_device(cfg.run.device).map(|_| ())
+/// Checks `--device` (and the `FTB_MLX_*` tuning variables) before anything is loaded, so that a
+/// bad value exits with the usage code. Returns the device and how the step runs there.
+pub fn check_device(cfg: &Config) -> Result<(MlxDevice, Tuning), ConfigError> {
+    let d = device::resolve(cfg.run.device)?;
+    #[cfg(not(target_os = "macos"))]
+    crate::init::host_init_requested()?;
+    profile_requested()?;
+    Ok((d, Tuning::for_device(d)?))
 }
 
 fn resolve_precision(choice: DTypeChoice, device: MlxDevice) -> Precision {
     match choice {
-        DTypeChoice::Auto => match device {
-            MlxDevice::Gpu => Precision::Bf16,
-            MlxDevice::Cpu => Precision::Float32,
-        },
+        DTypeChoice::Auto if device.is_gpu() => Precision::Bf16,
+        DTypeChoice::Auto => Precision::Float32,
         DTypeChoice::Float32 => Precision::Float32,
         DTypeChoice::Bf16 => Precision::Bf16,
         DTypeChoice::MixedBf16 => Precision::MixedBf16,
@@ -97,11 +95,16 @@ fn resolve_precision(choice: DTypeChoice, device: MlxDevice) -> Precision {
 
 impl MlxBackend {
     pub fn new(cfg: &Config, prepared: &Prepared) -> Result<Self> {
-        let device = resolve_device(cfg.run.device)?;
+        catch_mlx(|| Self::build(cfg, prepared))
+    }
+
+    fn build(cfg: &Config, prepared: &Prepared) -> Result<Self> {
+        let (device, tuning) = check_device(cfg)?;
         let precision = resolve_precision(cfg.run.dtype, device);
-        Device::set_default(&match device {
-            MlxDevice::Cpu => Device::cpu(),
-            MlxDevice::Gpu => Device::gpu(),
+        Device::set_default(&if device.is_gpu() {
+            Device::gpu()
+        } else {
+            Device::cpu()
         });
         // Peak memory is reported "since the backend was built" (each repeat starts fresh).
         mlx_rs::memory::reset_peak_memory().context("resetting MLX's peak-memory counter")?;
@@ -114,17 +117,57 @@ impl MlxBackend {
         // LoRA adapters draw from their own stream (`shared::model::adapter_seed`); base weights from the
         // weight source (the workload seed, or the checkpoint).
         let adapter_seed = shared::model::adapter_seed(cfg.workload.seed);
-        prepared
-            .weights
-            .for_each(&specs, adapter_seed, |spec, data| {
-                let dims: Vec<i32> = spec.shape.iter().map(|&d| d as i32).collect();
-                let a = Array::from_slice(&data.values, &dims).as_dtype(dtype)?;
-                // Evaluated one by one so the host copy and an fp32 source of a bf16 cast are freed.
+        let (mut load_host_s, mut load_device_s) = (0.0, 0.0);
+        let mut t_host = Instant::now();
+        #[cfg(not(target_os = "macos"))]
+        let on_device = match &prepared.weights {
+            shared::model::WeightSource::Random { seed }
+                if device == MlxDevice::Cuda && !crate::init::host_init_requested()? =>
+            {
+                Some(*seed)
+            }
+            _ => None,
+        };
+        #[cfg(target_os = "macos")]
+        let on_device: Option<u64> = None;
+        if let Some(seed) = on_device {
+            // Random weights on CUDA: generated there (same values; see `init.rs`).
+            #[cfg(not(target_os = "macos"))]
+            for spec in &specs {
+                let s = if shared::model::is_adapter(&spec.name) {
+                    adapter_seed
+                } else {
+                    seed
+                };
+                let a = crate::init::init_on_cuda(spec, s)?.as_dtype(dtype)?;
+                // Evaluated one by one so that the fp32 source of a bf16 cast is freed.
                 a.eval()?;
                 tensors.insert(spec.name.clone(), a);
-                Ok(())
-            })?;
-        let model = Phi3ForCausalLM::from_tensors(&shape, strategy, precision, tensors)?;
+            }
+            load_device_s = t_host.elapsed().as_secs_f64();
+            let _ = seed;
+        } else {
+            prepared
+                .weights
+                .for_each(&specs, adapter_seed, |spec, data| {
+                    let t_device = Instant::now();
+                    load_host_s += t_device.duration_since(t_host).as_secs_f64();
+                    let dims: Vec<i32> = spec.shape.iter().map(|&d| d as i32).collect();
+                    let a = Array::from_slice(&data.values, &dims).as_dtype(dtype)?;
+                    // Evaluated one by one so the host copy and an fp32 source of a bf16 cast are freed.
+                    a.eval()?;
+                    tensors.insert(spec.name.clone(), a);
+                    t_host = Instant::now();
+                    load_device_s += t_host.duration_since(t_device).as_secs_f64();
+                    Ok(())
+                })?;
+        }
+        let kernels = Kernels {
+            precision,
+            fast_norm: tuning.fast_kernels,
+            swiglu: SwiGlu::new(tuning.compile),
+        };
+        let model = Phi3ForCausalLM::from_tensors(&shape, strategy, kernels, tensors)?;
 
         // The counts the summary reports come from shared; check them against the arrays.
         let counts = shape.parameter_counts(strategy);
@@ -163,20 +206,38 @@ impl MlxBackend {
 
         let device_name = match device {
             MlxDevice::Cpu => probe::probe_hardware().cpu_model,
-            MlxDevice::Gpu => probe::probe_hardware()
+            MlxDevice::Metal => probe::probe_hardware()
                 .apple
                 .map(|a| a.chip)
                 .unwrap_or_else(|| "Apple GPU".into()),
+            // MLX's CUDA backend computes on device 0 of CUDA_VISIBLE_DEVICES; NVML names it as
+            // the PyTorch binary does, so both find the same peak-table row.
+            MlxDevice::Cuda => probe::probe_nvidia()
+                .ok()
+                .and_then(|g| g.into_iter().next().map(|g| g.name))
+                .unwrap_or_else(|| "CUDA device".into()),
         };
+        let freqs = rope_freqs(&shape);
+        freqs.eval()?;
         Ok(Self {
             model,
-            shape,
             precision,
             device,
             device_name,
             train: cfg.workload.train.clone(),
             optimizer: HashMap::new(),
             counts,
+            tuning,
+            freqs,
+            adamw_kernel: tuning
+                .compile
+                .then(|| AdamWKernel::new(cfg.workload.train.weight_decay != 0.0)),
+            attention_tokens: 0,
+            dense_tokens: 0,
+            libmlx: device::loaded_libmlx(),
+            profile: profile_requested()?.then(Default::default),
+            load_host_s,
+            load_device_s,
         })
     }
 }
@@ -188,16 +249,16 @@ impl MlxBackend {
 /// The state is stored in fp32 for fp32 master weights (float32, mixed-bf16) and in the
 /// parameter dtype under bf16. The arithmetic is fp32 in every case, with the scalars computed
 /// in f64 on the host, as PyTorch's kernels do for bf16 tensors (in bf16, beta2 = 0.999 would
-/// round to 1.0); results are rounded to the storage dtype.
+/// round to 1.0); results are rounded to the storage dtype. With `kernel`, the same arithmetic runs
+/// as one compiled function per tensor.
 fn adamw(
-    tc: &TrainConfig,
     state: &mut HashMap<Rc<str>, AdamState>,
     key: &Rc<str>,
     p: &Array,
     g: &Array,
-    lr: f64,
+    scalars: &AdamScalars,
+    kernel: Option<&mut AdamWKernel>,
 ) -> Result<Array, Exception> {
-    let f32 = Dtype::Float32;
     let state_dtype = p.dtype();
     let st = match state.entry(key.clone()) {
         Entry::Occupied(o) => o.into_mut(),
@@ -210,31 +271,105 @@ fn adamw(
             })
         }
     };
-    let t = (st.steps + 1) as i32;
-    let g = g.as_dtype(f32)?;
-    let mut p32 = p.as_dtype(f32)?;
-    if tc.weight_decay != 0.0 {
-        p32 = scale(&p32, (1.0 - lr * tc.weight_decay) as f32)?;
+    if st.steps + 1 != scalars.t {
+        return Err(Exception::from(
+            "internal: AdamW's bias correction was made for another update count",
+        ));
     }
-    let m = scale(&st.m.as_dtype(f32)?, tc.beta1 as f32)?
-        .add(scale(&g, (1.0 - tc.beta1) as f32)?)?
-        .as_dtype(state_dtype)?;
-    let v = scale(&st.v.as_dtype(f32)?, tc.beta2 as f32)?
-        .add(scale(&g.square()?, (1.0 - tc.beta2) as f32)?)?
-        .as_dtype(state_dtype)?;
-    let step_size = lr / (1.0 - tc.beta1.powi(t));
-    let bias_correction2_sqrt = (1.0 - tc.beta2.powi(t)).sqrt();
-    let denom = scale(
-        &v.as_dtype(f32)?.sqrt()?,
-        (1.0 / bias_correction2_sqrt) as f32,
-    )?
-    .add(Array::from_f32(tc.eps as f32))?;
-    let update = scale(&m.as_dtype(f32)?.divide(&denom)?, step_size as f32)?;
-    let new_p = p32.subtract(update)?.as_dtype(p.dtype())?;
+    let mut x = vec![p.clone(), g.clone(), st.m.clone(), st.v.clone()];
+    x.extend(scalars.arrays.iter().cloned());
+    let out = match kernel {
+        Some(k) => (k.f)(&x)?,
+        None => adamw_update(scalars.weight_decay, &x)?,
+    };
+    let [new_p, m, v]: [Array; 3] = out
+        .try_into()
+        .map_err(|_| Exception::from("internal: the AdamW update returned the wrong arity"))?;
     st.m = m;
     st.v = v;
     st.steps += 1;
     Ok(new_p)
+}
+
+/// AdamW's scalars for one step, as fp32 arrays made once per step and shared by every tensor's
+/// update: `[decay, step_size, 1/sqrt(1 - b2^t), b1, 1 - b1, b2, 1 - b2, eps]`. Made once rather
+/// than per tensor and per operation: on MLX's CUDA backend every scalar made on the host is a
+/// managed-memory allocation that the GPU then reads.
+struct AdamScalars {
+    /// The update count these are for (every tensor is updated every step, so one `t` serves all).
+    t: u64,
+    weight_decay: bool,
+    arrays: Vec<Array>,
+}
+
+impl AdamScalars {
+    fn new(tc: &TrainConfig, lr: f64, t: u64) -> Result<Self, Exception> {
+        let ti = t as i32;
+        let v = [
+            1.0 - lr * tc.weight_decay,
+            lr / (1.0 - tc.beta1.powi(ti)),
+            1.0 / (1.0 - tc.beta2.powi(ti)).sqrt(),
+            tc.beta1,
+            1.0 - tc.beta1,
+            tc.beta2,
+            1.0 - tc.beta2,
+            tc.eps,
+        ];
+        let arrays: Vec<Array> = v.iter().map(|&x| Array::from_f32(x as f32)).collect();
+        eval(arrays.iter())?;
+        Ok(Self {
+            t,
+            weight_decay: tc.weight_decay != 0.0,
+            arrays,
+        })
+    }
+}
+
+/// `[p, g, m, v, decay, step_size, 1/sqrt(1 - b2^t), b1, 1 - b1, b2, 1 - b2, eps]` ->
+/// `[p', m', v']` in fp32 arithmetic, rounded to the parameter's and the state's dtypes (see
+/// [`adamw`]).
+fn adamw_update(weight_decay: bool, x: &[Array]) -> Result<Vec<Array>, Exception> {
+    let f32 = Dtype::Float32;
+    let (p, g, m, v) = (&x[0], &x[1], &x[2], &x[3]);
+    let (decay, step_size, inv_bc2_sqrt) = (&x[4], &x[5], &x[6]);
+    let (b1, one_minus_b1, b2, one_minus_b2, eps) = (&x[7], &x[8], &x[9], &x[10], &x[11]);
+    let state_dtype = m.dtype();
+    let g = g.as_dtype(f32)?;
+    let mut p32 = p.as_dtype(f32)?;
+    if weight_decay {
+        p32 = p32.multiply(decay)?;
+    }
+    let m = m
+        .as_dtype(f32)?
+        .multiply(b1)?
+        .add(g.multiply(one_minus_b1)?)?
+        .as_dtype(state_dtype)?;
+    let v = v
+        .as_dtype(f32)?
+        .multiply(b2)?
+        .add(g.square()?.multiply(one_minus_b2)?)?
+        .as_dtype(state_dtype)?;
+    let denom = v.as_dtype(f32)?.sqrt()?.multiply(inv_bc2_sqrt)?.add(eps)?;
+    let update = m.as_dtype(f32)?.divide(&denom)?.multiply(step_size)?;
+    let new_p = p32.subtract(update)?.as_dtype(p.dtype())?;
+    Ok(vec![new_p, m, v])
+}
+
+/// [`adamw_update`] compiled once (shapeless: one compiled graph per dtype combination serves
+/// every tensor), so each tensor's update is one generated kernel instead of about fifteen.
+struct AdamWKernel {
+    f: Box<crate::phi3::CompiledFn>,
+}
+
+impl AdamWKernel {
+    fn new(weight_decay: bool) -> Self {
+        Self {
+            f: Box::new(mlx_rs::transforms::compile::compile(
+                move |x: &[Array]| adamw_update(weight_decay, x),
+                true,
+            )),
+        }
+    }
 }
 
 /// Sum of the token cross-entropies `logsumexp(logits) - logits[target]`, in fp32.
@@ -273,19 +408,40 @@ fn mapped_blas() -> Option<String> {
     (!libs.is_empty()).then(|| libs.join(", "))
 }
 
-impl Backend for MlxBackend {
-    fn train_step(&mut self, step: &Step, lr: f64) -> Result<StepReport> {
+impl MlxBackend {
+    /// One optimizer step (see `Backend::train_step`).
+    /// `FTB_PROFILE=1`: charges the host time since `*mark` to `phase`.
+    fn charge(&mut self, phase: &'static str, mark: &mut Instant) {
+        if let Some(p) = &mut self.profile {
+            let now = Instant::now();
+            *p.entry(phase).or_default() += now.duration_since(*mark).as_secs_f64();
+            *mark = now;
+        }
+    }
+
+    fn step(&mut self, step: &Step, lr: f64) -> Result<StepReport> {
+        let mut mark = Instant::now();
         // The step's loss = sum over micro-batches of (token CE sum / the step's loss tokens).
         let denom = Array::from_f32(step.loss_tokens.max(1) as f32);
         let mut grads: Option<HashMap<Rc<str>, Array>> = None;
         let mut loss: Option<Array> = None;
         let n_micro = step.micro_batches.len();
+        (self.attention_tokens, self.dense_tokens) = (0, 0);
         for (i, mb) in step.micro_batches.iter().enumerate() {
             if mb.loss_tokens == 0 {
                 // No label counts: its loss and gradients are exactly zero.
                 continue;
             }
-            let arrays = MicroBatchArrays::new(mb, &self.shape)?;
+            let t = &self.tuning;
+            let arrays = MicroBatchArrays::new(
+                mb,
+                &self.freqs,
+                t.seq_multiple,
+                t.fast_kernels,
+                t.real_tokens,
+            )?;
+            self.attention_tokens += arrays.attention_tokens;
+            self.dense_tokens += arrays.dense_tokens;
             let loss_fn = |model: &mut Phi3ForCausalLM,
                            (a, denom): (&MicroBatchArrays, &Array)|
              -> Result<Array, Exception> {
@@ -310,14 +466,23 @@ impl Backend for MlxBackend {
                 None => mb_loss,
                 Some(l) => l.add(&mb_loss)?,
             });
+            self.charge("build_forward_backward", &mut mark);
             if i + 1 < n_micro {
-                // Device sync: materialise the running sums so that this micro-batch's
-                // activations are freed before the next one is traced.
+                // Materialise the running sums so that this micro-batch's activations are freed
+                // before the next one runs. With `overlap` (GPU) this is not a sync: the host goes
+                // on to build the next micro-batch's graph while the device computes this one.
                 let (g, l) = (
                     grads.as_ref().context("gradients")?,
                     loss.as_ref().context("loss")?,
                 );
-                eval(g.values().chain(std::iter::once(l)))?;
+                let outputs = g.values().chain(std::iter::once(l));
+                if self.tuning.overlap {
+                    async_eval(outputs)?;
+                } else {
+                    // Device sync.
+                    eval(outputs)?;
+                }
+                self.charge("eval_micro_batch", &mut mark);
             }
         }
         // A step without loss tokens still takes an optimizer step, with zero gradients (as
@@ -354,6 +519,8 @@ impl Backend for MlxBackend {
         }
 
         // AdamW over the trainable tensors, then write the new values into the model.
+        let t = self.optimizer.values().next().map_or(1, |s| s.steps + 1);
+        let scalars = AdamScalars::new(&self.train, lr, t)?;
         let mut updated: Vec<(Rc<str>, Array)> = Vec::with_capacity(grads.len());
         {
             let params = self.model.parameters().flatten();
@@ -364,12 +531,23 @@ impl Backend for MlxBackend {
                     .get(k)
                     .with_context(|| format!("internal: gradient for unknown parameter {k}"))?;
                 let p = (*p).clone();
-                updated.push((
-                    k.clone(),
-                    adamw(&self.train, &mut self.optimizer, k, &p, &grads[k], lr)?,
-                ));
+                let new_p = adamw(
+                    &mut self.optimizer,
+                    k,
+                    &p,
+                    &grads[k],
+                    &scalars,
+                    self.adamw_kernel.as_mut(),
+                )?;
+                // One tensor at a time: the update's fp32 temporaries (parameter, gradient, both
+                // moments) then exist for one tensor, not for every trainable tensor at once. Not
+                // a sync: the host goes on to the next tensor.
+                let st = &self.optimizer[k];
+                async_eval([&new_p, &st.m, &st.v])?;
+                updated.push((k.clone(), new_p));
             }
         }
+        self.charge("optimizer", &mut mark);
         {
             let mut params = self.model.parameters_mut().flatten();
             for (k, new) in &updated {
@@ -384,10 +562,51 @@ impl Backend for MlxBackend {
         outputs.extend(updated.iter().map(|(_, a)| a));
         outputs.extend(self.optimizer.values().flat_map(|s| [&s.m, &s.v]));
         eval(outputs)?;
+        self.charge("final_eval", &mut mark);
         Ok(StepReport {
             loss: f64::from(loss.item_exact::<f32>()),
             grad_norm: Some(f64::from(grad_norm.item_exact::<f32>())),
         })
+    }
+}
+
+/// Whether `FTB_PROFILE` asks for per-phase timings ("1") or not ("0" or unset).
+fn profile_requested() -> Result<bool, ConfigError> {
+    match std::env::var("FTB_PROFILE") {
+        Err(_) => Ok(false),
+        Ok(v) => match v.trim() {
+            "" | "0" => Ok(false),
+            "1" => Ok(true),
+            _ => Err(ConfigError::Value {
+                key: "FTB_PROFILE".into(),
+                value: v,
+                reason: "not a value this testing variable takes".into(),
+                fix: "use 1 (add per-phase host timings to the summary) or 0, or unset it".into(),
+            }),
+        },
+    }
+}
+
+/// MLX reports errors through mlx-c as `Exception`s, which the step returns; a panic (an mlx-rs
+/// call that unwraps, an operator overload) is turned into an error too, so that a failure of
+/// MLX's backend ends the run `failed` with its message rather than aborting without a summary.
+fn catch_mlx<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "MLX raised an error".into());
+            bail!("{msg}")
+        }
+    }
+}
+
+impl Backend for MlxBackend {
+    fn train_step(&mut self, step: &Step, lr: f64) -> Result<StepReport> {
+        catch_mlx(|| self.step(step, lr))
     }
 
     fn memory(&mut self) -> MemoryReading {
@@ -409,7 +628,31 @@ impl Backend for MlxBackend {
     fn info(&self) -> BackendInfo {
         let mut details = serde_json::Map::new();
         details.insert("mlx_version".into(), MLX_VERSION.into());
-        details.insert("compile".into(), false.into());
+        details.insert("mlx_backend".into(), self.device.backend_name().into());
+        if let Some(lib) = &self.libmlx {
+            details.insert("libmlx".into(), lib.clone().into());
+        }
+        details.insert("tuning".into(), self.tuning.to_json());
+        if let Some(p) = &self.profile {
+            details.insert(
+                "profile_by_phase_total_s".into(),
+                serde_json::to_value(p).unwrap_or_default(),
+            );
+        }
+        details.insert(
+            "positions_computed_last_step".into(),
+            serde_json::json!({
+                "attention": self.attention_tokens,
+                "projections_and_mlp": self.dense_tokens,
+            }),
+        );
+        details.insert(
+            "load_breakdown_s".into(),
+            serde_json::json!({
+                "initial_values_on_host": self.load_host_s,
+                "to_device": self.load_device_s,
+            }),
+        );
         details.insert(
             "attention".into(),
             "mlx fast::scaled_dot_product_attention (causal, or a boolean document mask for packed rows)".into(),
@@ -437,10 +680,7 @@ impl Backend for MlxBackend {
         );
         BackendInfo {
             framework: "mlx".into(),
-            device: match self.device {
-                MlxDevice::Cpu => "cpu".into(),
-                MlxDevice::Gpu => "gpu".into(),
-            },
+            device: self.device.summary_name().into(),
             device_name: self.device_name.clone(),
             dtype: self.precision.name().into(),
             world_size: 1,
@@ -453,15 +693,21 @@ impl Backend for MlxBackend {
     }
 
     fn software(&self) -> Software {
-        probe::software(MLX_RS_CRATE, &format!("MLX {MLX_VERSION}"))
+        let library = match self.device {
+            MlxDevice::Cuda => format!("MLX {MLX_VERSION} (CUDA backend)"),
+            MlxDevice::Metal => format!("MLX {MLX_VERSION} (Metal backend)"),
+            MlxDevice::Cpu => format!("MLX {MLX_VERSION}"),
+        };
+        probe::software(MLX_RS_CRATE, &library)
     }
 
     /// One n×n×n matrix product: bf16 at n = 4096 on the GPU, fp32 at n = 1024 on the CPU; the
     /// mean of 10 timed products after 3 warm-ups.
     fn calibrate_tflops(&mut self) -> Result<f64> {
-        let (n, dtype) = match self.device {
-            MlxDevice::Gpu => (4096, Dtype::Bfloat16),
-            MlxDevice::Cpu => (1024, Dtype::Float32),
+        let (n, dtype) = if self.device.is_gpu() {
+            (8192, Dtype::Bfloat16)
+        } else {
+            (1024, Dtype::Float32)
         };
         let a = mlx_rs::random::normal::<f32>(&[n, n], None, None, None)?.as_dtype(dtype)?;
         let b = mlx_rs::random::normal::<f32>(&[n, n], None, None, None)?.as_dtype(dtype)?;

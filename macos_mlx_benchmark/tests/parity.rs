@@ -15,7 +15,7 @@ fn pytorch_bin() -> Option<PathBuf> {
         assert!(p.exists(), "FTB_PYTORCH_BIN={} does not exist", p.display());
         return Some(p);
     }
-    let mlx = PathBuf::from(env!("CARGO_BIN_EXE_macos_mlx_benchmark"));
+    let mlx = mlx_bin();
     let p = mlx.with_file_name(format!(
         "windows_pytorch_benchmark{}",
         std::env::consts::EXE_SUFFIX
@@ -39,8 +39,6 @@ fn pytorch_bin() -> Option<PathBuf> {
 const COMMON: &[&str] = &[
     "--preset",
     "tiny",
-    "--device",
-    "cpu",
     "--dtype",
     "float32",
     "--quiet",
@@ -60,9 +58,32 @@ const COMMON: &[&str] = &[
     "8",
 ];
 
+/// The MLX binary: `FTB_MLX_BIN` (a copy carried to another machine), else this build's.
+fn mlx_bin() -> PathBuf {
+    std::env::var_os("FTB_MLX_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_macos_mlx_benchmark")))
+}
+
 fn run(bin: &Path, out: &Path, extra: &[&str]) -> shared::summary::Summary {
+    run_on(bin, out, "cpu", extra)
+}
+
+fn run_on(bin: &Path, out: &Path, device: &str, extra: &[&str]) -> shared::summary::Summary {
+    run_env(bin, out, device, extra, &[])
+}
+
+fn run_env(
+    bin: &Path,
+    out: &Path,
+    device: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> shared::summary::Summary {
     let o = Command::new(bin)
+        .envs(env.iter().copied())
         .args(COMMON)
+        .args(["--device", device])
         .args(extra)
         .arg("--output-dir")
         .arg(out)
@@ -88,7 +109,7 @@ fn max_rel_diff(a: &[f64], b: &[f64]) -> f64 {
 #[test]
 fn both_frameworks_compute_the_same_losses() {
     let Some(torch) = pytorch_bin() else { return };
-    let mlx = PathBuf::from(env!("CARGO_BIN_EXE_macos_mlx_benchmark"));
+    let mlx = mlx_bin();
     for strategy in ["last-n", "full", "lora"] {
         for plan in ["padded", "packed"] {
             let (dt, dm) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -122,7 +143,7 @@ fn both_frameworks_compute_the_same_losses() {
 #[test]
 fn the_check_fails_when_one_side_changes() {
     let Some(torch) = pytorch_bin() else { return };
-    let mlx = PathBuf::from(env!("CARGO_BIN_EXE_macos_mlx_benchmark"));
+    let mlx = mlx_bin();
     let (dt, dm) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let t = run(&torch, dt.path(), &["--strategy", "full"]);
     let m = run(
@@ -139,4 +160,84 @@ fn the_check_fails_when_one_side_changes() {
         d > 1e-3,
         "masking the prompt on one side only must break parity, got {d:.2e}"
     );
+}
+
+/// Whether `bin` can compute on `device` here: its `--plan` exits 0 (2 = no such device).
+fn has_device(bin: &Path, device: &str) -> bool {
+    Command::new(bin)
+        .args(["--preset", "tiny", "--device", device, "--plan", "--quiet"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The same promise on an NVIDIA GPU: MLX's CUDA backend against libtorch's CUDA, fp32, 8 steps,
+/// every strategy, padded and packed. Tolerance 1e-5 relative: both compute in fp32 (the MLX
+/// binary turns MLX's default TF32 matrix products off for float32 runs, as libtorch has them off),
+/// so what differs is the order of fp32 sums in different kernels (cuBLAS/cuDNN on one side,
+/// cuBLAS and MLX's own on the other): about 1e-6 relative on a loss of 10. Skipped, saying so,
+/// where either binary has no GPU.
+#[test]
+fn both_frameworks_compute_the_same_losses_on_the_gpu() {
+    let Some(torch) = pytorch_bin() else { return };
+    let mlx = mlx_bin();
+    if !has_device(&mlx, "gpu") || !has_device(&torch, "cuda") {
+        eprintln!(
+            "skipped: no GPU for both binaries here (the MLX binary needs MLX's CUDA backend: MLX_LINUX_BACKEND=cuda bash scripts/setup-mlx-linux.sh; the PyTorch binary a CUDA GPU)"
+        );
+        return;
+    }
+    for strategy in ["last-n", "full", "lora"] {
+        for plan in ["padded", "packed"] {
+            let (dt, dm) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let extra = ["--strategy", strategy, "--batch-plan", plan];
+            let t = run_on(&torch, dt.path(), "cuda", &extra);
+            let m = run_on(&mlx, dm.path(), "gpu", &extra);
+            assert_eq!(t.workload.hash, m.workload.hash, "{strategy}/{plan}");
+            assert!(t.backend.device.starts_with("cuda"), "{}", t.backend.device);
+            assert_eq!(m.backend.device, "cuda:0", "MLX on its CUDA backend");
+            let (lt, lm) = (&t.metrics.loss_curve, &m.metrics.loss_curve);
+            assert_eq!(lt.len(), 8);
+            let d = max_rel_diff(lt, lm);
+            eprintln!("gpu {strategy}/{plan}: max relative loss difference {d:.2e}");
+            assert!(
+                d < 1e-5,
+                "gpu {strategy}/{plan}: losses differ by {d:.2e}\n pytorch {lt:?}\n mlx     {lm:?}"
+            );
+        }
+    }
+}
+
+/// The GPU layout (sequence lengths rounded up to a multiple, projections and MLP over the real
+/// tokens only, attention over the padded rows; `src/tuning.rs`) computes the same losses as the
+/// plain layout. Checked on the CPU, where both run, in fp32: only the order of sums differs.
+#[test]
+fn the_gpu_layout_computes_the_same_losses() {
+    let mlx = mlx_bin();
+    let gpu_layout = [
+        ("FTB_MLX_SEQ_MULTIPLE", "16"),
+        ("FTB_MLX_REAL_TOKENS", "1"),
+        ("FTB_MLX_FAST_KERNELS", "1"),
+    ];
+    let plain = [
+        ("FTB_MLX_SEQ_MULTIPLE", "1"),
+        ("FTB_MLX_REAL_TOKENS", "0"),
+        ("FTB_MLX_FAST_KERNELS", "0"),
+    ];
+    for strategy in ["full", "lora"] {
+        for plan in ["padded", "packed"] {
+            let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let extra = ["--strategy", strategy, "--batch-plan", plan];
+            let a = run_env(&mlx, da.path(), "cpu", &extra, &plain);
+            let b = run_env(&mlx, db.path(), "cpu", &extra, &gpu_layout);
+            assert_eq!(b.backend.details["tuning"]["real_tokens"], true);
+            let d = max_rel_diff(&a.metrics.loss_curve, &b.metrics.loss_curve);
+            eprintln!("layout {strategy}/{plan}: max relative loss difference {d:.2e}");
+            assert!(
+                d < 1e-5,
+                "{strategy}/{plan}: {d:.2e}\n plain {:?}\n gpu   {:?}",
+                a.metrics.loss_curve,
+                b.metrics.loss_curve
+            );
+        }
+    }
 }

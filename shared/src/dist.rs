@@ -479,6 +479,16 @@ mod tests {
             sh(&format!("echo 'step 1 collective' > {p}/rank-0; sleep 30")),
             sh(&format!("echo 'step 0 done' > {p}/rank-1; sleep 30")),
         ];
+        // Both beacons written before the watch starts: on a loaded machine the shells can take
+        // longer than the 700 ms timeout to start, and a rank without a beacon is not "behind".
+        let t0 = std::time::Instant::now();
+        while !(d.path().join("rank-0").exists() && d.path().join("rank-1").exists()) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "the ranks never started"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let out = supervise(
             &mut c,
             Some(d.path()),

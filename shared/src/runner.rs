@@ -136,6 +136,9 @@ pub struct DeviceFacts {
     /// The backend computes only real tokens (variable-length attention), so padding costs no
     /// activation memory.
     pub drops_padding: bool,
+    /// The backend rounds every micro-batch's sequence length up to a multiple of this (1: no
+    /// rounding), adding padding columns the estimate must count (MLX on CUDA: 128).
+    pub seq_multiple: usize,
 }
 
 /// The preflight a binary gets when it names none: the device from `--device` (`auto`: CUDA
@@ -159,6 +162,7 @@ pub fn default_device_facts(cfg: &Config) -> Result<DeviceFacts> {
         device,
         precision: Precision::resolve(cfg.run.dtype, device.is_gpu()),
         drops_padding: false,
+        seq_multiple: 1,
     })
 }
 
@@ -274,15 +278,18 @@ pub fn main_with_preflight<B: Backend>(
     ));
     // Preflight memory estimate: printed first, checked against the device's free memory before
     // the model loads, and kept in the summary next to the measured peak.
-    let unpadded;
+    let as_computed;
     let estimate = memory::estimate(
         &p.shape,
         &cfg.workload.strategy,
         facts.precision,
         facts.device,
         if facts.drops_padding {
-            unpadded = memory::without_padding(&p.steps);
-            &unpadded
+            as_computed = memory::without_padding(&p.steps);
+            &as_computed
+        } else if facts.seq_multiple > 1 {
+            as_computed = memory::padded_to_multiple(&p.steps, facts.seq_multiple);
+            &as_computed
         } else {
             &p.steps
         },

@@ -87,5 +87,6 @@ fn preflight(cfg: &shared::config::Config) -> anyhow::Result<DeviceFacts> {
         device: kind,
         precision,
         drops_padding: attention == train::AttentionMode::Varlen,
+        seq_multiple: 1,
     })
 }

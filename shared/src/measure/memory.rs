@@ -323,6 +323,38 @@ pub fn without_padding(steps: &[Step]) -> Vec<Step> {
         .collect()
 }
 
+/// The steps as a backend sees them that rounds every micro-batch's sequence length up to a
+/// multiple of `multiple` (MLX on CUDA: 128, the tile its fused attention backward needs), for the
+/// estimate. The rounding adds padding columns; nothing else changes.
+pub fn padded_to_multiple(steps: &[Step], multiple: usize) -> Vec<Step> {
+    let m = multiple.max(1);
+    steps
+        .iter()
+        .map(|s| Step {
+            micro_batches: s
+                .micro_batches
+                .iter()
+                .map(|mb| {
+                    let seq_len = mb.seq_len.div_ceil(m) * m;
+                    MicroBatch {
+                        seq_len,
+                        input_ids: Vec::new(),
+                        labels: Vec::new(),
+                        position_ids: Vec::new(),
+                        segment_ids: mb.segment_ids.as_ref().map(|_| Vec::new()),
+                        row_lengths: mb.row_lengths.clone(),
+                        padded_tokens: mb.rows * seq_len,
+                        ..*mb
+                    }
+                })
+                .collect(),
+            doc_lengths: s.doc_lengths.clone(),
+            sample_ids: s.sample_ids.clone(),
+            ..*s
+        })
+        .collect()
+}
+
 /// The estimate for a run of `steps` (the prepared batch plan).
 pub fn estimate(
     shape: &ModelShape,

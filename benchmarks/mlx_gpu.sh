@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# MLX and PyTorch on one NVIDIA GPU in one call (the lent H200): unpacks MLX's CUDA libmlx (packed
+# by ../shared/tools/mlx-cuda-pack.sh into .device/mlxpack/), runs the variants, prints a short
+# table last. Usage (repo root on the device machine, binaries carried in .device/):
+#   bash benchmarks/mlx_gpu.sh NAME1 "FLAGS1" NAME2 "FLAGS2" ...
+# A NAME starting with `pt_` runs the PyTorch binary, any other the MLX binary. FLAGS may start
+# with environment assignments (e.g. "FTB_MLX_COMPILE=0 --strategy full"). Test binaries in
+# .device/tests/ run first (with FTB_PYTORCH_BIN and FTB_MLX_BIN set). With COMPARE="A B ...",
+# compare writes the report of those runs. Everything is packed into $OUT/results.tar.gz.
+set -uo pipefail
+out=${OUT:-/tmp/out}
+mkdir -p "$out/runs"
+# Binaries packed by benchmarks/pack_device.sh (stripped, xz) into .device/xz/.
+if [[ -d .device/xz ]]; then
+  mkdir -p .device/tests
+  for f in .device/xz/*.xz; do
+    n=$(basename "$f" .xz)
+    case $n in test-*) dst=.device/tests/${n#test-} ;; *) dst=.device/$n ;; esac
+    xz -dc "$f" >"$dst" && chmod +x "$dst"
+  done
+  echo "binaries of commit $(cat .device/xz/COMMIT) (uncommitted: $(wc -l <.device/xz/DIRTY) files)"
+fi
+# PyTorch: the device's own torch 2.11 (libtorch for tch 0.24).
+torch_lib=$(python3 -c "import torch,os;print(os.path.dirname(torch.__file__)+'/lib')")
+# MLX: the CUDA build of the same version (0.32.2) in place of the CPU libmlx the binary links.
+R=/tmp/mlxrt
+if [[ ! -f $R/mlx/lib/libmlx.so ]]; then
+  mkdir -p $R/mlx/lib
+  xz -dc .device/mlxpack/libmlx.so.xz >$R/mlx/lib/libmlx.so
+  tar -xJf .device/mlxpack/mlx-include-libs.tar.xz -C $R
+fi
+export LD_LIBRARY_PATH=$R/mlx/lib:$torch_lib:${LD_LIBRARY_PATH:-} TORCH_CPP_LOG_LEVEL=ERROR
+export FTB_PYTORCH_BIN=$PWD/.device/windows_pytorch_benchmark FTB_MLX_BIN=$PWD/.device/macos_mlx_benchmark
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
+  python3 -c "import torch;print('torch', torch.__version__)"; echo "libmlx $(cat .device/mlxpack/VERSION) (CUDA, sm90 cubins)"
+  git log -1 --format='commit %H %s' 2>/dev/null || true; } | tee "$out/machine.txt"
+for t in .device/tests/*; do
+  [[ -x $t && -z ${SKIP_TESTS:-} ]] || continue
+  echo "=== test $t" | tee -a "$out/log.txt"
+  # The GPU tests only (the rest run in CI): the parity test's GPU case, the device init check.
+  case $(basename "$t") in parity) filter=on_the_gpu ;; macos_mlx_benchmark) filter=device_values ;; *) filter= ;; esac
+  timeout "${TEST_TIMEOUT:-300}" "$t" $filter --nocapture --test-threads 1 >>"$out/log.txt" 2>&1
+  echo "exit $?" | tee -a "$out/log.txt"
+  grep -E "^test |^test result|skipped|max rel" "$out/log.txt" | tail -12
+done
+while (($# >= 2)); do
+  name=$1; flags=$2; shift 2
+  bin=$FTB_MLX_BIN; [[ $name == pt_* ]] && bin=$FTB_PYTORCH_BIN
+  echo "=== $name: $flags" | tee -a "$out/log.txt"
+  envs=(); read -ra words <<<"$flags"
+  while ((${#words[@]})) && [[ ${words[0]} =~ ^[A-Z_][A-Z0-9_]*= ]]; do envs+=("${words[0]}"); words=("${words[@]:1}"); done
+  timeout -s INT "${VARIANT_TIMEOUT:-240}" env "${envs[@]}" "$bin" "${words[@]}" --quiet --output-dir "$out/runs/$name" >>"$out/log.txt" 2>&1
+  echo "exit $?" | tee -a "$out/log.txt"
+  tar czf "$out/results.tar.gz" -C "$out" runs log.txt machine.txt # partial results survive a cut-off call
+  tail -2 "$out/log.txt"
+done
+# COMPARE="a b; c d": one report per group, in $out/report/<first>-<second>/.
+if [[ -n ${COMPARE:-} ]]; then
+  IFS=';' read -ra groups <<<"$COMPARE"
+  for g in "${groups[@]}"; do
+    args=(); read -ra names <<<"$g"
+    for n in "${names[@]}"; do args+=("$out/runs/$n/benchmark_summary.json"); done
+    dir="$out/report/$(IFS=-; echo "${names[*]}")"
+    .device/compare "${args[@]}" --output-dir "$dir" >>"$out/log.txt" 2>&1 && echo "report: $dir"
+  done
+fi
+python3 benchmarks/summary_table.py "$out/runs" | tee "$out/table.txt"
+tar czf "$out/results.tar.gz" -C "$out" runs log.txt machine.txt table.txt $( [[ -d $out/report ]] && echo report)
+rm -rf "$out/runs" "$out/report" # only a few files come back: everything is in the tarball

@@ -1,0 +1,40 @@
+#!/usr/bin/env python3
+"""One line per run folder under ROOT (ROOT/NAME/benchmark_summary.json): the figures a device call
+needs to compare variants. Usage: summary_table.py ROOT"""
+import json
+import os
+import sys
+
+root = sys.argv[1]
+cols = ("variant", "status", "steps", "in tok/s", "loss tok/s", "e2e in/s", "step med s", "MFU%",
+        "mem GiB", "load s", "total s", "loss", "util%", "W", "J/1k")
+widths = (24, 11, 6, 10, 11, 10, 11, 7, 9, 8, 9, 8, 7, 6, 7)
+print("".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cols, widths))))
+for name in sorted(os.listdir(root)):
+    p = os.path.join(root, name, "benchmark_summary.json")
+    if not os.path.exists(p):
+        print(f"{name:<24}no summary")
+        continue
+    s = json.load(open(p))
+    m = s["metrics"]
+
+    def f(v, d=0):
+        return "n/a" if v is None else f"{v:.{d}f}"
+
+    st = m.get("step_time_s") or {}
+    tel = m.get("telemetry") or {}
+    dev = next((d for d in tel.get("devices", []) if d.get("counted_in_energy")), {})
+    util = (dev.get("utilization_percent") or {}).get("mean")
+    mfu = m.get("mfu")
+    vals = (name, s["status"], m["steps"], f(m.get("input_tokens_per_s")), f(m.get("tokens_per_s")),
+            f(m.get("end_to_end_input_tokens_per_s")), f(st.get("median"), 3),
+            f(None if mfu is None else 100 * mfu, 1), f(m.get("peak_memory_gib"), 1),
+            f(m.get("load_s"), 1), f(m.get("total_s"), 1), f(m.get("final_loss"), 3), f(util),
+            f(dev.get("power_w_mean")), f(tel.get("joules_per_1k_tokens"), 1))
+    print("".join(f"{str(v):<{w}}" if i < 2 else f"{str(v):>{w}}" for i, (v, w) in enumerate(zip(vals, widths))))
+    err = (s.get("error") or {}).get("message")
+    if err:
+        print(f"   error: {err[:300]}")
+    det = s.get("backend", {}).get("details", {})
+    if "load_breakdown_s" in det:
+        print(f"   load: {det['load_breakdown_s']}  tuning: {det.get('tuning')}")

@@ -1,0 +1,177 @@
+//! How the MLX step is run on each device: the choices that make MLX fast there without changing
+//! what is computed. Defaults per device; each one can be set by an `FTB_MLX_*` variable so that
+//! every choice can be measured before and after (`benchmarks/mlx_gpu.sh` does).
+//!
+//! What is CUDA-only and what also serves Metal is said per field. The Metal defaults follow what
+//! mlx-lm does on Apple GPUs; this project has not measured them on a Mac.
+
+use shared::error::ConfigError;
+
+use crate::device::MlxDevice;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// Every micro-batch's sequence length is rounded up to a multiple of this, with padding
+    /// columns that carry no loss and that no real token attends to (right padding under a causal
+    /// or document mask), so losses and gradients do not change.
+    /// - CUDA: 128. MLX's fused attention backward (cuDNN) needs the query length to be a multiple
+    ///   of its 128-row tile (`ScaledDotProductAttentionVJP::use_fallback` in MLX 0.32); any other
+    ///   length falls back to attention written out as matrix products and a softmax over a
+    ///   materialised `[B, H, T, T]`. Fewer distinct shapes also keep MLX's CUDA-graph and cuDNN
+    ///   plan caches from thrashing.
+    /// - Metal: 32, as mlx-lm pads its batches (fewer distinct shapes for Metal's kernel caches).
+    /// - CPU: 1 (no padding; nothing to gain).
+    pub seq_multiple: usize,
+    /// MLX's fused kernels for RMSNorm (`fast::rms_norm`) and RoPE (`fast::rope`, rows whose
+    /// positions count from 0) instead of the same arithmetic written as separate operations.
+    /// Helps every GPU backend (one kernel instead of five to eight); on the CPU MLX runs the same
+    /// arithmetic as the written-out form.
+    pub fast_kernels: bool,
+    /// Compiled element-wise chains (SwiGLU's `silu(gate) * up`, the AdamW update): MLX fuses each
+    /// into one generated kernel. Metal (as mlx-lm compiles); not on CUDA, where it measured no
+    /// faster and its first call costs 30 s of NVRTC; not on the CPU, where compiling means
+    /// generating and building C++ at run time (about 12 s on the first call).
+    pub compile: bool,
+    /// `async_eval` between micro-batches, so the host builds the next micro-batch's graph while
+    /// the device still runs the previous one (the step's last evaluation stays synchronous: the
+    /// runner reads its clock after it). Serves every GPU backend.
+    pub overlap: bool,
+    /// Projections, norms and the MLP compute the real tokens only (one `[N, width]` matrix per
+    /// micro-batch); only attention sees the padded rows (`phi3::RealTokens`). With `seq_multiple`
+    /// 128 that keeps the rounding's padding out of every matrix product. Serves every GPU backend
+    /// (two gathers per layer against 25-40 % fewer positions in the products); off on the CPU,
+    /// where the plan's padding is small and the parity reference keeps the plain layout.
+    pub real_tokens: bool,
+}
+
+impl Tuning {
+    pub fn default_for(device: MlxDevice) -> Self {
+        match device {
+            MlxDevice::Cuda => Tuning {
+                seq_multiple: 128,
+                fast_kernels: true,
+                // Measured on the H200 (MLX 0.32.2): no steady gain (18,778 against 18,715 input
+                // tokens/s, last-n) for 30 s of run-time compilation in the first step.
+                compile: false,
+                overlap: true,
+                real_tokens: true,
+            },
+            MlxDevice::Metal => Tuning {
+                seq_multiple: 32,
+                fast_kernels: true,
+                compile: true,
+                overlap: true,
+                real_tokens: true,
+            },
+            MlxDevice::Cpu => Tuning {
+                seq_multiple: 1,
+                fast_kernels: true,
+                compile: false,
+                overlap: false,
+                real_tokens: false,
+            },
+        }
+    }
+
+    /// The defaults for `device`, with any `FTB_MLX_SEQ_MULTIPLE`, `FTB_MLX_FAST_KERNELS`,
+    /// `FTB_MLX_COMPILE`, `FTB_MLX_OVERLAP`, `FTB_MLX_REAL_TOKENS` applied. A value that does not parse is a usage error.
+    pub fn for_device(device: MlxDevice) -> Result<Self, ConfigError> {
+        Self::with_env(device, |k| std::env::var(k).ok())
+    }
+
+    fn with_env(
+        device: MlxDevice,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut t = Self::default_for(device);
+        let bad = |key: &str, value: &str, fix: &str| ConfigError::Value {
+            key: key.into(),
+            value: value.into(),
+            reason: "not a value this testing variable takes".into(),
+            fix: fix.into(),
+        };
+        let flag = |key: &str, slot: &mut bool| -> Result<(), ConfigError> {
+            if let Some(v) = var(key) {
+                *slot = match v.trim() {
+                    "1" | "true" | "on" => true,
+                    "0" | "false" | "off" => false,
+                    _ => return Err(bad(key, &v, "use 1 or 0, or unset it")),
+                };
+            }
+            Ok(())
+        };
+        if let Some(v) = var("FTB_MLX_SEQ_MULTIPLE") {
+            t.seq_multiple = v
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|m| (1..=4096).contains(m))
+                .ok_or_else(|| {
+                    bad(
+                        "FTB_MLX_SEQ_MULTIPLE",
+                        &v,
+                        "use a whole number from 1 to 4096, or unset it",
+                    )
+                })?;
+        }
+        flag("FTB_MLX_FAST_KERNELS", &mut t.fast_kernels)?;
+        flag("FTB_MLX_COMPILE", &mut t.compile)?;
+        flag("FTB_MLX_OVERLAP", &mut t.overlap)?;
+        flag("FTB_MLX_REAL_TOKENS", &mut t.real_tokens)?;
+        Ok(t)
+    }
+
+    pub fn to_json(self) -> serde_json::Value {
+        serde_json::json!({
+            "seq_multiple": self.seq_multiple,
+            "fast_kernels": self.fast_kernels,
+            "compile": self.compile,
+            "overlap": self.overlap,
+            "real_tokens": self.real_tokens,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn cuda_rounds_to_the_attention_tile_and_the_cpu_does_not() {
+        assert_eq!(Tuning::default_for(MlxDevice::Cuda).seq_multiple, 128);
+        assert_eq!(Tuning::default_for(MlxDevice::Cpu).seq_multiple, 1);
+        assert!(!Tuning::default_for(MlxDevice::Cpu).compile);
+        assert!(!Tuning::default_for(MlxDevice::Cuda).compile);
+    }
+
+    #[test]
+    fn variables_override_and_bad_values_are_refused() {
+        let t = Tuning::with_env(
+            MlxDevice::Cuda,
+            env(&[("FTB_MLX_SEQ_MULTIPLE", "32"), ("FTB_MLX_COMPILE", "0")]),
+        )
+        .unwrap();
+        assert_eq!(t.seq_multiple, 32);
+        assert!(!t.compile);
+        for (k, v) in [
+            ("FTB_MLX_SEQ_MULTIPLE", "0"),
+            ("FTB_MLX_SEQ_MULTIPLE", "abc"),
+            ("FTB_MLX_FAST_KERNELS", "yes please"),
+            ("FTB_MLX_OVERLAP", "2"),
+        ] {
+            let e = Tuning::with_env(MlxDevice::Cuda, env(&[(k, v)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(k) && e.contains(v), "{e}");
+        }
+    }
+}
