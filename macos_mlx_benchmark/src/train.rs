@@ -80,7 +80,9 @@ pub fn check_device(cfg: &Config) -> Result<(MlxDevice, Tuning), ConfigError> {
     #[cfg(not(target_os = "macos"))]
     crate::init::host_init_requested()?;
     profile_requested()?;
-    Ok((d, Tuning::for_device(d)?))
+    let t = Tuning::for_device(d, cfg.workload.strategy.kind)?;
+    t.apply_to_mlx(d);
+    Ok((d, t))
 }
 
 fn resolve_precision(choice: DTypeChoice, device: MlxDevice) -> Precision {

@@ -5,6 +5,7 @@
 //! What is CUDA-only and what also serves Metal is said per field. The Metal defaults follow what
 //! mlx-lm does on Apple GPUs; this project has not measured them on a Mac.
 
+use shared::config::StrategyKind;
 use shared::error::ConfigError;
 
 use crate::device::MlxDevice;
@@ -42,10 +43,19 @@ pub struct Tuning {
     /// (two gathers per layer against 25-40 % fewer positions in the products); off on the CPU,
     /// where the plan's padding is small and the parity reference keeps the plain layout.
     pub real_tokens: bool,
+    /// MLX's CUDA backend records its kernels into CUDA graphs (its default) or launches them one
+    /// by one (`MLX_USE_CUDA_GRAPHS=0`, which the binary then sets before MLX starts). CUDA only.
+    /// Measured on the H200 (4,096 records, MLX 0.32.2): with graphs, LoRA (about twice the
+    /// kernels per step of full fine-tuning: the adapters' small products) outgrows the graph
+    /// cache, which raised "Cache thrashing" at MLX's 400 graphs and failed in
+    /// `cudaGraphInstantiate` with out of memory at 4,000 (step 40); without graphs it completes
+    /// (14,894 input tokens/s). Full fine-tuning is the reverse: with graphs it completes (10,805,
+    /// 86.9 GiB), without them the host runs ahead and it ran out of memory at 133 GiB.
+    pub cuda_graphs: bool,
 }
 
 impl Tuning {
-    pub fn default_for(device: MlxDevice) -> Self {
+    pub fn default_for(device: MlxDevice, strategy: StrategyKind) -> Self {
         match device {
             MlxDevice::Cuda => Tuning {
                 seq_multiple: 128,
@@ -53,8 +63,11 @@ impl Tuning {
                 // Measured on the H200 (MLX 0.32.2): no steady gain (18,778 against 18,715 input
                 // tokens/s, last-n) for 30 s of run-time compilation in the first step.
                 compile: false,
-                overlap: true,
+                // Without CUDA graphs (LoRA) the host already runs ahead of the GPU; overlapping
+                // micro-batches on top only holds more activations at once.
+                overlap: strategy != StrategyKind::Lora,
                 real_tokens: true,
+                cuda_graphs: strategy != StrategyKind::Lora,
             },
             MlxDevice::Metal => Tuning {
                 seq_multiple: 32,
@@ -62,6 +75,7 @@ impl Tuning {
                 compile: true,
                 overlap: true,
                 real_tokens: true,
+                cuda_graphs: true,
             },
             MlxDevice::Cpu => Tuning {
                 seq_multiple: 1,
@@ -69,21 +83,23 @@ impl Tuning {
                 compile: false,
                 overlap: false,
                 real_tokens: false,
+                cuda_graphs: true,
             },
         }
     }
 
     /// The defaults for `device`, with any `FTB_MLX_SEQ_MULTIPLE`, `FTB_MLX_FAST_KERNELS`,
     /// `FTB_MLX_COMPILE`, `FTB_MLX_OVERLAP`, `FTB_MLX_REAL_TOKENS` applied. A value that does not parse is a usage error.
-    pub fn for_device(device: MlxDevice) -> Result<Self, ConfigError> {
-        Self::with_env(device, |k| std::env::var(k).ok())
+    pub fn for_device(device: MlxDevice, strategy: StrategyKind) -> Result<Self, ConfigError> {
+        Self::with_env(device, strategy, |k| std::env::var(k).ok())
     }
 
     fn with_env(
         device: MlxDevice,
+        strategy: StrategyKind,
         var: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let mut t = Self::default_for(device);
+        let mut t = Self::default_for(device, strategy);
         let bad = |key: &str, value: &str, fix: &str| ConfigError::Value {
             key: key.into(),
             value: value.into(),
@@ -118,7 +134,19 @@ impl Tuning {
         flag("FTB_MLX_COMPILE", &mut t.compile)?;
         flag("FTB_MLX_OVERLAP", &mut t.overlap)?;
         flag("FTB_MLX_REAL_TOKENS", &mut t.real_tokens)?;
+        // MLX's own switch wins over the default ("0" = off, as MLX reads it).
+        if let Some(v) = var("MLX_USE_CUDA_GRAPHS") {
+            t.cuda_graphs = v.trim() != "0";
+        }
         Ok(t)
+    }
+
+    /// Tells MLX, before it starts its CUDA backend, what `cuda_graphs` says (MLX reads
+    /// `MLX_USE_CUDA_GRAPHS` once, on first use).
+    pub fn apply_to_mlx(self, device: MlxDevice) {
+        if device == MlxDevice::Cuda && !self.cuda_graphs {
+            std::env::set_var("MLX_USE_CUDA_GRAPHS", "0");
+        }
     }
 
     pub fn to_json(self) -> serde_json::Value {
@@ -128,6 +156,7 @@ impl Tuning {
             "compile": self.compile,
             "overlap": self.overlap,
             "real_tokens": self.real_tokens,
+            "cuda_graphs": self.cuda_graphs,
         })
     }
 }
@@ -147,28 +176,37 @@ mod tests {
 
     #[test]
     fn cuda_rounds_to_the_attention_tile_and_the_cpu_does_not() {
-        assert_eq!(Tuning::default_for(MlxDevice::Cuda).seq_multiple, 128);
-        assert_eq!(Tuning::default_for(MlxDevice::Cpu).seq_multiple, 1);
-        assert!(!Tuning::default_for(MlxDevice::Cpu).compile);
-        assert!(!Tuning::default_for(MlxDevice::Cuda).compile);
+        let d = |dev| Tuning::default_for(dev, StrategyKind::LastN);
+        assert_eq!(d(MlxDevice::Cuda).seq_multiple, 128);
+        assert_eq!(d(MlxDevice::Cpu).seq_multiple, 1);
+        assert!(!d(MlxDevice::Cpu).compile);
+        assert!(!d(MlxDevice::Cuda).compile);
+        assert!(d(MlxDevice::Cuda).cuda_graphs);
+        let lora = Tuning::default_for(MlxDevice::Cuda, StrategyKind::Lora);
+        assert!(!lora.cuda_graphs && !lora.overlap);
     }
 
     #[test]
     fn variables_override_and_bad_values_are_refused() {
         let t = Tuning::with_env(
             MlxDevice::Cuda,
-            env(&[("FTB_MLX_SEQ_MULTIPLE", "32"), ("FTB_MLX_COMPILE", "0")]),
+            StrategyKind::Full,
+            env(&[
+                ("FTB_MLX_SEQ_MULTIPLE", "32"),
+                ("FTB_MLX_COMPILE", "0"),
+                ("MLX_USE_CUDA_GRAPHS", "0"),
+            ]),
         )
         .unwrap();
         assert_eq!(t.seq_multiple, 32);
-        assert!(!t.compile);
+        assert!(!t.compile && !t.cuda_graphs);
         for (k, v) in [
             ("FTB_MLX_SEQ_MULTIPLE", "0"),
             ("FTB_MLX_SEQ_MULTIPLE", "abc"),
             ("FTB_MLX_FAST_KERNELS", "yes please"),
             ("FTB_MLX_OVERLAP", "2"),
         ] {
-            let e = Tuning::with_env(MlxDevice::Cuda, env(&[(k, v)]))
+            let e = Tuning::with_env(MlxDevice::Cuda, StrategyKind::Full, env(&[(k, v)]))
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(k) && e.contains(v), "{e}");
