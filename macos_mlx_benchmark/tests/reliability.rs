@@ -119,3 +119,42 @@ fn out_of_memory_writes_a_failed_summary() {
     assert_eq!(s.metrics.steps, 1);
     assert!(s.metrics.memory.estimated_peak_bytes.is_some());
 }
+
+/// A second Ctrl-C exits at once with 130 and no summary (issue 16.1: `_exit` from the signal
+/// thread, never `exit()` under MLX's feet), three times over.
+#[cfg(unix)]
+#[test]
+fn second_ctrl_c_exits_at_once_without_a_summary() {
+    for attempt in 1..=3 {
+        let d = tempfile::tempdir().expect("temp dir");
+        let child = spawn_long_run(d.path());
+        wait_for_first_step(d.path());
+        for gap_ms in [100, 0] {
+            std::thread::sleep(Duration::from_millis(gap_ms));
+            let ok = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status()
+                .expect("kill runs")
+                .success();
+            assert!(ok);
+        }
+        let o = child.wait_with_output().expect("the binary ends");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(130), "attempt {attempt}: {stderr}");
+        assert!(
+            stderr.contains("second interrupt: exiting now, without a summary"),
+            "attempt {attempt}: {stderr}"
+        );
+        assert!(!d.path().join("benchmark_summary.json").exists());
+        let run = std::fs::read_dir(d.path().join("runs"))
+            .expect("the run folder")
+            .next()
+            .expect("one run")
+            .expect("readable")
+            .path();
+        assert!(
+            !run.join("benchmark_summary.json").exists(),
+            "attempt {attempt}"
+        );
+    }
+}

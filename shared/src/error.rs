@@ -36,7 +36,8 @@ pub mod exit {
     pub const FAILED: i32 = 1;
     /// Bad input (flags, TOML, data): nothing was run.
     pub const USAGE: i32 = 2;
-    /// Interrupted by Ctrl-C or SIGTERM; a summary with `status: interrupted` was written.
+    /// Interrupted by Ctrl-C or SIGTERM: after the first step, a summary with `status:
+    /// interrupted` was written; before it (loading) or at a second Ctrl-C, nothing was kept.
     pub const INTERRUPTED: i32 = 130;
 }
 

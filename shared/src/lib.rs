@@ -6,6 +6,7 @@ pub mod config;
 pub mod data;
 pub mod dist;
 pub mod error;
+pub mod interrupt;
 pub mod measure;
 pub mod model;
 pub mod report;

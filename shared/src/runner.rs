@@ -5,8 +5,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
@@ -16,6 +15,7 @@ use crate::config::{CliArgs, Config, DTypeChoice, Framework, TuningMode};
 use crate::data::batch::Step;
 use crate::dist::{self, Rank};
 use crate::error::exit;
+use crate::interrupt;
 use crate::measure::flops::step_flops;
 use crate::measure::memory::{self, DeviceKind, MemoryEstimate, Precision};
 use crate::measure::peak;
@@ -108,23 +108,6 @@ struct StepLog {
     padded_tokens: usize,
 }
 
-/// Signals: the first Ctrl-C/SIGTERM asks the loop to stop after the current step; the second
-/// exits at once.
-fn install_signal_handler() -> Arc<AtomicBool> {
-    static COUNT: AtomicUsize = AtomicUsize::new(0);
-    let flag = Arc::new(AtomicBool::new(false));
-    let f = flag.clone();
-    let _ = ctrlc::set_handler(move || {
-        if COUNT.fetch_add(1, Ordering::SeqCst) >= 1 {
-            eprintln!("\nsecond interrupt: exiting now");
-            std::process::exit(exit::INTERRUPTED);
-        }
-        eprintln!("\ninterrupt: finishing the current step and writing the summary (press again to exit now)");
-        f.store(true, Ordering::SeqCst);
-    });
-    flag
-}
-
 /// What a binary knows about its device before it builds the model: the device it will use and
 /// the precision `--dtype` resolves to there. Found by the binary's preflight (see
 /// [`main_with_preflight`]); an impossible choice (a device that is absent, a dtype the device
@@ -194,6 +177,9 @@ pub fn main_with_preflight<B: Backend>(
     preflight: impl Fn(&Config) -> Result<DeviceFacts>,
     build: impl Fn(&Config, &Prepared) -> Result<B>,
 ) -> i32 {
+    // First, before anything can block or be written: a signal now ends the process at once
+    // (see `interrupt`: what a signal does depends on how far the run is).
+    let interrupted = interrupt::install();
     let mut cfg = match Config::resolve(tuning_mode, args, framework) {
         Ok(c) => c,
         Err(e) => {
@@ -218,13 +204,15 @@ pub fn main_with_preflight<B: Backend>(
             return crate::error::exit_code_for(&e);
         }
     };
-    let interrupted = install_signal_handler();
     let out_dir = cfg
         .run
         .output_dir
         .clone()
         .unwrap_or_else(|| crate_dir.to_path_buf());
     if cfg.run.nproc > 1 && rank.is_none() {
+        // The supervisor computes nothing itself: a signal is passed on to the ranks (they share
+        // the terminal's process group), and this process waits for them.
+        interrupt::running();
         return supervise_ranks(&cfg, framework, &out_dir);
     }
     let say = |s: &str| {
@@ -297,15 +285,27 @@ pub fn main_with_preflight<B: Backend>(
     }
     warn_if_it_will_not_fit(&cfg, p, &facts, &estimate);
     let repeats = cfg.run.repeats;
-    let run_id = match std::env::var("FTB_RUN_ID").ok().filter(|_| rank.is_some()) {
-        // `--nproc`: the supervisor made the run folder.
-        Some(id) => id,
-        // Ranks other than 0 write nothing.
-        None if !leader => format!("rank-{}", rank.as_ref().map_or(0, |r| r.rank)),
-        None => match new_run_folder(framework, &out_dir) {
-            Some(id) => id,
-            None => return exit::FAILED,
-        },
+    // Until the first step starts, a signal removes the folder this process made and exits.
+    let run_id = interrupt::loading(|| {
+        match std::env::var("FTB_RUN_ID").ok().filter(|_| rank.is_some()) {
+            // `--nproc`: the supervisor made the run folder (and removes it if need be).
+            Some(id) => (Some(id), None),
+            // Ranks other than 0 write nothing.
+            None if !leader => (
+                Some(format!("rank-{}", rank.as_ref().map_or(0, |r| r.rank))),
+                None,
+            ),
+            None => match new_run_folder(framework, &out_dir) {
+                Some(id) => {
+                    let dir = out_dir.join("runs").join(&id);
+                    (Some(id), Some(dir))
+                }
+                None => (None, None),
+            },
+        }
+    });
+    let Some(run_id) = run_id else {
+        return exit::FAILED;
     };
     let mut summaries = Vec::new();
     let mut code = exit::OK;
@@ -474,7 +474,13 @@ fn supervise_ranks(cfg: &Config, framework: Framework, out_dir: &Path) -> i32 {
     let _ = std::fs::remove_dir_all(&beacons);
     match outcome {
         dist::Outcome::Completed => exit::OK,
-        dist::Outcome::Interrupted => exit::INTERRUPTED,
+        dist::Outcome::Interrupted => {
+            // Interrupted before rank 0's first step: nothing measured, nothing to keep.
+            if !run_dir.join("benchmark_summary.json").exists() {
+                let _ = std::fs::remove_dir_all(&run_dir);
+            }
+            exit::INTERRUPTED
+        }
         dist::Outcome::Failed { rank, reason } => {
             let what = format!("rank {rank} {reason}");
             eprintln!("error: {what}; the run failed");
@@ -687,6 +693,8 @@ fn run_once<B: Backend>(
     let t_model = Instant::now();
     let built = build(cfg, p);
     let model_load_s = t_model.elapsed().as_secs_f64();
+    // From here a first signal stops the run after the current step, with a summary.
+    interrupt::running();
     let mut rec = Recorder::new(cfg, p, dir, p.is_leader());
     let mut backend = match built {
         Ok(b) => b,

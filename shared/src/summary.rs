@@ -389,6 +389,8 @@ impl Summary {
             format!("refusing to write an invalid summary to {}", path.display())
         })?;
         let json = serde_json::to_string_pretty(self)?;
+        // No summary is written once a second Ctrl-C has begun to end the process.
+        let _exclusive = crate::interrupt::summary_write_guard();
         write_atomic(path, json.as_bytes())
     }
 

@@ -79,6 +79,36 @@ pub fn wait_for_first_step(out: &Path) {
             std::time::Instant::now() < deadline,
             "no step logged within 120 s"
         );
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
+/// A model folder holding the tiny preset's `config.json` with `changes` merged over it (no
+/// weights: use with `--weights random`).
+pub fn model_folder(dir: &Path, changes: serde_json::Value) -> PathBuf {
+    let m = dir.join("model");
+    std::fs::create_dir_all(&m).unwrap();
+    let mut c = shared::model::ModelShape::tiny().to_config_json();
+    for (k, v) in changes.as_object().expect("an object of changes") {
+        c[k] = v.clone();
+    }
+    std::fs::write(m.join("config.json"), c.to_string()).unwrap();
+    m
+}
+
+/// Every `benchmark_summary.json` under `dir`.
+pub fn summaries_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().is_some_and(|n| n == "benchmark_summary.json") {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
