@@ -6,6 +6,8 @@ pub mod config;
 pub mod data;
 pub mod dist;
 pub mod error;
+pub mod files;
+pub mod hooks;
 pub mod interrupt;
 pub mod measure;
 pub mod model;
