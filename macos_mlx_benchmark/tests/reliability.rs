@@ -119,3 +119,96 @@ fn out_of_memory_writes_a_failed_summary() {
     assert_eq!(s.metrics.steps, 1);
     assert!(s.metrics.memory.estimated_peak_bytes.is_some());
 }
+
+/// A second Ctrl-C exits at once with 130 and no summary (issue 16.1: `_exit` from the signal
+/// thread, never `exit()` under MLX's feet), three times over.
+#[cfg(unix)]
+#[test]
+fn second_ctrl_c_exits_at_once_without_a_summary() {
+    for attempt in 1..=3 {
+        let d = tempfile::tempdir().expect("temp dir");
+        let child = spawn_long_run(d.path());
+        wait_for_first_step(d.path());
+        for gap_ms in [100, 0] {
+            std::thread::sleep(Duration::from_millis(gap_ms));
+            let ok = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status()
+                .expect("kill runs")
+                .success();
+            assert!(ok);
+        }
+        let o = child.wait_with_output().expect("the binary ends");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(130), "attempt {attempt}: {stderr}");
+        assert!(
+            stderr.contains("second interrupt: exiting now, without a summary"),
+            "attempt {attempt}: {stderr}"
+        );
+        assert!(!d.path().join("benchmark_summary.json").exists());
+        let run = std::fs::read_dir(d.path().join("runs"))
+            .expect("the run folder")
+            .next()
+            .expect("one run")
+            .expect("readable")
+            .path();
+        assert!(
+            !run.join("benchmark_summary.json").exists(),
+            "attempt {attempt}"
+        );
+    }
+}
+
+/// Input problems the shared runner finds before anything loads (issue 16.4, 16.11): exit 2 with
+/// the value and the fix, and nothing written, in this binary as in the PyTorch one.
+#[test]
+fn bad_input_found_before_loading_is_a_usage_error() {
+    let d = tempfile::tempdir().expect("temp dir");
+    let file = d.path().join("a-file");
+    std::fs::write(&file, "x").expect("write");
+    let out = d.path().join("out");
+    let out = out.to_str().expect("utf-8");
+    /// Flags, environment, and what the message must say.
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (vec!["--nproc", "2"], vec![], "nproc = 2"),
+        (
+            vec!["--output-dir", file.to_str().expect("utf-8")],
+            vec![],
+            "a-file: is a file",
+        ),
+        (
+            vec![
+                "--micro-batch-size",
+                "2305843009213693952",
+                "--grad-accum",
+                "8",
+            ],
+            vec![],
+            "overflows",
+        ),
+        (
+            vec![],
+            vec![("FTB_INJECT_OOM_AT_STEP", "abc")],
+            "FTB_INJECT_OOM_AT_STEP = \"abc\"",
+        ),
+        (vec!["--max-seq-len", "8"], vec![], "max_seq_len = 8"),
+    ];
+    for (args, env, want) in cases {
+        let o = Command::new(BIN)
+            .args(["--preset", "tiny", "--device", "cpu", "--quiet"])
+            .args(if args.contains(&"--output-dir") {
+                vec![]
+            } else {
+                vec!["--output-dir", out]
+            })
+            .args(&args)
+            .envs(env)
+            .output()
+            .expect("the binary starts");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {want}: {stderr}");
+        assert!(!Path::new(out).exists(), "{args:?} wrote {out}");
+    }
+}

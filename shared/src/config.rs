@@ -265,6 +265,9 @@ pub struct RunOptions {
     /// Hardware telemetry sampling interval in milliseconds (utilisation, power, energy,
     /// temperature); 0 turns the sampler off entirely.
     pub telemetry_interval_ms: u64,
+    /// Start even when the memory estimate exceeds the device's total memory (otherwise a usage
+    /// error: such a run can only fail, often by the host killing it without a summary).
+    pub allow_oversubscribe: bool,
 }
 
 /// The whole configuration of one run.
@@ -273,6 +276,24 @@ pub struct RunOptions {
 pub struct Config {
     pub workload: Workload,
     pub run: RunOptions,
+}
+
+/// Upper bounds on user numbers. They sit far above any real workload and keep every product the
+/// benchmark forms from them (records x epochs, tokens x width x blocks in the memory estimate,
+/// sequence length squared in a packed micro-batch's mask) inside 64 bits: a release build does not
+/// check integer overflow, so an unbounded input would wrap to a wrong figure or a panic.
+pub mod limits {
+    /// Tokens per record (`max_seq_len`, `pad_to`).
+    pub const MAX_SEQ_LEN: usize = 1 << 20;
+    /// Padded tokens in one micro-batch (`max_tokens_per_micro_batch`; for the padded plan,
+    /// `micro_batch_size` x the padded length).
+    pub const MAX_TOKENS_PER_MICRO_BATCH: usize = 1 << 21;
+    /// Records laid out in the plan: records x epochs, or max_steps x records per step if fewer.
+    /// The plan holds every step's token ids (and labels, positions) in host memory before the
+    /// model loads: about 8 KB per dolly-sized record (1M synthetic records: 8.3 GB, 32 s).
+    pub const MAX_PLANNED_RECORDS: usize = 1 << 20;
+    /// `dist_timeout` in seconds (one week).
+    pub const MAX_DIST_TIMEOUT_S: f64 = 7.0 * 86_400.0;
 }
 
 pub const PHI3_MINI_HUB_ID: &str = "microsoft/Phi-3-mini-4k-instruct";
@@ -372,6 +393,7 @@ impl Default for RunOptions {
             nproc: 1,
             dist_timeout_s: 300.0,
             telemetry_interval_ms: crate::measure::telemetry::DEFAULT_INTERVAL_MS,
+            allow_oversubscribe: false,
         }
     }
 }
@@ -505,6 +527,10 @@ pub struct CliArgs {
     /// folder's telemetry.jsonl (default 200; 0 = off, no sampler thread at all).
     #[arg(long, value_name = "MS")]
     pub telemetry_interval_ms: Option<u64>,
+    /// Start even when the memory estimate exceeds the device's total memory (by default such a
+    /// run is refused before anything loads: it can only fail).
+    #[arg(long)]
+    pub allow_oversubscribe: bool,
 }
 
 impl Config {
@@ -673,6 +699,9 @@ impl Config {
             r.calibrate = true;
         }
         set(&mut r.telemetry_interval_ms, a.telemetry_interval_ms);
+        if a.allow_oversubscribe {
+            r.allow_oversubscribe = true;
+        }
         Ok(())
     }
 
@@ -709,6 +738,77 @@ impl Config {
                 "must be at least 1",
                 "use --grad-accum 1 or more",
             ));
+        }
+        use limits::*;
+        if w.batch
+            .micro_batch_size
+            .checked_mul(w.batch.grad_accum)
+            .is_none()
+        {
+            return Err(bad(
+                "micro_batch_size",
+                w.batch.micro_batch_size.to_string(),
+                &format!(
+                    "times grad_accum ({}) overflows: no step can hold that many records",
+                    w.batch.grad_accum
+                ),
+                "use values whose product is the records per step you want, e.g. --micro-batch-size 8 --grad-accum 8",
+            ));
+        }
+        if w.data.dataset == SYNTHETIC && self.sample_count() > MAX_PLANNED_RECORDS {
+            return Err(bad(
+                "samples",
+                self.sample_count().to_string(),
+                &format!(
+                    "above the {MAX_PLANNED_RECORDS} synthetic records the plan can hold in memory"
+                ),
+                "use fewer --samples (dolly-15k has 15,011), and --epochs for more steps",
+            ));
+        }
+        if w.data.max_seq_len > MAX_SEQ_LEN {
+            return Err(bad(
+                "max_seq_len",
+                w.data.max_seq_len.to_string(),
+                &format!("above the largest supported length ({MAX_SEQ_LEN} tokens)"),
+                "use the model's context length or less, e.g. --max-seq-len 2048",
+            ));
+        }
+        if let Some(p) = w.data.pad_to.filter(|&p| p > MAX_SEQ_LEN) {
+            return Err(bad(
+                "pad_to",
+                p.to_string(),
+                &format!("above the largest supported length ({MAX_SEQ_LEN} tokens)"),
+                "use --pad-to no longer than the model's context, e.g. --pad-to 2048",
+            ));
+        }
+        if w.batch.plan != BatchPlanKind::Padded
+            && w.batch.max_tokens_per_micro_batch > MAX_TOKENS_PER_MICRO_BATCH
+        {
+            return Err(bad(
+                "max_tokens_per_micro_batch",
+                w.batch.max_tokens_per_micro_batch.to_string(),
+                &format!(
+                    "above the largest supported micro-batch ({MAX_TOKENS_PER_MICRO_BATCH} tokens)"
+                ),
+                "use a budget that fits the device, e.g. --max-tokens-per-micro-batch 16384 (--plan estimates its memory)",
+            ));
+        }
+        if w.batch.plan == BatchPlanKind::Padded {
+            let len = w.data.pad_to.unwrap_or(w.data.max_seq_len);
+            let tokens = w.batch.micro_batch_size.saturating_mul(len);
+            if tokens > MAX_TOKENS_PER_MICRO_BATCH {
+                return Err(bad(
+                    "micro_batch_size",
+                    w.batch.micro_batch_size.to_string(),
+                    &format!(
+                        "a padded micro-batch of that many records of {len} tokens holds {tokens} tokens, above the largest supported ({MAX_TOKENS_PER_MICRO_BATCH})"
+                    ),
+                    &format!(
+                        "use --micro-batch-size {} or less (and a larger --grad-accum for the same records per step)",
+                        (MAX_TOKENS_PER_MICRO_BATCH / len).max(1)
+                    ),
+                ));
+            }
         }
         if w.data.max_seq_len < 8 {
             return Err(bad(
@@ -855,11 +955,14 @@ impl Config {
                 "use --nproc 1 (one GPU) up to the number of GPUs of the machine",
             ));
         }
-        if !(self.run.dist_timeout_s.is_finite() && self.run.dist_timeout_s > 0.0) {
+        if !(self.run.dist_timeout_s.is_finite()
+            && self.run.dist_timeout_s > 0.0
+            && self.run.dist_timeout_s <= limits::MAX_DIST_TIMEOUT_S)
+        {
             return Err(bad(
                 "dist_timeout",
                 self.run.dist_timeout_s.to_string(),
-                "must be a positive number of seconds",
+                "must be a positive number of seconds, at most a week (604800)",
                 "use e.g. --dist-timeout 300",
             ));
         }
@@ -932,6 +1035,22 @@ impl Config {
                 });
             }
         }
+        if let Some(p) = self
+            .workload
+            .data
+            .pad_to
+            .filter(|&p| p > shape.max_position_embeddings)
+        {
+            return Err(ConfigError::Value {
+                key: "pad_to".into(),
+                value: p.to_string(),
+                reason: format!(
+                    "above the model's context ({})",
+                    shape.max_position_embeddings
+                ),
+                fix: format!("use --pad-to {} or less", shape.max_position_embeddings),
+            });
+        }
         if self.workload.data.max_seq_len > shape.max_position_embeddings {
             return Err(ConfigError::Value {
                 key: "max_seq_len".into(),
@@ -976,9 +1095,10 @@ fn set<T>(slot: &mut T, value: Option<T>) {
 }
 
 fn read_toml(path: &Path) -> Result<toml::Table, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+    // A regular file only (a FIFO would block the read forever); a byte-order mark is dropped.
+    let text = crate::files::read_text(path).map_err(|e| ConfigError::File {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        reason: e,
     })?;
     text.parse::<toml::Table>().map_err(|e| ConfigError::File {
         path: path.to_path_buf(),
@@ -1131,6 +1251,53 @@ mod tests {
             msg.contains("last_n") && msg.contains("--last-n 2"),
             "{msg}"
         );
+    }
+
+    /// Products of user numbers never wrap: they are refused by name before anything runs.
+    #[test]
+    fn numbers_beyond_the_limits_are_refused() {
+        for (argv, key) in [
+            (
+                &[
+                    "--micro-batch-size",
+                    "2305843009213693952",
+                    "--grad-accum",
+                    "8",
+                ][..],
+                "micro_batch_size",
+            ),
+            (&["--preset", "tiny", "--samples", "2000000"], "samples"),
+            (&["--max-seq-len", "2000000"], "max_seq_len"),
+            (
+                &[
+                    "--max-tokens-per-micro-batch",
+                    "4000000",
+                    "--max-seq-len",
+                    "2048",
+                ],
+                "max_tokens_per_micro_batch",
+            ),
+            (
+                &["--batch-plan", "padded", "--micro-batch-size", "100000"],
+                "micro_batch_size",
+            ),
+            (&["--dist-timeout", "1e9"], "dist_timeout"),
+        ] {
+            let msg = Config::resolve(TuningMode::Fast, &parse(argv), Framework::Pytorch)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains(&format!("invalid {key} = ")),
+                "{argv:?}: {msg}"
+            );
+        }
+        // The largest values inside the limits are accepted.
+        Config::resolve(
+            TuningMode::Fast,
+            &parse(&["--preset", "tiny", "--samples", "1048576"]),
+            Framework::Pytorch,
+        )
+        .unwrap();
     }
 
     #[test]

@@ -14,6 +14,39 @@ pub enum ConfigError {
     },
     #[error("config file {}: {reason}", path.display())]
     File { path: PathBuf, reason: String },
+    /// A file or folder the run was pointed at (model folder, `config.json`, tokenizer, output
+    /// folder) that cannot serve: named with the problem and the fix.
+    #[error("{}: {problem}; {fix}", path.display())]
+    Input {
+        path: PathBuf,
+        problem: String,
+        fix: String,
+    },
+}
+
+impl ConfigError {
+    /// A bad value of a setting (flag, TOML key, environment variable).
+    pub fn value(key: &str, value: impl ToString, reason: &str, fix: &str) -> Self {
+        Self::Value {
+            key: key.into(),
+            value: value.to_string(),
+            reason: reason.into(),
+            fix: fix.into(),
+        }
+    }
+
+    /// A file or folder that cannot serve.
+    pub fn input(
+        path: impl Into<PathBuf>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
+        Self::Input {
+            path: path.into(),
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
 }
 
 /// A data problem found before the model loads (bad record, unreadable file): exit code 2.
@@ -36,7 +69,8 @@ pub mod exit {
     pub const FAILED: i32 = 1;
     /// Bad input (flags, TOML, data): nothing was run.
     pub const USAGE: i32 = 2;
-    /// Interrupted by Ctrl-C or SIGTERM; a summary with `status: interrupted` was written.
+    /// Interrupted by Ctrl-C or SIGTERM: after the first step, a summary with `status:
+    /// interrupted` was written; before it (loading) or at a second Ctrl-C, nothing was kept.
     pub const INTERRUPTED: i32 = 130;
 }
 

@@ -8,7 +8,22 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{LoraTarget, ModelPreset, StrategyConfig, StrategyKind};
+use crate::error::ConfigError;
 use crate::rng;
+
+/// The largest dimensions a `config.json` may give. Far above any published model (the largest
+/// have widths near 16k-26k, MLPs near 53k-74k, vocabularies near 256k, about 126 blocks and 128
+/// heads), they keep the parameter count, the memory estimate (tokens x width x blocks, a packed
+/// micro-batch's length squared x heads x blocks) and the RoPE tables inside 64-bit arithmetic
+/// together with the bounds on sequence lengths and micro-batches in `config::limits`.
+pub mod shape_limits {
+    pub const MAX_HIDDEN: usize = 1 << 16;
+    pub const MAX_INTERMEDIATE: usize = 1 << 18;
+    pub const MAX_VOCAB: usize = 1 << 22;
+    pub const MAX_LAYERS: usize = 1 << 9;
+    pub const MAX_HEADS: usize = 1 << 8;
+    pub const MAX_POSITIONS: usize = 1 << 20;
+}
 
 /// The architecture numbers of a Phi-3 decoder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -82,32 +97,36 @@ impl ModelShape {
         }
     }
 
-    /// Reads a Hugging Face `config.json`.
-    pub fn from_config_json(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let c: HfConfig = serde_json::from_str(&text).with_context(|| {
-            format!(
-                "{} is not a Phi-3 config.json (needs hidden_size, num_hidden_layers, ...)",
-                path.display()
-            )
+    /// Reads a Hugging Face `config.json`. Every problem (unreadable, not JSON, another model
+    /// type, a long-context variant, an impossible or absurd shape) is a usage error naming the
+    /// file, found before any data or weights are read.
+    pub fn from_config_json(path: &Path) -> Result<Self, ConfigError> {
+        let fix = "point --model at a Phi-3 checkpoint folder (config.json of microsoft/Phi-3-mini-4k-instruct), or use --model phi3-mini --weights random";
+        let refuse = |problem: String| ConfigError::input(path, problem, fix);
+        let text = crate::files::read_text(path).map_err(refuse)?;
+        let c: HfConfig = serde_json::from_str(&text).map_err(|e| {
+            refuse(format!(
+                "is not a Phi-3 config.json ({e}; it needs hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, vocab_size, rms_norm_eps, max_position_embeddings)"
+            ))
         })?;
         if let Some(t) = &c.model_type {
             if t != "phi3" {
-                bail!("{}: model_type is {t:?}; this benchmark implements Phi-3 (model_type \"phi3\")", path.display());
+                return Err(refuse(format!(
+                    "model_type is {t:?}; this benchmark implements Phi-3 (model_type \"phi3\")"
+                )));
             }
         }
         if c.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-            bail!(
-                "{}: rope_scaling is set (a long-context Phi-3 variant); only the 4k models with plain RoPE are supported. Use microsoft/Phi-3-mini-4k-instruct",
-                path.display()
-            );
+            return Err(ConfigError::input(
+                path,
+                "rope_scaling is set (a long-context Phi-3 variant); only the 4k models with plain RoPE are supported",
+                "use microsoft/Phi-3-mini-4k-instruct or another checkpoint without rope_scaling",
+            ));
         }
         if c.tie_word_embeddings == Some(true) {
-            bail!(
-                "{}: tied embeddings are not supported (Phi-3 unties them)",
-                path.display()
-            );
+            return Err(refuse(
+                "tie_word_embeddings is true; Phi-3 unties its embedding and LM head".into(),
+            ));
         }
         let shape = Self {
             name: path
@@ -125,7 +144,7 @@ impl ModelShape {
             rope_theta: c.rope_theta.unwrap_or(10_000.0),
             max_position_embeddings: c.max_position_embeddings,
         };
-        shape.check()?;
+        shape.check().map_err(refuse)?;
         Ok(shape)
     }
 
@@ -155,23 +174,68 @@ impl ModelShape {
         })
     }
 
-    pub fn check(&self) -> Result<()> {
-        if self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads) {
-            bail!(
-                "hidden_size {} is not a multiple of num_attention_heads {}",
-                self.hidden_size,
-                self.num_heads
-            );
+    /// Whether the numbers describe a model this benchmark can build, and the problem in words
+    /// (with the `config.json` key) when not: every dimension at least 1 and at most the bounds in
+    /// [`shape_limits`], heads that divide the width, an even head dimension for RoPE, a positive
+    /// finite `rms_norm_eps` and `rope_theta`. Caught here, these would otherwise reach the
+    /// framework as a reshape of 0 elements, or as a NaN loss blamed on the learning rate.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        use shape_limits::*;
+        for (key, v, max) in [
+            ("hidden_size", self.hidden_size, MAX_HIDDEN),
+            ("num_hidden_layers", self.num_layers, MAX_LAYERS),
+            ("num_attention_heads", self.num_heads, MAX_HEADS),
+            ("num_key_value_heads", self.num_kv_heads, MAX_HEADS),
+            (
+                "intermediate_size",
+                self.intermediate_size,
+                MAX_INTERMEDIATE,
+            ),
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                MAX_POSITIONS,
+            ),
+        ] {
+            if v == 0 {
+                return Err(format!("{key} is 0; it must be at least 1"));
+            }
+            if v > max {
+                return Err(format!(
+                    "{key} is {v}, above {max}, the largest this benchmark builds (larger than any published model)"
+                ));
+            }
         }
-        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
-            bail!(
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
+            return Err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_heads
+            ));
+        }
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
-                self.num_heads,
-                self.num_kv_heads
-            );
+                self.num_heads, self.num_kv_heads
+            ));
         }
         if !self.head_dim().is_multiple_of(2) {
-            bail!("head dimension {} must be even for RoPE", self.head_dim());
+            return Err(format!(
+                "the head dimension (hidden_size / num_attention_heads = {}) must be even for RoPE",
+                self.head_dim()
+            ));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return Err(format!(
+                "rms_norm_eps is {}; it must be a small positive number (Phi-3: 1e-5)",
+                self.rms_norm_eps
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(format!(
+                "rope_theta is {}; it must be a positive number (Phi-3: 10000)",
+                self.rope_theta
+            ));
         }
         Ok(())
     }
@@ -411,31 +475,53 @@ pub enum WeightSource {
 }
 
 impl WeightSource {
-    /// Finds the safetensors files of a local checkpoint folder.
-    pub fn from_dir(dir: &Path) -> Result<Self> {
+    /// Finds the safetensors files of a local checkpoint folder. Every file the index names must
+    /// lie inside the folder (a name such as `../../etc/passwd` is refused, never opened) and be a
+    /// readable regular file; problems are usage errors found before the data loads.
+    pub fn from_dir(dir: &Path) -> Result<Self, ConfigError> {
         let index = dir.join("model.safetensors.index.json");
-        let files = if index.exists() {
-            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)
-                .with_context(|| format!("{} is not valid JSON", index.display()))?;
+        let fix = "re-download the checkpoint, or use --weights random for the architecture alone";
+        let files = if std::fs::symlink_metadata(&index).is_ok() {
+            let refuse = |problem: String| ConfigError::input(&index, problem, fix);
+            let text = crate::files::read_text(&index).map_err(refuse)?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| refuse(format!("is not valid JSON ({e})")))?;
             let map = v["weight_map"]
                 .as_object()
-                .with_context(|| format!("{}: no weight_map", index.display()))?;
-            let mut files: Vec<PathBuf> = map
-                .values()
-                .filter_map(|f| f.as_str())
-                .map(|f| dir.join(f))
-                .collect();
+                .filter(|m| !m.is_empty())
+                .ok_or_else(|| refuse("has no weight_map naming the shard files".into()))?;
+            let mut files = Vec::new();
+            for (tensor, f) in map {
+                let Some(name) = f.as_str() else {
+                    return Err(refuse(format!(
+                        "weight_map[{tensor:?}] is {f}, not a file name"
+                    )));
+                };
+                let Some(path) = crate::files::file_inside(dir, name) else {
+                    return Err(refuse(format!(
+                        "weight_map[{tensor:?}] names {name:?}, outside the model folder; a checkpoint's shards lie beside its index"
+                    )));
+                };
+                files.push(path);
+            }
             files.sort();
             files.dedup();
             files
-        } else if dir.join("model.safetensors").exists() {
-            vec![dir.join("model.safetensors")]
         } else {
-            bail!(
-                "{} has no model.safetensors or model.safetensors.index.json; use --weights random for the architecture alone",
-                dir.display()
-            );
+            vec![dir.join("model.safetensors")]
         };
+        for f in &files {
+            if let Some(problem) = crate::files::regular_file_problem(f) {
+                if files.len() == 1 && !index.exists() && problem == "does not exist" {
+                    return Err(ConfigError::input(
+                        dir,
+                        "has no model.safetensors or model.safetensors.index.json",
+                        "pass a checkpoint folder with its weights, or use --weights random for the architecture alone",
+                    ));
+                }
+                return Err(ConfigError::input(f, problem, fix));
+            }
+        }
         Ok(Self::Safetensors { files })
     }
 

@@ -5,8 +5,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
@@ -16,6 +15,7 @@ use crate::config::{CliArgs, Config, DTypeChoice, Framework, TuningMode};
 use crate::data::batch::Step;
 use crate::dist::{self, Rank};
 use crate::error::exit;
+use crate::interrupt;
 use crate::measure::flops::step_flops;
 use crate::measure::memory::{self, DeviceKind, MemoryEstimate, Precision};
 use crate::measure::peak;
@@ -108,23 +108,6 @@ struct StepLog {
     padded_tokens: usize,
 }
 
-/// Signals: the first Ctrl-C/SIGTERM asks the loop to stop after the current step; the second
-/// exits at once.
-fn install_signal_handler() -> Arc<AtomicBool> {
-    static COUNT: AtomicUsize = AtomicUsize::new(0);
-    let flag = Arc::new(AtomicBool::new(false));
-    let f = flag.clone();
-    let _ = ctrlc::set_handler(move || {
-        if COUNT.fetch_add(1, Ordering::SeqCst) >= 1 {
-            eprintln!("\nsecond interrupt: exiting now");
-            std::process::exit(exit::INTERRUPTED);
-        }
-        eprintln!("\ninterrupt: finishing the current step and writing the summary (press again to exit now)");
-        f.store(true, Ordering::SeqCst);
-    });
-    flag
-}
-
 /// What a binary knows about its device before it builds the model: the device it will use and
 /// the precision `--dtype` resolves to there. Found by the binary's preflight (see
 /// [`main_with_preflight`]); an impossible choice (a device that is absent, a dtype the device
@@ -198,6 +181,9 @@ pub fn main_with_preflight<B: Backend>(
     preflight: impl Fn(&Config) -> Result<DeviceFacts>,
     build: impl Fn(&Config, &Prepared) -> Result<B>,
 ) -> i32 {
+    // First, before anything can block or be written: a signal now ends the process at once
+    // (see `interrupt`: what a signal does depends on how far the run is).
+    let interrupted = interrupt::install();
     let mut cfg = match Config::resolve(tuning_mode, args, framework) {
         Ok(c) => c,
         Err(e) => {
@@ -205,6 +191,10 @@ pub fn main_with_preflight<B: Backend>(
             return exit::USAGE;
         }
     };
+    if let Err(e) = crate::hooks::check() {
+        eprintln!("error: {e}");
+        return exit::USAGE;
+    }
     let rank = match Rank::from_env() {
         Ok(r) => r,
         Err(e) => {
@@ -222,13 +212,31 @@ pub fn main_with_preflight<B: Backend>(
             return crate::error::exit_code_for(&e);
         }
     };
-    let interrupted = install_signal_handler();
+    if let Err(e) = check_data_parallel_device(&cfg, rank.as_ref(), &facts) {
+        eprintln!("error: {e}");
+        return exit::USAGE;
+    }
     let out_dir = cfg
         .run
         .output_dir
         .clone()
         .unwrap_or_else(|| crate_dir.to_path_buf());
+    // A rank started by `--nproc` writes into the run folder its supervisor made (`FTB_RUN_ID`).
+    let supervised_run_id = std::env::var("FTB_RUN_ID").ok().filter(|_| rank.is_some());
+    // The run folder and the summary must be writable: found now, not after the data has loaded.
+    // (`--plan` writes nothing; ranks other than 0 write nothing; a supervised rank 0 writes into
+    // the folder its supervisor checked.)
+    let writes = !args.plan && rank.as_ref().is_none_or(|r| r.is_leader());
+    if writes && supervised_run_id.is_none() {
+        if let Err(e) = crate::files::check_output_dir(&out_dir) {
+            eprintln!("error: {e}");
+            return exit::USAGE;
+        }
+    }
     if cfg.run.nproc > 1 && rank.is_none() {
+        // The supervisor computes nothing itself: a signal is passed on to the ranks (they share
+        // the terminal's process group), and this process waits for them.
+        interrupt::running();
         return supervise_ranks(&cfg, framework, &out_dir);
     }
     let say = |s: &str| {
@@ -302,17 +310,39 @@ pub fn main_with_preflight<B: Backend>(
     for line in estimate.lines() {
         say(&line);
     }
+    if p.data.without_loss_tokens > 0 {
+        eprintln!(
+            "warning: {} of {} records keep no loss tokens after truncation to --max-seq-len {}; they cost compute but teach nothing",
+            p.data.without_loss_tokens, p.data.records_used, cfg.workload.data.max_seq_len
+        );
+    }
+    if let Err(e) = refuse_beyond_total_memory(&cfg, &facts, &estimate) {
+        eprintln!("error: {e}");
+        return exit::USAGE;
+    }
     warn_if_it_will_not_fit(&cfg, p, &facts, &estimate);
     let repeats = cfg.run.repeats;
-    let run_id = match std::env::var("FTB_RUN_ID").ok().filter(|_| rank.is_some()) {
-        // `--nproc`: the supervisor made the run folder.
-        Some(id) => id,
-        // Ranks other than 0 write nothing.
-        None if !leader => format!("rank-{}", rank.as_ref().map_or(0, |r| r.rank)),
-        None => match new_run_folder(framework, &out_dir) {
-            Some(id) => id,
-            None => return exit::FAILED,
-        },
+    // Until the first step starts, a signal removes the folder this process made and exits.
+    let run_id = interrupt::loading(|| {
+        match supervised_run_id {
+            // `--nproc`: the supervisor made the run folder (and removes it if need be).
+            Some(id) => (Some(id), None),
+            // Ranks other than 0 write nothing.
+            None if !leader => (
+                Some(format!("rank-{}", rank.as_ref().map_or(0, |r| r.rank))),
+                None,
+            ),
+            None => match new_run_folder(framework, &out_dir) {
+                Some(id) => {
+                    let dir = out_dir.join("runs").join(&id);
+                    (Some(id), Some(dir))
+                }
+                None => (None, None),
+            },
+        }
+    });
+    let Some(run_id) = run_id else {
+        return exit::FAILED;
     };
     let mut summaries = Vec::new();
     let mut code = exit::OK;
@@ -481,7 +511,13 @@ fn supervise_ranks(cfg: &Config, framework: Framework, out_dir: &Path) -> i32 {
     let _ = std::fs::remove_dir_all(&beacons);
     match outcome {
         dist::Outcome::Completed => exit::OK,
-        dist::Outcome::Interrupted => exit::INTERRUPTED,
+        dist::Outcome::Interrupted => {
+            // Interrupted before rank 0's first step: nothing measured, nothing to keep.
+            if !run_dir.join("benchmark_summary.json").exists() {
+                let _ = std::fs::remove_dir_all(&run_dir);
+            }
+            exit::INTERRUPTED
+        }
         dist::Outcome::Failed { rank, reason } => {
             let what = format!("rank {rank} {reason}");
             eprintln!("error: {what}; the run failed");
@@ -517,22 +553,80 @@ fn supervise_ranks(cfg: &Config, framework: Framework, out_dir: &Path) -> i32 {
 /// Test hook for the failure handling of data-parallel runs: `FTB_FAULT=RANK:STEP:exit` makes
 /// that rank exit with code 3 as it starts that step, `RANK:STEP:hang` makes it stop responding.
 fn inject_rank_fault(r: &Rank, step: usize) {
-    let Ok(f) = std::env::var("FTB_FAULT") else {
+    use crate::hooks::FaultKind;
+    let Some(f) = crate::hooks::fault().ok().flatten() else {
         return;
     };
-    let parts: Vec<&str> = f.split(':').collect();
-    if let [rank, at, what] = parts[..] {
-        if rank.parse() == Ok(r.rank) && at.parse() == Ok(step) {
-            eprintln!("FTB_FAULT: rank {} {what} at step {step}", r.rank);
-            match what {
-                "exit" => std::process::exit(3),
-                "hang" => loop {
-                    std::thread::sleep(std::time::Duration::from_secs(3600));
-                },
-                _ => {}
-            }
+    if f.rank == r.rank && f.step == step {
+        eprintln!("FTB_FAULT: rank {} {:?} at step {step}", r.rank, f.kind);
+        match f.kind {
+            FaultKind::Exit => std::process::exit(3),
+            FaultKind::Hang => loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            },
         }
     }
+}
+
+/// Data parallelism (`--nproc N > 1`, or ranks from a launcher) runs NCCL between CUDA GPUs: any
+/// other device is a usage error found before anything is written.
+fn check_data_parallel_device(
+    cfg: &Config,
+    rank: Option<&Rank>,
+    facts: &DeviceFacts,
+) -> Result<(), crate::error::ConfigError> {
+    let world = rank.map_or(cfg.run.nproc, |r| r.world_size);
+    if world <= 1 || matches!(facts.device, DeviceKind::Cuda(_)) {
+        return Ok(());
+    }
+    let device = match facts.device {
+        DeviceKind::Cpu => "cpu",
+        DeviceKind::Mps => "mps",
+        DeviceKind::MlxGpu => "gpu (MLX)",
+        DeviceKind::Cuda(_) => "cuda",
+    };
+    Err(crate::error::ConfigError::value(
+        if rank.is_some() { "WORLD_SIZE" } else { "nproc" },
+        world,
+        &format!(
+            "data parallelism runs NCCL between CUDA GPUs (PyTorch binary on Linux), and this run's device is {device}"
+        ),
+        "use --device cuda with one GPU per rank, or --nproc 1",
+    ))
+}
+
+/// A run whose memory estimate exceeds the device's total memory (not only its free memory) can
+/// only fail, and on the host it fails badly: the allocator aborts, or the kernel kills the
+/// process, with no summary. Refused before anything is written, unless `--allow-oversubscribe`.
+fn refuse_beyond_total_memory(
+    cfg: &Config,
+    facts: &DeviceFacts,
+    estimate: &MemoryEstimate,
+) -> Result<(), crate::error::ConfigError> {
+    let Some((total, source)) = memory::total_memory(facts.device) else {
+        return Ok(());
+    };
+    if estimate.peak_bytes <= total {
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    if cfg.run.allow_oversubscribe {
+        eprintln!(
+            "warning: the estimated peak memory ({:.2} GiB) exceeds the device's total memory ({:.2} GiB, {source}); starting anyway (--allow-oversubscribe)",
+            gib(estimate.peak_bytes),
+            gib(total)
+        );
+        return Ok(());
+    }
+    Err(crate::error::ConfigError::value(
+        "memory estimate",
+        format!("{:.2} GiB", gib(estimate.peak_bytes)),
+        &format!(
+            "above the device's total memory ({:.2} GiB, {source}): the run cannot fit, and would fail or be killed without a summary",
+            gib(total)
+        ),
+        "use a smaller model or micro-batch (--plan shows the estimate and settings that fit), or pass --allow-oversubscribe to start anyway",
+    ))
 }
 
 /// The device the run computed on and its steady mean utilization (for the closing line).
@@ -630,6 +724,17 @@ fn print_plan(cfg: &Config, p: &Prepared, facts: &DeviceFacts, estimate: &Memory
         ),
         None => println!("free memory: unknown on this device"),
     }
+    if let Some((total, source)) = memory::total_memory(facts.device) {
+        println!(
+            "total memory {:.2} GiB ({source}){}",
+            total as f64 / (1u64 << 30) as f64,
+            if estimate.peak_bytes <= total {
+                ""
+            } else {
+                ": the estimate exceeds it; a run refuses to start without --allow-oversubscribe"
+            }
+        );
+    }
 }
 
 /// Before loading: warn when the estimate exceeds the device's free memory, naming settings whose
@@ -694,6 +799,8 @@ fn run_once<B: Backend>(
     let t_model = Instant::now();
     let built = build(cfg, p);
     let model_load_s = t_model.elapsed().as_secs_f64();
+    // From here a first signal stops the run after the current step, with a summary.
+    interrupt::running();
     let mut rec = Recorder::new(cfg, p, dir, p.is_leader());
     let mut backend = match built {
         Ok(b) => b,
@@ -742,10 +849,8 @@ fn run_once<B: Backend>(
     }
     let pb = progress_bar(cfg, p.steps.len());
     let total_steps = p.steps.len();
-    // Hidden testing hook: fail step K (0-based) as if the device ran out of memory.
-    let inject_oom_at: Option<usize> = std::env::var("FTB_INJECT_OOM_AT_STEP")
-        .ok()
-        .and_then(|v| v.trim().parse().ok());
+    // Testing hook: fail step K (0-based) as if the device ran out of memory (checked at start).
+    let inject_oom_at = crate::hooks::inject_oom_at_step().ok().flatten();
     let mut status = Status::Completed;
     let mut error = None;
     let mut code = exit::OK;

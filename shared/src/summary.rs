@@ -389,6 +389,8 @@ impl Summary {
             format!("refusing to write an invalid summary to {}", path.display())
         })?;
         let json = serde_json::to_string_pretty(self)?;
+        // No summary is written once a second Ctrl-C has begun to end the process.
+        let _exclusive = crate::interrupt::summary_write_guard();
         write_atomic(path, json.as_bytes())
     }
 
@@ -396,13 +398,16 @@ impl Summary {
     /// the file, the JSON path of the offending field and the problem.
     pub fn read(path: &Path) -> Result<Self> {
         let name = path.display();
-        let text =
-            std::fs::read_to_string(path).map_err(|e| anyhow!("{name}: cannot read: {e}"))?;
+        // A FIFO or device would block the read forever; a folder cannot be read.
+        let text = crate::files::read_text(path).map_err(|e| anyhow!("{name}: {e}"))?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| anyhow!("{name}: not valid JSON: {e}"))?;
-        match v.get("schema_version").and_then(|s| s.as_u64()) {
-            Some(n) if n == u64::from(SCHEMA_VERSION) => {}
-            Some(n) => bail!("{name}: unknown schema_version {n} (this build reads {SCHEMA_VERSION}); use a matching build of the benchmark"),
+        match v.get("schema_version") {
+            Some(sv) => match sv.as_u64() {
+                Some(n) if n == u64::from(SCHEMA_VERSION) => {}
+                Some(n) => bail!("{name}: unknown schema_version {n} (this build reads {SCHEMA_VERSION}); use a matching build of the benchmark"),
+                None => bail!("{name}: schema_version is {sv}, not a whole number (this build reads {SCHEMA_VERSION}); the file was not written by the benchmark, or was edited"),
+            },
             None => bail!("{name}: no schema_version; not a benchmark_summary.json"),
         }
         let s: Summary = serde_path_to_error::deserialize(v).map_err(|e| {

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -12,6 +12,7 @@ use crate::data::batch::{plan_steps, Step};
 use crate::data::records::{self, DatasetSource};
 use crate::data::{chat, synthetic, DataStats, Sample};
 use crate::error::ConfigError;
+use crate::files::{self, Location};
 use crate::model::{ModelShape, WeightSource};
 
 pub struct Prepared {
@@ -88,33 +89,57 @@ pub fn resolve_model(cfg: &Config) -> Result<(ModelShape, WeightSource, Vec<Stri
 }
 
 /// A local checkpoint folder, or the hub's cached copy of `id` (config, and weights if asked).
+/// A path that does not exist, a folder without `config.json` and a hub that cannot be reached are
+/// usage errors (nothing has been read or written yet).
 pub fn model_dir(source: &str, revision: &str, with_weights: bool) -> Result<PathBuf> {
-    let p = Path::new(source);
-    if p.is_dir() {
-        if !p.join("config.json").exists() {
-            bail!("{} has no config.json; a model folder needs config.json (+ *.safetensors for --weights pretrained)", p.display());
+    let fix = format!(
+        "pass a checkpoint folder (config.json + *.safetensors), a hub id such as {}, or --preset tiny",
+        crate::config::PHI3_MINI_HUB_ID
+    );
+    let id = match files::folder_or_hub_id(source, "model folder", &fix)? {
+        Location::Folder(p) => {
+            let config = p.join("config.json");
+            if let Some(problem) = files::regular_file_problem(&config) {
+                return Err(ConfigError::input(
+                    &config,
+                    problem,
+                    "a model folder needs config.json (+ *.safetensors for --weights pretrained)",
+                )
+                .into());
+            }
+            return Ok(p);
         }
-        return Ok(p.to_path_buf());
-    }
-    if source.starts_with('.') || source.starts_with('/') || source.contains('\\') {
-        bail!("model folder {source} does not exist; pass a checkpoint folder, a hub id such as {}, or --preset tiny", crate::config::PHI3_MINI_HUB_ID);
-    }
+        Location::Hub(id) => id,
+    };
+    let hint = "no network or cache? pass a local folder with --model DIR, or --weights random --model phi3-mini for the architecture alone";
+    let hub_error = |what: &str, e: String| -> anyhow::Error {
+        ConfigError::value(
+            "model",
+            format!("hf://{id}@{revision}"),
+            &format!("could not get {what} ({e})"),
+            hint,
+        )
+        .into()
+    };
     let api = hf_hub::api::sync::ApiBuilder::from_env()
         .build()
-        .context("starting the hub client")?;
+        .map_err(|e| hub_error("a hub client", e.to_string()))?;
     let repo = api.repo(hf_hub::Repo::with_revision(
-        source.to_string(),
+        id.clone(),
         hf_hub::RepoType::Model,
         revision.to_string(),
     ));
-    let hint = "no network or cache? pass a local folder with --model DIR, or --weights random --model phi3-mini for the architecture alone";
     let config = repo
         .get("config.json")
-        .with_context(|| format!("fetching config.json of hf://{source}@{revision} ({hint})"))?;
+        .map_err(|e| hub_error("config.json", e.to_string()))?;
     if with_weights {
         match repo.get("model.safetensors.index.json") {
             Ok(index) => {
-                let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)?;
+                let text = files::read_text(&index)
+                    .map_err(|e| hub_error("model.safetensors.index.json", e))?;
+                let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                    hub_error("a valid model.safetensors.index.json", e.to_string())
+                })?;
                 let mut shards: Vec<String> = v["weight_map"]
                     .as_object()
                     .map(|m| {
@@ -126,17 +151,58 @@ pub fn model_dir(source: &str, revision: &str, with_weights: bool) -> Result<Pat
                 shards.sort();
                 shards.dedup();
                 for s in shards {
-                    repo.get(&s)
-                        .with_context(|| format!("fetching {s} of hf://{source} ({hint})"))?;
+                    // Only names inside the repository (the cache path is built from them).
+                    if files::file_inside(Path::new(""), &s).is_none() {
+                        return Err(hub_error(
+                            "the weights",
+                            format!("the index names {s:?}, outside the repository"),
+                        ));
+                    }
+                    repo.get(&s).map_err(|e| hub_error(&s, e.to_string()))?;
                 }
             }
             Err(_) => {
                 repo.get("model.safetensors")
-                    .with_context(|| format!("fetching the weights of hf://{source} ({hint})"))?;
+                    .map_err(|e| hub_error("the weights (model.safetensors)", e.to_string()))?;
             }
         }
     }
     Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+/// The chat tokenizer real records need: `--tokenizer`, else the model's own; its vocabulary must
+/// fit the model's embedding. Every problem is a usage error.
+fn load_tokenizer(cfg: &Config, shape: &ModelShape) -> Result<chat::ChatTokenizer> {
+    let w = &cfg.workload;
+    let tok_spec = match (&w.data.tokenizer, w.model.preset) {
+        (Some(t), _) => t.clone(),
+        (None, Some(ModelPreset::Tiny)) => return Err(ConfigError::Value {
+            key: "tokenizer".into(),
+            value: "(none)".into(),
+            reason: "real records need a tokenizer and the tiny preset has none".into(),
+            fix:
+                "pass --tokenizer DIR (e.g. ../shared/tokenizers/phi-3) or use --dataset synthetic"
+                    .into(),
+        }
+        .into()),
+        (None, _) => w.model.source.clone(),
+    };
+    let (tj, tc, origin) = chat::locate(&tok_spec, &w.model.revision)?;
+    let tok = chat::ChatTokenizer::load(&tj, &tc, origin)?;
+    if tok.vocab_size() > shape.vocab_size {
+        return Err(ConfigError::Value {
+            key: "tokenizer".into(),
+            value: tok_spec,
+            reason: format!(
+                "its vocabulary ({}) is larger than the model's embedding ({})",
+                tok.vocab_size(),
+                shape.vocab_size
+            ),
+            fix: "use the model's own tokenizer (Phi-3: 32,064 ids)".into(),
+        }
+        .into());
+    }
+    Ok(tok)
 }
 
 /// Reads, formats, tokenises, truncates and plans: everything before the model loads.
@@ -152,6 +218,19 @@ pub fn prepare(cfg: &Config) -> Result<Prepared> {
     };
     let mut samples: Vec<Sample> = match &src {
         DatasetSource::Synthetic => {
+            if shape.vocab_size < synthetic::VOCAB_NEEDED {
+                return Err(ConfigError::Value {
+                    key: "dataset".into(),
+                    value: crate::config::SYNTHETIC.into(),
+                    reason: format!(
+                        "synthetic records use Phi-3's token ids (up to {}), and the model's vocabulary (vocab_size) has only {} ids",
+                        synthetic::VOCAB_NEEDED - 1,
+                        shape.vocab_size
+                    ),
+                    fix: "use a model with Phi-3's vocabulary (32,064 ids), or real records with the model's tokenizer (--dataset FILE --tokenizer DIR)".into(),
+                }
+                .into());
+            }
             stats.synthetic = true;
             if n > crate::config::TuningMode::DOLLY_RECORDS {
                 notes.push(format!(
@@ -168,6 +247,9 @@ pub fn prepare(cfg: &Config) -> Result<Prepared> {
                 .collect()
         }
         _ => {
+            // Cheap checks first: the data file's type, then the tokenizer, then the records.
+            records::check_source(&src)?;
+            let tok = load_tokenizer(cfg, &shape)?;
             let loaded = records::load(&src, n, w.data.on_bad_record)?;
             stats.source = loaded.source.clone();
             stats.bad_records_skipped = loaded.skipped;
@@ -180,49 +262,51 @@ pub fn prepare(cfg: &Config) -> Result<Prepared> {
                         .into()
                 });
             }
-            let tok_spec = match (&w.data.tokenizer, w.model.preset) {
-                (Some(t), _) => t.clone(),
-                (None, Some(ModelPreset::Tiny)) => {
-                    return Err(ConfigError::Value {
-                        key: "tokenizer".into(),
-                        value: "(none)".into(),
-                        reason: "real records need a tokenizer and the tiny preset has none".into(),
-                        fix: "pass --tokenizer DIR (e.g. ../shared/tokenizers/phi-3) or use --dataset synthetic".into(),
-                    }
-                    .into())
-                }
-                (None, _) => w.model.source.clone(),
-            };
-            let (tj, tc, origin) = chat::locate(&tok_spec, &w.model.revision)?;
-            let tok = chat::ChatTokenizer::load(&tj, &tc, origin)?;
-            if tok.vocab_size() > shape.vocab_size {
-                return Err(ConfigError::Value {
-                    key: "tokenizer".into(),
-                    value: tok_spec,
-                    reason: format!(
-                        "its vocabulary ({}) is larger than the model's embedding ({})",
-                        tok.vocab_size(),
-                        shape.vocab_size
-                    ),
-                    fix: "use the model's own tokenizer (Phi-3: 32,064 ids)".into(),
-                }
-                .into());
-            }
             stats.tokenizer = Some(tok.origin.clone());
             let mut v = Vec::with_capacity(loaded.records.len());
             for (i, r) in loaded.records.iter().enumerate() {
-                v.push(
-                    tok.encode(r)
-                        .with_context(|| format!("record {} of {}", i + 1, loaded.source))?,
-                );
+                let s = tok.encode(r).map_err(|e| crate::error::DataError {
+                    source_name: loaded.source.clone(),
+                    location: Some(format!("record {}", i + 1)),
+                    problem: format!("the chat template could not format it ({e:#})"),
+                    fix: "check the tokenizer's chat_template, or leave the record out".into(),
+                })?;
+                if s.ids.is_empty() {
+                    bail!(crate::error::DataError {
+                        source_name: loaded.source.clone(),
+                        location: Some(format!("record {}", i + 1)),
+                        problem: "the chat template rendered it as no tokens at all".into(),
+                        fix: "check the tokenizer's chat_template".into(),
+                    });
+                }
+                v.push(s);
             }
             v
         }
     };
+    // A tokenizer can produce ids its reported vocabulary does not count (added tokens): every id
+    // must have a row in the model's embedding, or the framework fails with "index out of range".
+    if let Some(top) = samples.iter().flat_map(|s| s.ids.iter().copied()).max() {
+        if top as usize >= shape.vocab_size {
+            bail!(ConfigError::Value {
+                key: "tokenizer".into(),
+                value: stats
+                    .tokenizer
+                    .clone()
+                    .unwrap_or_else(|| "synthetic".into()),
+                reason: format!(
+                    "it produces token id {top}, beyond the model's vocabulary (vocab_size {})",
+                    shape.vocab_size
+                ),
+                fix: "use the model's own tokenizer".into(),
+            });
+        }
+    }
     stats.records_read = samples.len() + stats.bad_records_skipped;
     // Overlong records.
     let max = w.data.max_seq_len;
     let mut kept = Vec::with_capacity(samples.len());
+    let shortest_prompt = samples.iter().map(|s| s.prompt_len).min().unwrap_or(0);
     for mut s in samples.drain(..) {
         if s.len() > max {
             match w.data.overlong {
@@ -251,6 +335,13 @@ pub fn prepare(cfg: &Config) -> Result<Prepared> {
             fix: "raise --max-seq-len or use --overlong truncate".into()
         });
     }
+    if stats.without_loss_tokens > 0 {
+        notes.push(format!(
+            "data: {} of {} records keep no loss tokens (after truncation to --max-seq-len {max}); they cost compute but teach nothing",
+            stats.without_loss_tokens,
+            samples.len()
+        ));
+    }
     stats.records_used = samples.len();
     let mut lens: Vec<usize> = samples.iter().map(Sample::len).collect();
     lens.sort_unstable();
@@ -260,6 +351,26 @@ pub fn prepare(cfg: &Config) -> Result<Prepared> {
         0.5,
     );
     stats.max_tokens = *lens.last().unwrap_or(&0);
+    // The plan holds every step's token ids: bound it before building it.
+    let per_step = w.batch.micro_batch_size.saturating_mul(w.batch.grad_accum);
+    let planned = samples.len().saturating_mul(w.train.epochs).min(
+        w.train
+            .max_steps
+            .map_or(usize::MAX, |m| m.saturating_mul(per_step)),
+    );
+    if planned > crate::config::limits::MAX_PLANNED_RECORDS {
+        bail!(ConfigError::Value {
+            key: "epochs".into(),
+            value: w.train.epochs.to_string(),
+            reason: format!(
+                "the plan would lay out {planned} records ({} records x {} epochs), above the {} it can hold in memory",
+                samples.len(),
+                w.train.epochs,
+                crate::config::limits::MAX_PLANNED_RECORDS
+            ),
+            fix: "use fewer --epochs, or --max-steps to stop earlier".into(),
+        });
+    }
     let steps = plan_steps(
         &samples,
         &w.batch,
@@ -269,6 +380,35 @@ pub fn prepare(cfg: &Config) -> Result<Prepared> {
         w.train.epochs,
         w.train.max_steps,
     );
+    // Nothing to measure: a run whose steps have no loss tokens would report a loss of 0 and
+    // 0 tokens/s as a completed run.
+    if steps.iter().all(|s| s.loss_tokens == 0) {
+        let (key, value, reason, fix) = if stats.truncated > 0 {
+            (
+                "max_seq_len",
+                max.to_string(),
+                format!(
+                    "after truncation to {max} tokens no record keeps a response token: the prompts fill it (the shortest prompt has {shortest_prompt} tokens)"
+                ),
+                format!(
+                    "use --max-seq-len well above {shortest_prompt} (2048 is the default), or --train-on-prompt"
+                ),
+            )
+        } else {
+            (
+                "dataset",
+                w.data.dataset.clone(),
+                "no record has a response token to compute the loss on".to_string(),
+                "check that the records have responses and that the chat template renders them, or use --train-on-prompt".to_string(),
+            )
+        };
+        bail!(ConfigError::Value {
+            key: key.into(),
+            value,
+            reason,
+            fix,
+        });
+    }
     let hash = workload_hash(cfg, &shape, &samples, &steps)?;
     Ok(Prepared {
         shape,

@@ -334,6 +334,15 @@ fn unreadable_summaries_are_refused_naming_the_file_unless_skipped() {
             invalid(dir.path(), "missing-key.json", &no_key.to_string()),
             "total_s",
         ),
+        // Issue 16.11: a string version was called missing.
+        (
+            invalid(dir.path(), "string-version.json", &{
+                let mut v = fixture();
+                v["schema_version"] = json!("1");
+                v.to_string()
+            }),
+            "schema_version is \"1\", not a whole number",
+        ),
     ];
     for (bad, problem) in &cases {
         let name = bad.file_name().unwrap().to_str().unwrap();
@@ -759,4 +768,128 @@ fn multi_gpu_runs_get_a_scaling_row_against_the_one_gpu_run() {
     assert!(rows[0].contains("| 4 |"), "{}", rows[0]);
     let html = std::fs::read_to_string(out_dir.join("report.html")).unwrap();
     assert!(html.contains("id=\"scaling\""));
+}
+
+/// Issue 16.10: `report.md` copied summary text as it was, so a device name or a note holding
+/// `<script>` became markup (19 times in one report). Every string from a summary is shown
+/// literally, as `report.html` escapes it: HTML as entities, link and code-span characters
+/// escaped, and no newline or pipe can break a table.
+#[test]
+fn markdown_shows_summary_text_literally() {
+    let dir = tempfile::tempdir().unwrap();
+    let hostile = "<script>alert(1)</script> [x](javascript:alert(2)) `code` a|b\nnext";
+    let mut s = fixture();
+    s["backend"]["device_name"] = json!(hostile);
+    s["backend"]["device"] = json!(format!("cpu{hostile}"));
+    s["hardware"]["cpu_model"] = json!(hostile);
+    s["notes"] = json!([hostile, format!("second note {hostile}")]);
+    s["run"]["run_id"] = json!(format!("run-{hostile}"));
+    s["workload"]["config"]["model"]["source"] = json!(hostile);
+    s["status"] = json!("failed");
+    s["error"] = json!({"message": hostile, "steps_completed": 7, "hint": hostile});
+    let a = write_run(dir.path(), "a", &fixture(), Some(STEPS));
+    let b = write_run(dir.path(), "b", &s, Some(STEPS));
+    let out = compare(&[&a, &b], &["--output-dir", "out"], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let md = std::fs::read_to_string(dir.path().join("out/report.md")).unwrap();
+    let html = std::fs::read_to_string(dir.path().join("out/report.html")).unwrap();
+    for (name, doc) in [("report.md", &md), ("report.html", &html)] {
+        assert!(
+            !doc.contains("<script"),
+            "{name} carries raw markup:\n{doc}"
+        );
+        assert!(doc.contains("&lt;script&gt;"), "{name} shows the text");
+    }
+    assert!(!md.contains("[x](javascript:"), "a live link:\n{md}");
+    assert!(md.contains("\\[x\\](javascript:alert(2))"), "{md}");
+    // Every table row still has one cell per column (no pipe or newline from a summary split one).
+    for line in md.lines().filter(|l| l.starts_with("| ")) {
+        let cells = line.replace("\\|", "").matches('|').count();
+        assert!(cells == 4 || cells == 5, "a broken row: {line}");
+    }
+}
+
+/// Issue 16.11: `compare` on a FIFO waited for a writer forever; it is refused at once, naming it.
+#[cfg(unix)]
+#[test]
+fn a_summary_that_is_a_fifo_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("benchmark_summary.json");
+    if !Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        eprintln!("skipped: mkfifo unavailable");
+        return;
+    }
+    for args in [
+        vec![fifo.to_str().unwrap().to_string()],
+        vec![dir.path().to_str().unwrap().to_string()],
+        vec!["--show".into(), fifo.to_str().unwrap().to_string()],
+    ] {
+        let out = run_with_deadline(
+            Command::new(COMPARE)
+                .args(&args)
+                .args(if args[0] == "--show" {
+                    vec![]
+                } else {
+                    vec!["--output-dir", "out"]
+                })
+                .current_dir(dir.path()),
+            Duration::from_secs(30),
+        );
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("named pipe (FIFO)"), "{args:?}: {stderr}");
+    }
+    assert!(!dir.path().join("out").exists());
+}
+
+/// Issue 16.11: a torn or damaged `steps.jsonl` / `telemetry.jsonl` was reported as "no matching
+/// steps.jsonl"; the report now says what is wrong with the file it found.
+#[test]
+fn damaged_logs_are_named_as_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines: Vec<&str> = STEPS.lines().collect();
+    // Cut in the middle of the last line (a kill during an append): the log is short of a step.
+    let torn = {
+        let mut t = lines[..lines.len() - 1].join("\n");
+        t.push('\n');
+        t.push_str(&lines[lines.len() - 1][..20]);
+        t
+    };
+    // A line in the middle that is not a step.
+    let damaged = {
+        let mut l = lines.clone();
+        l[2] = "{\"step\": 2, \"lo";
+        l.join("\n") + "\n"
+    };
+    let a = write_run(dir.path(), "torn", &fixture(), Some(&torn));
+    let b = write_run(dir.path(), "damaged", &fixture(), Some(&damaged));
+    let (t_run, _) = run_with_telemetry(dir.path());
+    let tel = std::fs::read_to_string(t_run.join("telemetry.jsonl")).unwrap();
+    let mut tel_lines: Vec<&str> = tel.lines().collect();
+    tel_lines[3] = "{\"t_s\": 3";
+    std::fs::write(t_run.join("telemetry.jsonl"), tel_lines.join("\n") + "\n").unwrap();
+    let out = compare(&[&a, &b, &t_run], &["--output-dir", "out"], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let md = std::fs::read_to_string(dir.path().join("out/report.md")).unwrap();
+    assert!(
+        md.contains(&format!(
+            "steps.jsonl is cut short ({} of the summary's {} steps; its last line is torn)",
+            lines.len() - 1,
+            lines.len()
+        )),
+        "{md}"
+    );
+    assert!(
+        md.contains("steps.jsonl is damaged") && md.contains("line 3: not a step record"),
+        "{md}"
+    );
+    assert!(
+        md.contains("telemetry.jsonl is damaged") && md.contains("line 4"),
+        "{md}"
+    );
+    assert!(!md.contains("no matching steps.jsonl"), "{md}");
 }

@@ -44,11 +44,15 @@ fn main() {
     if std::env::var_os("PYTORCH_CUDA_ALLOC_CONF").is_none() {
         std::env::set_var("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True");
     }
-    // libtorch's errors arrive as panics; the backend turns them into errors, so keep the
-    // default hook from printing them twice.
-    std::panic::set_hook(Box::new(|info| {
-        if std::env::var_os("FTB_DEBUG_PANICS").is_some() {
-            eprintln!("{info}");
+    // libtorch's errors arrive as panics; the backend catches them and turns them into errors
+    // (its message is printed and kept in the summary), so the hook stays quiet about those. Any
+    // other panic is a bug: it is printed, never hidden (exit code 101, Rust's for a panic).
+    let debug_panics = shared::hooks::flag("FTB_DEBUG_PANICS").unwrap_or(false);
+    std::panic::set_hook(Box::new(move |info| {
+        if debug_panics || !train::panic_is_caught() {
+            eprintln!(
+                "error: internal error (a bug in the benchmark; please report it with the command line): {info}"
+            );
         }
     }));
     let code = shared::runner::main_with_preflight(
@@ -67,7 +71,23 @@ fn main() {
 /// absent device exits with the usage code (2) and the memory estimate uses the right dtype.
 /// libtorch runs bf16 on every device it supports (CUDA, MPS, CPU), so no dtype is refused here.
 fn preflight(cfg: &shared::config::Config) -> anyhow::Result<DeviceFacts> {
+    train::check_hooks()?;
     let device = train::pick_device(cfg.run.device)?;
+    // `--nproc N` starts a rank per GPU: N GPUs must be there (a rank of an external launcher
+    // sees only its own GPU, and was counted by its launcher).
+    let is_rank = shared::dist::Rank::from_env().ok().flatten().is_some();
+    if cfg.run.nproc > 1 && !is_rank && matches!(device, tch::Device::Cuda(_)) {
+        let gpus = tch::Cuda::device_count().max(0) as usize;
+        if gpus < cfg.run.nproc {
+            return Err(shared::error::ConfigError::value(
+                "nproc",
+                cfg.run.nproc,
+                &format!("one rank per GPU, and libtorch sees {gpus} CUDA device(s)"),
+                &format!("use --nproc {gpus} or less (CUDA_VISIBLE_DEVICES lists the GPUs a run may use)"),
+            )
+            .into());
+        }
+    }
     let kind = match device {
         tch::Device::Cpu => DeviceKind::Cpu,
         tch::Device::Cuda(i) => DeviceKind::Cuda(i),

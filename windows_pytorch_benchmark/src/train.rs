@@ -183,8 +183,24 @@ fn device_label(d: Device) -> String {
     }
 }
 
+/// The hooks this binary reads besides the shared runner's (`FTB_ATTENTION` is checked where the
+/// attention path is picked): a value that does not parse is a usage error, found in the preflight.
+pub fn check_hooks() -> Result<(), ConfigError> {
+    for name in ["FTB_HOST_INIT", "FTB_PROFILE", "FTB_DEBUG_PANICS"] {
+        shared::hooks::flag(name)?;
+    }
+    Ok(())
+}
+
 impl TorchBackend {
+    /// Builds the model and the optimizer. libtorch reports a failure here (out of memory while
+    /// the weights load, among others) as a panic; it becomes an error, so the run writes a
+    /// `failed` summary instead of dying silently.
     pub fn new(cfg: &Config, p: &Prepared) -> Result<Self> {
+        catch_torch(|| Self::build(cfg, p))
+    }
+
+    fn build(cfg: &Config, p: &Prepared) -> Result<Self> {
         let device = pick_device(cfg.run.device)?;
         #[cfg(target_os = "linux")]
         let comm = match &p.rank {
@@ -249,7 +265,7 @@ impl TorchBackend {
             };
             tensors.insert(spec.name.clone(), t);
         };
-        let host_init = std::env::var("FTB_HOST_INIT").is_ok_and(|v| !v.is_empty() && v != "0");
+        let host_init = shared::hooks::flag("FTB_HOST_INIT")?;
         match &p.weights {
             // Random weights on CUDA: generated there (same values; see `init.rs`).
             WeightSource::Random { seed } if matches!(device, Device::Cuda(_)) && !host_init => {
@@ -333,9 +349,7 @@ impl TorchBackend {
             #[cfg(target_os = "linux")]
             comm,
             rank_peaks: Vec::new(),
-            profile: std::env::var("FTB_PROFILE")
-                .is_ok_and(|v| !v.is_empty() && v != "0")
-                .then_some([0.0; 4]),
+            profile: shared::hooks::flag("FTB_PROFILE")?.then_some([0.0; 4]),
         })
     }
 
@@ -605,7 +619,18 @@ fn fmt_version(v: i64) -> String {
 /// panics in its non-`f_` functions; this turns them back into errors so the run can write a
 /// `failed` summary.
 fn catch_torch<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+    /// Leaves the "inside libtorch" mark however `f` ends.
+    struct Mark;
+    impl Drop for Mark {
+        fn drop(&mut self) {
+            CATCHING_TORCH.with(|c| c.set(c.get() - 1));
+        }
+    }
+    CATCHING_TORCH.with(|c| c.set(c.get() + 1));
+    let mark = Mark;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    drop(mark);
+    match result {
         Ok(r) => r,
         Err(p) => {
             let msg = p
@@ -616,6 +641,18 @@ fn catch_torch<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
             Err(anyhow!("{}", torch_message(&msg)))
         }
     }
+}
+
+thread_local! {
+    /// Depth of [`catch_torch`] calls on this thread: a panic inside one is an error that the run
+    /// reports, so the panic hook stays quiet about it.
+    static CATCHING_TORCH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether this thread is inside [`catch_torch`] (where a panic is libtorch reporting an error
+/// that becomes the run's error, not a bug to print).
+pub fn panic_is_caught() -> bool {
+    CATCHING_TORCH.with(|c| c.get() > 0)
 }
 
 /// libtorch's exception text without tch's panic wrapping and without the C++ backtrace that

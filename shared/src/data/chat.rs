@@ -11,6 +11,8 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use super::records::Record;
 use super::Sample;
+use crate::error::ConfigError;
+use crate::files::Location;
 
 pub struct ChatTokenizer {
     tokenizer: tokenizers::Tokenizer,
@@ -22,54 +24,79 @@ pub struct ChatTokenizer {
 }
 
 /// Finds `tokenizer.json` and `tokenizer_config.json`: a local folder, or a hub model id (cached).
-pub fn locate(spec: &str, revision: &str) -> Result<(PathBuf, PathBuf, String)> {
-    let dir = Path::new(spec);
-    if dir.is_dir() {
-        let (t, c) = (
-            dir.join("tokenizer.json"),
-            dir.join("tokenizer_config.json"),
-        );
-        for f in [&t, &c] {
-            if !f.exists() {
-                bail!("{} is missing; a tokenizer folder needs tokenizer.json and tokenizer_config.json (e.g. --tokenizer ../shared/tokenizers/phi-3)", f.display());
+/// A path that does not exist is never looked up on the hub; every problem is a usage error
+/// naming the folder or file.
+pub fn locate(spec: &str, revision: &str) -> Result<(PathBuf, PathBuf, String), ConfigError> {
+    let fix = "pass a folder with tokenizer.json and tokenizer_config.json (e.g. --tokenizer ../shared/tokenizers/phi-3), or use --dataset synthetic (needs no tokenizer)";
+    match crate::files::folder_or_hub_id(spec, "tokenizer folder", fix)? {
+        Location::Folder(dir) => {
+            let (t, c) = (
+                dir.join("tokenizer.json"),
+                dir.join("tokenizer_config.json"),
+            );
+            for f in [&t, &c] {
+                if let Some(problem) = crate::files::regular_file_problem(f) {
+                    return Err(ConfigError::input(f, problem, fix));
+                }
             }
+            Ok((t, c, dir.display().to_string()))
         }
-        return Ok((t, c, dir.display().to_string()));
+        Location::Hub(id) => {
+            let hub = |e: String| {
+                ConfigError::value(
+                    "tokenizer",
+                    format!("hf://{id}@{revision}"),
+                    &e,
+                    "pass a local tokenizer folder with --tokenizer DIR, or use --dataset synthetic (needs no tokenizer)",
+                )
+            };
+            let api = hf_hub::api::sync::ApiBuilder::from_env()
+                .with_progress(false)
+                .build()
+                .map_err(|e| hub(format!("could not start the hub client ({e})")))?;
+            let repo = api.repo(hf_hub::Repo::with_revision(
+                id.clone(),
+                hf_hub::RepoType::Model,
+                revision.to_string(),
+            ));
+            let get = |f: &str| {
+                repo.get(f)
+                    .map_err(|e| hub(format!("could not get {f} ({e})")))
+            };
+            Ok((
+                get("tokenizer.json")?,
+                get("tokenizer_config.json")?,
+                format!("hf://{id}@{revision}"),
+            ))
+        }
     }
-    let api = hf_hub::api::sync::ApiBuilder::from_env()
-        .with_progress(false)
-        .build()
-        .context("starting the hub client")?;
-    let repo = api.repo(hf_hub::Repo::with_revision(
-        spec.to_string(),
-        hf_hub::RepoType::Model,
-        revision.to_string(),
-    ));
-    let get = |f: &str| {
-        repo.get(f).map_err(|e| {
-            anyhow!("could not get {f} of hf://{spec} ({e}); pass a local tokenizer folder with --tokenizer DIR, or use --dataset synthetic (needs no tokenizer)")
-        })
-    };
-    Ok((
-        get("tokenizer.json")?,
-        get("tokenizer_config.json")?,
-        format!("hf://{spec}@{revision}"),
-    ))
 }
 
+/// The conversation a template is tried on when it loads: rendering it must give a prompt that is
+/// a non-empty prefix of the whole conversation, and the response must add tokens after it.
+const PROBE: (&str, &str) = ("What is a llama?", "An animal of the Andes.");
+
 impl ChatTokenizer {
+    /// Loads and checks the tokenizer and its chat template. Every problem (unreadable or broken
+    /// files, no template, a template that does not parse, renders nothing, or cannot mask the
+    /// prompt) is a usage error naming the file, found before any record is read.
     pub fn load(tokenizer_json: &Path, config_json: &Path, origin: String) -> Result<Self> {
-        let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| {
-            anyhow!(
-                "{} is not a tokenizers-format tokenizer.json: {e}",
-                tokenizer_json.display()
-            )
+        let fix = "use the model's own tokenizer folder (tokenizer.json + tokenizer_config.json), e.g. --tokenizer ../shared/tokenizers/phi-3";
+        let bytes = std::fs::read(tokenizer_json).map_err(|e| {
+            ConfigError::input(tokenizer_json, format!("cannot be read ({e})"), fix)
         })?;
-        let cfg: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(config_json)
-                .with_context(|| format!("reading {}", config_json.display()))?,
-        )
-        .with_context(|| format!("{} is not valid JSON", config_json.display()))?;
+        let tokenizer = tokenizers::Tokenizer::from_bytes(crate::files::strip_bom_bytes(&bytes))
+            .map_err(|e| {
+                ConfigError::input(
+                    tokenizer_json,
+                    format!("is not a tokenizers-format tokenizer.json ({e})"),
+                    fix,
+                )
+            })?;
+        let refuse = |problem: String| ConfigError::input(config_json, problem, fix);
+        let text = crate::files::read_text(config_json).map_err(refuse)?;
+        let cfg: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| refuse(format!("is not valid JSON ({e})")))?;
         let token = |k: &str| -> String {
             match &cfg[k] {
                 serde_json::Value::String(s) => s.clone(),
@@ -81,22 +108,62 @@ impl ChatTokenizer {
                 _ => String::new(),
             }
         };
-        let template = cfg["chat_template"]
-            .as_str()
-            .ok_or_else(|| {
-                anyhow!(
-                    "{} has no chat_template string; Phi-3's tokenizer_config.json carries one",
-                    config_json.display()
+        let template = match &cfg["chat_template"] {
+            serde_json::Value::String(t) if !t.trim().is_empty() => t.clone(),
+            serde_json::Value::String(_) => {
+                return Err(refuse("its chat_template is empty".into()).into())
+            }
+            serde_json::Value::Null => {
+                return Err(refuse(
+                    "has no chat_template string (Phi-3's tokenizer_config.json carries one)"
+                        .into(),
                 )
-            })?
-            .to_string();
-        Ok(Self {
+                .into())
+            }
+            other => {
+                return Err(refuse(format!(
+                    "its chat_template is {}, not a template string (named templates are not supported)",
+                    match other {
+                        serde_json::Value::Array(_) => "a list",
+                        serde_json::Value::Object(_) => "an object",
+                        _ => "not a string",
+                    }
+                ))
+                .into())
+            }
+        };
+        let tok = Self {
             tokenizer,
             template,
             bos: token("bos_token"),
             eos: token("eos_token"),
             origin,
-        })
+        };
+        tok.probe().map_err(|e| {
+            refuse(format!(
+                "its chat_template cannot format a conversation: {e:#}"
+            ))
+        })?;
+        Ok(tok)
+    }
+
+    /// Renders and tokenises [`PROBE`]: the template parses, renders a non-empty prompt that is a
+    /// prefix of the conversation, and the response adds tokens after the prompt.
+    fn probe(&self) -> Result<()> {
+        let r = Record {
+            instruction: PROBE.0.into(),
+            context: String::new(),
+            response: PROBE.1.into(),
+            category: "open_qa".into(),
+        };
+        let s = self.encode(&r)?;
+        if s.prompt_len == 0 {
+            bail!("it renders the prompt as no tokens");
+        }
+        if s.ids.len() <= s.prompt_len {
+            bail!("the response adds no tokens after the prompt, so there would be nothing to compute the loss on");
+        }
+        Ok(())
     }
 
     pub fn vocab_size(&self) -> usize {

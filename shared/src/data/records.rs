@@ -43,7 +43,9 @@ impl DatasetSource {
             return Self::Synthetic;
         }
         let p = Path::new(spec);
+        // A path is never a hub id (a missing one is "no such file", not a network error).
         if p.exists()
+            || crate::files::looks_like_a_path(spec)
             || spec.ends_with(".jsonl")
             || spec.ends_with(".json")
             || spec.ends_with(".parquet")
@@ -113,17 +115,39 @@ pub fn fetch_from_hub(id: &str) -> Result<PathBuf> {
         .with_context(|| format!("downloading {pick} from hf://datasets/{id}"))
 }
 
-pub fn load_file(path: &Path, limit: usize, policy: BadRecordPolicy) -> Result<Loaded> {
-    let name = path.display().to_string();
-    if !path.exists() {
-        return Err(DataError {
-            source_name: name,
+/// Checks, before anything else loads, that a local data file can be read: it exists and is a
+/// regular file (a folder named `x.jsonl` cannot be read; a FIFO or device would block the read,
+/// and a signal could not stop it cleanly).
+pub fn check_source(src: &DatasetSource) -> Result<(), DataError> {
+    let DatasetSource::File(path) = src else {
+        return Ok(());
+    };
+    match crate::files::regular_file_problem(path) {
+        None => Ok(()),
+        Some(p) if p == "does not exist" => Err(DataError {
+            source_name: path.display().to_string(),
             location: None,
             problem: "no such file".into(),
             fix: "check the path, or use --dataset synthetic or a hub id such as databricks/databricks-dolly-15k".into(),
-        }
-        .into());
+        }),
+        Some(p) => Err(DataError {
+            source_name: path.display().to_string(),
+            location: None,
+            problem: p,
+            fix: "pass a regular .jsonl, .parquet or .csv file with dolly's fields (copy a stream to a file first)".into(),
+        }),
     }
+}
+
+pub fn load_file(path: &Path, limit: usize, policy: BadRecordPolicy) -> Result<Loaded> {
+    let name = path.display().to_string();
+    check_source(&DatasetSource::File(path.to_path_buf()))?;
+    let unreadable = |e: &dyn std::fmt::Display| DataError {
+        source_name: name.clone(),
+        location: None,
+        problem: format!("cannot be read ({e})"),
+        fix: "check the file's permissions, or copy it to a readable place".into(),
+    };
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
@@ -145,8 +169,14 @@ pub fn load_file(path: &Path, limit: usize, policy: BadRecordPolicy) -> Result<L
     };
     match ext.as_str() {
         "jsonl" | "json" => {
-            let bytes = std::fs::read(path).with_context(|| format!("reading {name}"))?;
+            let bytes = std::fs::read(path).map_err(|e| unreadable(&e))?;
             for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
+                // A byte-order mark (Windows editors write one) is not part of the first record.
+                let line = if i == 0 {
+                    crate::files::strip_bom_bytes(line)
+                } else {
+                    line
+                };
                 if line.iter().all(|b| b.is_ascii_whitespace()) {
                     continue;
                 }
@@ -164,8 +194,8 @@ pub fn load_file(path: &Path, limit: usize, policy: BadRecordPolicy) -> Result<L
             }
         }
         "csv" => {
-            let mut rdr =
-                csv::Reader::from_path(path).with_context(|| format!("opening {name}"))?;
+            // The csv reader skips a leading byte-order mark itself.
+            let mut rdr = csv::Reader::from_path(path).map_err(|e| unreadable(&e))?;
             let headers = rdr
                 .headers()
                 .map_err(|e| {
@@ -205,9 +235,8 @@ pub fn load_file(path: &Path, limit: usize, policy: BadRecordPolicy) -> Result<L
             }
         }
         "parquet" => {
-            use arrow::array::{Array, AsArray};
             use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-            let file = std::fs::File::open(path).with_context(|| format!("opening {name}"))?;
+            let file = std::fs::File::open(path).map_err(|e| unreadable(&e))?;
             let reader = ParquetRecordBatchReaderBuilder::try_new(file)
                 .map_err(|e| {
                     bad(
@@ -228,44 +257,50 @@ pub fn load_file(path: &Path, limit: usize, policy: BadRecordPolicy) -> Result<L
                         "re-download the file",
                     )
                 })?;
-                // A column of another type (a list, a struct) is named, not taken for missing.
-                let column = |n: &str| -> Result<Option<arrow::array::ArrayRef>, DataError> {
-                    let Some(c) = batch.column_by_name(n) else {
-                        return Ok(None);
-                    };
-                    arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8)
-                        .map(Some)
-                        .map_err(|_| {
+                // Only text columns are read, as in JSONL: a number, a list or a struct is named
+                // with its type (arrow would cast many of them to text); binary columns are text
+                // only where their bytes are UTF-8, checked per row like a JSONL line.
+                let mut cols: Vec<Option<TextColumn>> = Vec::new();
+                for n in ["instruction", "context", "response", "category"] {
+                    cols.push(match batch.column_by_name(n) {
+                        None => None,
+                        Some(c) => TextColumn::new(c).map_err(|ty| {
                             bad(
                                 &name,
                                 &format!("column {n:?}"),
-                                &format!("field {n:?} has type {}, not a string", c.data_type()),
+                                &format!("field {n:?} has type {ty}, not a string"),
                                 &format!("write {n:?} as a string column"),
                             )
-                        })
-                };
-                let mut cols: Vec<Option<arrow::array::ArrayRef>> = Vec::new();
-                for n in ["instruction", "context", "response", "category"] {
-                    cols.push(column(n)?);
+                        })?,
+                    });
                 }
+                let fields = ["instruction", "context", "response", "category"];
                 for i in 0..batch.num_rows() {
-                    let get = |k: usize| {
-                        cols[k].as_ref().and_then(|a| {
-                            if a.is_null(i) {
-                                None
-                            } else {
-                                Some(a.as_string::<i32>().value(i).to_string())
+                    let loc = format!("row {}", row0 + i + 1);
+                    let mut values: [Option<String>; 4] = Default::default();
+                    let mut err = None;
+                    for (k, c) in cols.iter().enumerate() {
+                        match c.as_ref().map(|c| c.get(i)).transpose() {
+                            Ok(v) => values[k] = v.flatten(),
+                            Err(valid_up_to) => {
+                                err = Some(bad(
+                                    &name,
+                                    &loc,
+                                    &format!(
+                                        "invalid UTF-8 at byte {valid_up_to} in field {:?}",
+                                        fields[k]
+                                    ),
+                                    "re-encode the text as UTF-8, or pass --on-bad-record skip",
+                                ));
+                                break;
                             }
-                        })
+                        }
+                    }
+                    let [v0, v1, v2, v3] = values;
+                    let r = match err {
+                        Some(e) => Err(e),
+                        None => build(v0, v1, v2, v3, &name, &loc),
                     };
-                    let r = build(
-                        get(0),
-                        get(1),
-                        get(2),
-                        get(3),
-                        &name,
-                        &format!("row {}", row0 + i + 1),
-                    );
                     if !accept(r, &mut out)? {
                         break 'batches;
                     }
@@ -284,6 +319,51 @@ pub fn load_file(path: &Path, limit: usize, policy: BadRecordPolicy) -> Result<L
         }
     }
     Ok(out)
+}
+
+/// A Parquet column of text: strings (any offset width, or dictionary-encoded) or binary whose
+/// bytes are checked as UTF-8 row by row.
+enum TextColumn {
+    Text(arrow::array::ArrayRef),
+    Bytes(arrow::array::ArrayRef),
+}
+
+impl TextColumn {
+    /// The column, or its type's name when it is not text.
+    fn new(c: &arrow::array::ArrayRef) -> Result<Option<Self>, String> {
+        use arrow::datatypes::DataType as T;
+        let text = |v: &T| matches!(v, T::Utf8 | T::LargeUtf8 | T::Utf8View);
+        match c.data_type() {
+            // A column of nulls only: the field is absent in every row.
+            T::Null => Ok(None),
+            t if text(t) => arrow::compute::cast(c, &T::Utf8)
+                .map(|a| Some(Self::Text(a)))
+                .map_err(|e| format!("{t} ({e})")),
+            T::Dictionary(_, v) if text(v) => arrow::compute::cast(c, &T::Utf8)
+                .map(|a| Some(Self::Text(a)))
+                .map_err(|e| format!("{} ({e})", c.data_type())),
+            T::Binary | T::LargeBinary | T::BinaryView => arrow::compute::cast(c, &T::LargeBinary)
+                .map(|a| Some(Self::Bytes(a)))
+                .map_err(|e| format!("{} ({e})", c.data_type())),
+            other => Err(other.to_string()),
+        }
+    }
+
+    /// Row `i`: `Ok(None)` for null, `Err(valid_up_to)` for bytes that are not UTF-8.
+    fn get(&self, i: usize) -> Result<Option<String>, usize> {
+        use arrow::array::{Array, AsArray};
+        match self {
+            Self::Text(a) => Ok((!a.is_null(i)).then(|| a.as_string::<i32>().value(i).to_string())),
+            Self::Bytes(a) => {
+                if a.is_null(i) {
+                    return Ok(None);
+                }
+                std::str::from_utf8(a.as_binary::<i64>().value(i))
+                    .map(|s| Some(s.to_string()))
+                    .map_err(|e| e.valid_up_to())
+            }
+        }
+    }
 }
 
 /// Names the field an invalid UTF-8 sequence sits in, when the rest of the line is valid JSON.
@@ -443,6 +523,87 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("empty"));
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_first_record() {
+        let (_d, p) = write(
+            "d.jsonl",
+            b"\xef\xbb\xbf{\"instruction\":\"a\",\"response\":\"b\"}\n",
+        );
+        let l = load_file(&p, 10, BadRecordPolicy::Error).unwrap();
+        assert_eq!(l.records[0].instruction, "a");
+        let (_d, p) = write("d.csv", b"\xef\xbb\xbfinstruction,response\nWhat?,Yes\n");
+        let l = load_file(&p, 10, BadRecordPolicy::Error).unwrap();
+        assert_eq!(l.records[0].instruction, "What?");
+    }
+
+    /// Text columns of every arrow flavour are read; other types are named, never cast to text;
+    /// binary is text where it is UTF-8, row by row.
+    #[test]
+    fn parquet_text_columns_of_any_flavour_and_nothing_else() {
+        use arrow::array::{
+            ArrayRef, BinaryArray, DictionaryArray, Float64Array, LargeStringArray, StringArray,
+        };
+        use arrow::datatypes::Int32Type;
+        use std::sync::Arc;
+        let d = tempfile::tempdir().unwrap();
+        let load = |response: ArrayRef, policy| {
+            let p = d.path().join("d.parquet");
+            let batch = arrow::record_batch::RecordBatch::try_from_iter(vec![
+                (
+                    "instruction",
+                    Arc::new(StringArray::from(vec!["i1", "i2"])) as ArrayRef,
+                ),
+                ("response", response),
+            ])
+            .unwrap();
+            let f = std::fs::File::create(&p).unwrap();
+            let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
+            w.write(&batch).unwrap();
+            w.close().unwrap();
+            load_file(&p, 10, policy)
+        };
+        let ok = |a: ArrayRef| {
+            let l = load(a, BadRecordPolicy::Error).unwrap();
+            l.records
+                .iter()
+                .map(|r| r.response.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            ok(Arc::new(LargeStringArray::from(vec!["r1", "r2"]))),
+            ["r1", "r2"]
+        );
+        assert_eq!(
+            ok(Arc::new(
+                vec!["r1", "r2"]
+                    .into_iter()
+                    .collect::<DictionaryArray<Int32Type>>()
+            )),
+            ["r1", "r2"]
+        );
+        assert_eq!(
+            ok(Arc::new(BinaryArray::from(vec![&b"r1"[..], &b"r2"[..]]))),
+            ["r1", "r2"]
+        );
+        let e = load(
+            Arc::new(Float64Array::from(vec![1.0, 2.0])),
+            BadRecordPolicy::Skip,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("\"response\" has type Float64, not a string"),
+            "{e}"
+        );
+        let bad_utf8: ArrayRef = Arc::new(BinaryArray::from(vec![&b"r1"[..], &b"\xff"[..]]));
+        let e = load(bad_utf8.clone(), BadRecordPolicy::Error)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("row 2") && e.contains("invalid UTF-8"), "{e}");
+        let l = load(bad_utf8, BadRecordPolicy::Skip).unwrap();
+        assert_eq!((l.records.len(), l.skipped), (1, 1));
     }
 
     #[test]

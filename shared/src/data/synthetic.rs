@@ -27,6 +27,26 @@ pub const CATEGORIES: [(&str, u32, bool); 8] = [
     ("creative_writing", 709, false),
 ];
 
+/// The vocabulary a model needs for synthetic records: they use Phi-3's ids up to `<|user|>`.
+pub const VOCAB_NEEDED: usize = {
+    let mut m = ids::BOS;
+    let all = [
+        ids::ENDOFTEXT,
+        ids::ASSISTANT,
+        ids::END,
+        ids::USER,
+        END_CONTENT_ID - 1,
+    ];
+    let mut i = 0;
+    while i < all.len() {
+        if all[i] > m {
+            m = all[i];
+        }
+        i += 1;
+    }
+    m as usize + 1
+};
+
 /// Template tokens around the content: `<s><|user|>\n` + `<|end|>\n<|assistant|>\n` + `<|end|>\n`.
 pub const TEMPLATE_TOKENS: usize = 13;
 
@@ -153,6 +173,17 @@ mod tests {
         let total: usize = counts.values().sum();
         let top = *counts.values().max().unwrap() as f64 / total as f64;
         assert!((0.05..0.15).contains(&top), "top id frequency {top}");
+    }
+
+    #[test]
+    fn every_id_is_below_the_vocabulary_synthetic_records_need() {
+        let top = generate(500, 7)
+            .iter()
+            .flat_map(|(s, _)| s.ids.iter().copied())
+            .max()
+            .unwrap();
+        assert!((top as usize) < VOCAB_NEEDED, "{top}");
+        assert_eq!(VOCAB_NEEDED, 32_011);
     }
 
     #[test]

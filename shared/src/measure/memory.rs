@@ -435,20 +435,13 @@ pub fn estimate(
 /// Free memory of the device, in bytes, and where the figure comes from. CUDA: NVML's free memory
 /// of the chosen GPU; CPU and Apple GPUs (unified memory): the host's available memory (sysinfo).
 pub fn free_memory(device: DeviceKind) -> Option<(u64, String)> {
-    if let Ok(v) = std::env::var("FTB_ASSUME_FREE_MEMORY_BYTES") {
-        // Testing hook: pretend the device has this much free memory.
-        if let Ok(b) = v.trim().parse::<u64>() {
-            return Some((b, "FTB_ASSUME_FREE_MEMORY_BYTES".into()));
-        }
+    // Testing hook: pretend the device has this much free memory.
+    if let Some(b) = crate::hooks::assume_free_memory_bytes().ok().flatten() {
+        return Some((b, crate::hooks::ASSUME_FREE_MEMORY_BYTES.into()));
     }
     match device {
         DeviceKind::Cuda(i) => {
-            let nvml = nvml_wrapper::Nvml::init().ok()?;
-            let dev = match nvml_device_for_cuda_index(i) {
-                NvmlPick::Index(k) => nvml.device_by_index(k).ok()?,
-                NvmlPick::Uuid(u) => nvml.device_by_uuid(u.as_str()).ok()?,
-            };
-            let m = dev.memory_info().ok()?;
+            let m = nvml_memory(i)?;
             Some((m.free, format!("NVML free memory of GPU {i}")))
         }
         _ => {
@@ -463,6 +456,42 @@ pub fn free_memory(device: DeviceKind) -> Option<(u64, String)> {
             })
         }
     }
+}
+
+/// Total memory of the device, in bytes, and where the figure comes from: NVML's total of the
+/// chosen GPU; the host's physical memory for the CPU and Apple GPUs (unified memory).
+pub fn total_memory(device: DeviceKind) -> Option<(u64, String)> {
+    // Testing hook: pretend the device has this much memory in all.
+    if let Some(b) = crate::hooks::assume_total_memory_bytes().ok().flatten() {
+        return Some((b, crate::hooks::ASSUME_TOTAL_MEMORY_BYTES.into()));
+    }
+    match device {
+        DeviceKind::Cuda(i) => {
+            let m = nvml_memory(i)?;
+            Some((m.total, format!("NVML total memory of GPU {i}")))
+        }
+        _ => {
+            let mut sys = sysinfo::System::new();
+            sys.refresh_memory();
+            let b = sys.total_memory();
+            (b > 0).then(|| {
+                (
+                    b,
+                    "host physical memory (sysinfo; unified memory on Apple GPUs)".into(),
+                )
+            })
+        }
+    }
+}
+
+/// NVML's memory figures of CUDA device `i` (as the framework numbers it).
+fn nvml_memory(i: usize) -> Option<nvml_wrapper::struct_wrappers::device::MemoryInfo> {
+    let nvml = nvml_wrapper::Nvml::init().ok()?;
+    let dev = match nvml_device_for_cuda_index(i) {
+        NvmlPick::Index(k) => nvml.device_by_index(k).ok()?,
+        NvmlPick::Uuid(u) => nvml.device_by_uuid(u.as_str()).ok()?,
+    };
+    dev.memory_info().ok()
 }
 
 /// A setting that would fit, with its estimate.

@@ -290,10 +290,10 @@ pub fn render(report: &Report) -> String {
                     .unwrap_or_default()
             );
         }
-        for note in &r.summary.notes {
+        for note in r.summary.notes.iter().chain(&r.log_problems()) {
             let _ = write!(out, "<li>{}</li>", esc(note));
         }
-        if r.summary.notes.is_empty() && r.summary.error.is_none() {
+        if r.summary.notes.is_empty() && r.summary.error.is_none() && r.log_problems().is_empty() {
             out.push_str("<li>none</li>");
         }
         out.push_str("</ul>\n");

@@ -31,6 +31,11 @@ pub struct Run {
     /// The raw telemetry series (`telemetry.jsonl`), when the run folder holds the one the
     /// summary's `metrics.telemetry` was made from.
     pub telemetry: Option<TelemetryLog>,
+    /// Why `steps` is `None` although a `steps.jsonl` was found: damaged, cut short, or another
+    /// run's (for the report's notes, which otherwise say none was found).
+    pub steps_problem: Option<String>,
+    /// Why `telemetry` is `None` although a `telemetry.jsonl` was found.
+    pub telemetry_problem: Option<String>,
 }
 
 /// One run's `telemetry.jsonl`.
@@ -51,20 +56,43 @@ pub struct StepLog {
 pub fn summary_path(arg: &Path) -> Result<PathBuf> {
     if arg.is_dir() {
         let p = arg.join(SUMMARY_FILE);
-        if !p.is_file() {
+        if !p.exists() {
             bail!(
                 "{}: the folder has no {SUMMARY_FILE}; pass a run folder (`<output-dir>/runs/<run-id>/`) or a summary file",
                 arg.display()
             );
         }
-        Ok(p)
+        regular(&p)
     } else if arg.exists() {
-        Ok(arg.to_path_buf())
+        regular(arg)
     } else {
         bail!(
             "{}: no such file or folder; pass a {SUMMARY_FILE} or the run folder holding one",
             arg.display()
         )
+    }
+}
+
+impl Run {
+    /// What was wrong with the logs found beside the summary (damaged, cut short), for the
+    /// report's notes.
+    pub fn log_problems(&self) -> Vec<String> {
+        [&self.steps_problem, &self.telemetry_problem]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+}
+
+/// A summary must be a regular file: reading a FIFO would wait for a writer forever.
+fn regular(p: &Path) -> Result<PathBuf> {
+    match crate::files::regular_file_problem(p) {
+        None => Ok(p.to_path_buf()),
+        Some(problem) => bail!(
+            "{}: {problem}; pass a {SUMMARY_FILE} or the run folder holding one",
+            p.display()
+        ),
     }
 }
 
@@ -84,8 +112,8 @@ pub fn load_run(arg: &Path, arg_index: usize) -> Result<Run> {
     if summary.backend.world_size > 1 {
         label.push_str(&format!(" x{}", summary.backend.world_size));
     }
-    let steps = find_steps(&path, &summary);
-    let telemetry = find_telemetry(&path, &summary);
+    let (steps, steps_problem) = found(find_steps(&path, &summary));
+    let (telemetry, telemetry_problem) = found(find_telemetry(&path, &summary));
     Ok(Run {
         arg_index,
         label,
@@ -94,6 +122,8 @@ pub fn load_run(arg: &Path, arg_index: usize) -> Result<Run> {
         raw,
         steps,
         telemetry,
+        steps_problem,
+        telemetry_problem,
     })
 }
 
@@ -154,25 +184,74 @@ fn step_log_candidates(summary_path: &Path, s: &Summary) -> Vec<PathBuf> {
     dirs.into_iter().map(|d| d.join("steps.jsonl")).collect()
 }
 
+/// A log looked for beside a summary: found, or not, with what was wrong with the candidates
+/// that exist (none when there were none).
+enum Found<T> {
+    Yes(T),
+    No(Vec<String>),
+}
+
+fn found<T>(f: Found<T>) -> (Option<T>, Option<String>) {
+    match f {
+        Found::Yes(t) => (Some(t), None),
+        Found::No(problems) if problems.is_empty() => (None, None),
+        Found::No(problems) => (None, Some(problems.join("; "))),
+    }
+}
+
+/// Whether a JSON-lines file ends in a line cut off by a kill (no final newline).
+fn torn(path: &Path) -> bool {
+    std::fs::read(path).is_ok_and(|b| !b.is_empty() && !b.ends_with(b"\n"))
+}
+
 /// The steps log whose losses are the summary's `loss_curve`: a log from another run (a stale
-/// copy, another repeat) is ignored rather than plotted under this run's name.
-fn find_steps(summary_path: &Path, s: &Summary) -> Option<StepLog> {
+/// copy, another repeat) is ignored rather than plotted under this run's name, and a damaged or
+/// cut-short one is named as such.
+fn find_steps(summary_path: &Path, s: &Summary) -> Found<StepLog> {
+    let mut problems = Vec::new();
     for path in step_log_candidates(summary_path, s) {
         if !path.is_file() {
             continue;
         }
         let Some(dir) = path.parent() else { continue };
-        let Ok(lines) = read_steps(dir) else { continue };
+        let lines = match read_steps(dir) {
+            Ok(l) => l,
+            Err(e) => {
+                problems.push(format!("{} is damaged ({e:#})", path.display()));
+                continue;
+            }
+        };
         let losses: Vec<f64> = lines
             .iter()
             .filter_map(|l| l.get("loss").and_then(Value::as_f64))
             .collect();
-        let same_run = losses.len() == s.metrics.loss_curve.len()
-            && losses
+        let want = &s.metrics.loss_curve;
+        let agree = |n: usize| {
+            losses
                 .iter()
-                .zip(&s.metrics.loss_curve)
-                .all(|(a, b)| (a - b).abs() <= 1e-9 * b.abs().max(1.0));
-        if !same_run {
+                .zip(want)
+                .take(n)
+                .all(|(a, b)| (a - b).abs() <= 1e-9 * b.abs().max(1.0))
+        };
+        if losses.len() != want.len() || !agree(want.len()) {
+            if losses.len() < want.len() && agree(losses.len()) {
+                problems.push(format!(
+                    "{} is cut short ({} of the summary's {} steps{})",
+                    path.display(),
+                    losses.len(),
+                    want.len(),
+                    if torn(&path) {
+                        "; its last line is torn"
+                    } else {
+                        ""
+                    }
+                ));
+            } else if dir == summary_path.parent().unwrap_or(Path::new(".")) {
+                problems.push(format!(
+                    "{} holds other losses than the summary (another run's log?)",
+                    path.display()
+                ));
+            }
             continue;
         }
         let steady_step_time_s = lines
@@ -180,31 +259,51 @@ fn find_steps(summary_path: &Path, s: &Summary) -> Option<StepLog> {
             .filter(|l| l.get("phase").and_then(Value::as_str) == Some("steady"))
             .filter_map(|l| l.get("step_time_s").and_then(Value::as_f64))
             .collect();
-        return Some(StepLog {
+        return Found::Yes(StepLog {
             path,
             steady_step_time_s,
         });
     }
-    None
+    Found::No(problems)
 }
 
 /// The telemetry series the summary's `metrics.telemetry` was made from (same number of
 /// samples, same steady window), looked for where the steps log can be.
-fn find_telemetry(summary_path: &Path, s: &Summary) -> Option<TelemetryLog> {
-    let t = s.metrics.telemetry.as_ref()?;
+fn find_telemetry(summary_path: &Path, s: &Summary) -> Found<TelemetryLog> {
+    let Some(t) = s.metrics.telemetry.as_ref() else {
+        return Found::No(Vec::new());
+    };
+    let mut problems = Vec::new();
     for steps_path in step_log_candidates(summary_path, s) {
         let path = steps_path.with_file_name(telemetry::FILE);
         if !path.is_file() {
             continue;
         }
-        let Ok(samples) = telemetry::read_series(&path) else {
-            continue;
+        let samples = match telemetry::read_series(&path) {
+            Ok(x) => x,
+            Err(e) => {
+                problems.push(format!("{} is damaged ({e:#})", path.display()));
+                continue;
+            }
         };
         if samples.len() == t.samples {
-            return Some(TelemetryLog { path, samples });
+            return Found::Yes(TelemetryLog { path, samples });
+        }
+        if samples.len() < t.samples {
+            problems.push(format!(
+                "{} is cut short ({} of the summary's {} samples{})",
+                path.display(),
+                samples.len(),
+                t.samples,
+                if torn(&path) {
+                    "; its last line is torn"
+                } else {
+                    ""
+                }
+            ));
         }
     }
-    None
+    Found::No(problems)
 }
 
 #[cfg(test)]

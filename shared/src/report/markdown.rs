@@ -6,9 +6,34 @@ use std::fmt::Write;
 use super::figures::{footnote, Row, DEFINITIONS};
 use super::Report;
 
-/// Makes text safe inside a table cell: no pipe ends the cell, no newline ends the row.
+/// Text from a summary (device names, notes, errors, paths, run ids: anything a summary file can
+/// say) as Markdown that shows it literally, as `report.html` does with its escaping: HTML is
+/// written as entities (a `<script>` in a device name is text, not markup), the characters of
+/// links, code spans and tables are backslash-escaped, and a newline does not end a table row or
+/// a list item. (`*` and `_` are left alone: at worst they emphasise, and names such as
+/// `sw_power_cap` stay readable in the raw file.)
+pub(crate) fn text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '\\' | '`' | '[' | ']' | '|' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '\n' | '\r' => out.push(' '),
+            c if c.is_control() => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Text inside a table cell (see [`text`]: no pipe ends the cell, no newline ends the row).
 fn cell(s: &str) -> String {
-    s.replace('|', "\\|").replace(['\n', '\r'], " ")
+    text(s)
 }
 
 fn table(out: &mut String, report: &Report, first: &str, rows: &[Row]) {
@@ -41,7 +66,7 @@ pub fn render(report: &Report) -> String {
         out,
         "# Fine-tuning benchmark comparison\n\n{n} run{} side by side; baseline **{}**. Generated {} by `compare`. The plots are in `report.html` (same folder).\n\n",
         if n == 1 { "" } else { "s" },
-        report.runs[report.baseline].label,
+        text(&report.runs[report.baseline].label),
         report.generated_at
     );
 
@@ -50,7 +75,7 @@ pub fn render(report: &Report) -> String {
         let r = &report.runs[i];
         let _ = writeln!(
             out,
-            "| {} | `{}` | {} | `{}` |",
+            "| {} | {} | {} | {} |",
             cell(&report.heading(i)),
             cell(&r.summary.run.run_id),
             format!("{:?}", r.summary.status).to_lowercase(),
@@ -60,7 +85,7 @@ pub fn render(report: &Report) -> String {
 
     out.push_str("\n## Workload check\n\n");
     let base = &report.runs[report.baseline];
-    let short = |h: &str| h.chars().take(12).collect::<String>();
+    let short = |h: &str| text(&h.chars().take(12).collect::<String>());
     if report.workload.all_same() {
         let _ = write!(
             out,
@@ -71,7 +96,7 @@ pub fn render(report: &Report) -> String {
         let _ = writeln!(
             out,
             "> **Workload mismatch.** These runs did different work from the baseline {} (hash `{}`); their speed-ups do not compare like with like:",
-            base.label,
+            text(&base.label),
             short(&base.summary.workload.hash)
         );
         for m in &report.workload.mismatches {
@@ -79,14 +104,14 @@ pub fn render(report: &Report) -> String {
             let _ = writeln!(
                 out,
                 ">\n> - **{}** (hash `{}`):",
-                r.label,
+                text(&r.label),
                 short(&r.summary.workload.hash)
             );
             for d in &m.differences {
-                let _ = writeln!(out, ">   - `{d}`");
+                let _ = writeln!(out, ">   - {}", text(&d.to_string()));
             }
             if let Some(e) = m.explanation() {
-                let _ = writeln!(out, ">   - {e}");
+                let _ = writeln!(out, ">   - {}", text(e));
             }
         }
         out.push('\n');
@@ -102,7 +127,7 @@ pub fn render(report: &Report) -> String {
         let d = super::figures::def(p.definition);
         let _ = writeln!(out, "- **{}** [{}]: {}", p.title, footnote(d.id), d.text);
         for note in &p.notes {
-            let _ = writeln!(out, "  - {note}");
+            let _ = writeln!(out, "  - {}", text(note));
         }
     }
     out.push('\n');
@@ -112,22 +137,22 @@ pub fn render(report: &Report) -> String {
 
     out.push_str("## Notes\n\n");
     for r in report.runs {
-        let _ = writeln!(out, "### {}\n", r.label);
+        let _ = writeln!(out, "### {}\n", text(&r.label));
         if let Some(e) = &r.summary.error {
             let _ = writeln!(
                 out,
                 "- **error:** {}{}",
-                e.message,
+                text(&e.message),
                 e.hint
                     .as_ref()
-                    .map(|h| format!(" ({h})"))
+                    .map(|h| format!(" ({})", text(h)))
                     .unwrap_or_default()
             );
         }
-        for note in &r.summary.notes {
-            let _ = writeln!(out, "- {note}");
+        for note in r.summary.notes.iter().chain(&r.log_problems()) {
+            let _ = writeln!(out, "- {}", text(note));
         }
-        if r.summary.notes.is_empty() && r.summary.error.is_none() {
+        if r.summary.notes.is_empty() && r.summary.error.is_none() && r.log_problems().is_empty() {
             out.push_str("- none\n");
         }
         out.push('\n');

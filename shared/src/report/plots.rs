@@ -432,11 +432,16 @@ pub fn step_times(runs: &[Run]) -> Result<Plot> {
                 p.len(),
                 log.path.display()
             ),
-            _ => format!(
-                "{}: the summary's step_time_s spread (no matching steps.jsonl beside {})",
-                r.label,
-                r.summary_path.display()
-            ),
+            _ => match &r.steps_problem {
+                Some(problem) => {
+                    format!("{}: the summary's step_time_s spread ({problem})", r.label)
+                }
+                None => format!(
+                    "{}: the summary's step_time_s spread (no matching steps.jsonl beside {})",
+                    r.label,
+                    r.summary_path.display()
+                ),
+            },
         })
         .collect();
     Ok(Plot {
@@ -678,11 +683,14 @@ pub fn over_time(runs: &[Run], which: Series) -> Result<Plot> {
                     Series::Power => "power",
                 }
             ),
-            (_, None) => format!(
-                "{}: no telemetry.jsonl matching its summary beside {}",
-                r.label,
-                r.summary_path.display()
-            ),
+            (_, None) => match &r.telemetry_problem {
+                Some(problem) => format!("{}: no telemetry plotted: {problem}", r.label),
+                None => format!(
+                    "{}: no telemetry.jsonl matching its summary beside {}",
+                    r.label,
+                    r.summary_path.display()
+                ),
+            },
         })
         .collect();
     Ok(match which {

@@ -61,11 +61,11 @@ pub fn markdown(runs: &[Run], rows: &[ScalingRow]) -> String {
         let _ = writeln!(
             s,
             "| {} | {} | {:.0} | {:.0} | {} | {:.0} | {:.1} % |",
-            runs[r.run].label,
+            super::markdown::text(&runs[r.run].label),
             r.world_size,
             r.input_tokens_per_s,
             r.per_gpu_input_tokens_per_s,
-            runs[r.single].label,
+            super::markdown::text(&runs[r.single].label),
             r.single_input_tokens_per_s,
             100.0 * r.efficiency
         );

@@ -67,5 +67,9 @@ pub fn render(run: &Run) -> String {
             let _ = writeln!(out, "  {}: {}", d.name, d.text);
         }
     }
-    out
+    // Text from the summary file goes to a terminal: no control character (an escape sequence in
+    // a device name could rewrite the screen) gets through.
+    out.chars()
+        .map(|c| if c.is_control() && c != '\n' { '?' } else { c })
+        .collect()
 }

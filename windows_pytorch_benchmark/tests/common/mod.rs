@@ -31,9 +31,27 @@ pub const FAST: &[&str] = &[
     "3",
 ];
 
-pub fn run(out: &Path, extra: &[&str]) -> Output {
-    let mut args: Vec<&str> = FAST.to_vec();
+/// [`FAST`] without the flags `extra` sets itself (a flag may be given once), then `extra`.
+pub fn fast_with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = Vec::new();
+    let mut i = 0;
+    while i < FAST.len() {
+        let flag = FAST[i];
+        let takes_value = FAST.get(i + 1).is_some_and(|v| !v.starts_with("--"));
+        if !extra.contains(&flag) {
+            args.push(flag);
+            if takes_value {
+                args.push(FAST[i + 1]);
+            }
+        }
+        i += if takes_value { 2 } else { 1 };
+    }
     args.extend_from_slice(extra);
+    args
+}
+
+pub fn run(out: &Path, extra: &[&str]) -> Output {
+    let mut args = fast_with(extra);
     let o = out.to_str().expect("utf-8 temp path");
     args.extend_from_slice(&["--output-dir", o]);
     Command::new(bin())
@@ -79,6 +97,61 @@ pub fn wait_for_first_step(out: &Path) {
             std::time::Instant::now() < deadline,
             "no step logged within 120 s"
         );
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
+}
+
+/// A word-level tokenizer folder written by the test (no files from outside needed), with `template`
+/// as its chat template: `{{ bos_token }}` then `user <text> bot ` per user turn and `<text> |` per
+/// assistant turn renders the prompt as a prefix of the conversation, as Phi-3's does.
+pub fn word_tokenizer(dir: &Path, template: Option<&str>) -> PathBuf {
+    let t = dir.join("tokenizer");
+    std::fs::create_dir_all(&t).unwrap();
+    let vocab = serde_json::json!({"<unk>":0,"<s>":1,"user":2,"bot":3,"|":4,"What":5,"is":6,"a":7,"llama?":8,"An":9,"animal.":10});
+    let tj = serde_json::json!({
+        "version":"1.0","truncation":null,"padding":null,
+        "added_tokens":[{"id":1,"content":"<s>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}],
+        "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+        "model":{"type":"WordLevel","vocab":vocab,"unk_token":"<unk>"}
+    });
+    std::fs::write(t.join("tokenizer.json"), tj.to_string()).unwrap();
+    let mut cfg = serde_json::json!({"bos_token":"<s>","eos_token":"|"});
+    if let Some(tpl) = template {
+        cfg["chat_template"] = tpl.into();
+    }
+    std::fs::write(t.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    t
+}
+
+/// The chat template [`word_tokenizer`] uses by default.
+pub const WORD_TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}user {{ m['content'] }} bot {% else %}{{ m['content'] }} |{% endif %}{% endfor %}";
+
+/// A model folder holding the tiny preset's `config.json` with `changes` merged over it (no
+/// weights: use with `--weights random`).
+pub fn model_folder(dir: &Path, changes: serde_json::Value) -> PathBuf {
+    let m = dir.join("model");
+    std::fs::create_dir_all(&m).unwrap();
+    let mut c = shared::model::ModelShape::tiny().to_config_json();
+    for (k, v) in changes.as_object().expect("an object of changes") {
+        c[k] = v.clone();
+    }
+    std::fs::write(m.join("config.json"), c.to_string()).unwrap();
+    m
+}
+
+/// Every `benchmark_summary.json` under `dir`.
+pub fn summaries_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().is_some_and(|n| n == "benchmark_summary.json") {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
