@@ -760,3 +760,30 @@ fn multi_gpu_runs_get_a_scaling_row_against_the_one_gpu_run() {
     let html = std::fs::read_to_string(out_dir.join("report.html")).unwrap();
     assert!(html.contains("id=\"scaling\""));
 }
+
+/// Runs with one workload hash but different dtypes did the same work in other precisions:
+/// `compare` warns on stderr and in the report.
+#[test]
+fn one_hash_in_two_dtypes_gets_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_run(dir.path(), "a", &fixture(), None);
+    let mut sb = fixture();
+    sb["backend"]["dtype"] = json!("bf16");
+    sb["run"]["run_id"] = json!("20261128T000000Z-pytorch-bf16");
+    let b = write_run(dir.path(), "b", &sb, None);
+    let out = compare(&[&a, &b], &[], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("warning: runs with workload hash") && err.contains("differ in dtype"),
+        "{err}"
+    );
+    assert!(err.contains("float32") && err.contains("bf16"), "{err}");
+    for name in ["report.md", "report.html"] {
+        let doc = std::fs::read_to_string(dir.path().join(name)).unwrap();
+        assert!(doc.contains("Precision differs"), "{name}");
+    }
+    // The same dtype: no warning.
+    let out = compare(&[&a, &a], &[], dir.path());
+    assert!(!text(&out.stderr).contains("differ in dtype"));
+}
