@@ -291,7 +291,10 @@ fn estimate_is_near_the_peaks_measured_on_the_h200() {
         let cli = Cli::try_parse_from(&measured.run.command_line).unwrap();
         let cfg = Config::resolve(TuningMode::Fast, &cli.args, Framework::Pytorch).unwrap();
         let p = shared::workload::prepare(&cfg).unwrap();
-        assert_eq!(p.hash, measured.workload.hash, "{run}: the same workload");
+        // The same workload (the hash now covers only the strategy fields that apply, so
+        // compare what defines it).
+        assert_eq!(cfg.workload, measured.workload.config, "{run}");
+        assert_eq!(p.steps.len(), measured.workload.steps_planned, "{run}");
         let e = estimate(
             &p.shape,
             &cfg.workload.strategy,
