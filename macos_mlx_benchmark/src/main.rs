@@ -5,6 +5,7 @@
 /// the default; the command line (`--mode`, `--samples`) overrides it.
 const TUNING_MODE: TuningMode = TuningMode::Fast;
 
+mod memory;
 #[cfg(target_os = "linux")]
 mod openblas;
 mod phi3;

@@ -16,7 +16,7 @@ use shared::data::batch::Step;
 use shared::error::ConfigError;
 use shared::measure::probe::{self, Software};
 use shared::model::{ModelShape, ParamCounts};
-use shared::runner::{Backend, MemoryReading, StepReport};
+use shared::runner::{Backend, Calibration, MemoryReading, StepReport};
 use shared::summary::BackendInfo;
 use shared::workload::Prepared;
 
@@ -29,7 +29,6 @@ const MLX_VERSION: &str = match option_env!("FTB_MLX_VERSION") {
     None => "0.32.2",
 };
 const MLX_RS_CRATE: &str = "mlx-rs 0.33.0";
-const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
 /// Which MLX device computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +103,7 @@ impl MlxBackend {
             MlxDevice::Gpu => Device::gpu(),
         });
         // Peak memory is reported "since the backend was built" (each repeat starts fresh).
-        mlx_rs::memory::reset_peak_memory().context("resetting MLX's peak-memory counter")?;
+        crate::memory::start_of_run()?;
         let shape = prepared.shape.clone();
         let strategy = &cfg.workload.strategy;
         let mut specs = shape.parameters();
@@ -280,11 +279,14 @@ impl Backend for MlxBackend {
         let mut grads: Option<HashMap<Rc<str>, Array>> = None;
         let mut loss: Option<Array> = None;
         let n_micro = step.micro_batches.len();
+        let mut ran = 0;
         for (i, mb) in step.micro_batches.iter().enumerate() {
             if mb.loss_tokens == 0 {
-                // No label counts: its loss and gradients are exactly zero.
+                // No label counts: its loss and gradients are exactly zero, so it is not run (as
+                // on every backend; the FLOP count leaves it out).
                 continue;
             }
+            ran += 1;
             let arrays = MicroBatchArrays::new(mb, &self.shape)?;
             let loss_fn = |model: &mut Phi3ForCausalLM,
                            (a, denom): (&MicroBatchArrays, &Array)|
@@ -387,23 +389,17 @@ impl Backend for MlxBackend {
         Ok(StepReport {
             loss: f64::from(loss.item_exact::<f32>()),
             grad_norm: Some(f64::from(grad_norm.item_exact::<f32>())),
+            micro_batches_run: Some(ran),
         })
     }
 
+    /// MLX's held memory (active + cache) between steps, outside the timed region.
+    fn after_step(&mut self) {
+        crate::memory::sample_held();
+    }
+
     fn memory(&mut self) -> MemoryReading {
-        match mlx_rs::memory::peak_memory() {
-            Ok(bytes) => MemoryReading {
-                peak_allocated_gib: Some(bytes as f64 / GIB),
-                peak_reserved_gib: None,
-                source:
-                    "MLX memory::peak_memory (peak bytes of MLX arrays since the backend was built)"
-                        .into(),
-            },
-            Err(e) => MemoryReading {
-                source: format!("MLX memory::peak_memory failed: {e}"),
-                ..Default::default()
-            },
-        }
+        crate::memory::reading(self.device == MlxDevice::Gpu)
     }
 
     fn info(&self) -> BackendInfo {
@@ -456,12 +452,17 @@ impl Backend for MlxBackend {
         probe::software(MLX_RS_CRATE, &format!("MLX {MLX_VERSION}"))
     }
 
-    /// One n×n×n matrix product: bf16 at n = 4096 on the GPU, fp32 at n = 1024 on the CPU; the
-    /// mean of 10 timed products after 3 warm-ups.
-    fn calibrate_tflops(&mut self) -> Result<f64> {
-        let (n, dtype) = match self.device {
-            MlxDevice::Gpu => (4096, Dtype::Bfloat16),
-            MlxDevice::Cpu => (1024, Dtype::Float32),
+    /// One n×n×n matrix product in the run's compute precision (fp32 for float32 runs, bf16 for
+    /// bf16 and mixed-bf16 ones): n = 4096 on the GPU, 1024 on the CPU; the mean of 10 timed
+    /// products after 3 warm-ups.
+    fn calibrate_tflops(&mut self) -> Result<Calibration> {
+        let n = match self.device {
+            MlxDevice::Gpu => 4096,
+            MlxDevice::Cpu => 1024,
+        };
+        let dtype = match self.precision {
+            Precision::Float32 => Dtype::Float32,
+            Precision::Bf16 | Precision::MixedBf16 => Dtype::Bfloat16,
         };
         let a = mlx_rs::random::normal::<f32>(&[n, n], None, None, None)?.as_dtype(dtype)?;
         let b = mlx_rs::random::normal::<f32>(&[n, n], None, None, None)?.as_dtype(dtype)?;
@@ -476,6 +477,18 @@ impl Backend for MlxBackend {
             a.matmul(&b)?.eval()?;
         }
         let mean_s = t0.elapsed().as_secs_f64() / f64::from(runs);
-        Ok(2.0 * f64::from(n).powi(3) / mean_s / 1e12)
+        drop((a, b));
+        // The calibration's arrays are not the training's: the peaks restart from here.
+        crate::memory::start_of_run()?;
+        Ok(Calibration {
+            tflops: 2.0 * f64::from(n).powi(3) / mean_s / 1e12,
+            precision: if dtype == Dtype::Float32 {
+                "fp32"
+            } else {
+                "bf16"
+            }
+            .into(),
+            size: n as usize,
+        })
     }
 }

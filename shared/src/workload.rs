@@ -270,6 +270,7 @@ pub fn prepare(cfg: &Config) -> Result<Prepared> {
         w.train.max_steps,
     );
     let hash = workload_hash(cfg, &shape, weights.digest()?.as_deref(), &samples, &steps)?;
+    notes.extend(cfg.run.batch_note.clone());
     Ok(Prepared {
         shape,
         weights,
