@@ -59,8 +59,12 @@ for pre in ("lastn", "lastn256"):
     if not s: print(f"{pre}_np{n}: no summary"); continue
     m = s["metrics"]; t = m["input_tokens_per_s"] or 0
     eff = t / (n * one["metrics"]["input_tokens_per_s"]) if one and s["workload"]["hash"] == one["workload"]["hash"] else float("nan")
-    per = s["backend"]["details"].get("distributed", {}).get("peak_memory_gib_per_rank")
-    print(f"{pre} world {s['backend']['world_size']}: {s['status']}, {t:,.0f} input tok/s ({t/n:,.0f} per GPU), efficiency {100*eff:.1f} %, step median {m['step_time_s']['median']:.3f} s, peak GiB {m['peak_memory_gib']} per rank {per}, hash {s['workload']['hash'][:12]}")
+    # Schema 2: per-rank lists of each memory figure; schema 1: NVML's per rank.
+    dist = s["backend"]["details"].get("distributed", {})
+    per = dist.get("memory_gib_per_rank") or dist.get("peak_memory_gib_per_rank")
+    mem = m.get("memory", {})
+    peak = f"allocated {mem.get('device_peak_allocated_gib')}, process {mem.get('device_process_peak_gib')}" if "device_process_peak_gib" in mem else m.get("peak_memory_gib")
+    print(f"{pre} world {s['backend']['world_size']}: {s['status']}, {t:,.0f} input tok/s ({t/n:,.0f} per GPU), efficiency {100*eff:.1f} %, step median {m['step_time_s']['median']:.3f} s, peak GiB {peak} per rank {per}, hash {s['workload']['hash'][:12]}")
 for f in ("fault_exit", "fault_hang"):
     s = load(f)
     print(f"{f}: " + ("no summary" if not s else f"{s['status']}, steps {s['metrics']['steps']}: {s['error']['message'] if s['error'] else ''}"))

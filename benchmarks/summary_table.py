@@ -7,8 +7,8 @@ import sys
 
 root = sys.argv[1]
 cols = ("variant", "status", "steps", "in tok/s", "loss tok/s", "e2e in/s", "step med s", "MFU%",
-        "mem GiB", "load s", "total s", "loss", "util%", "W", "J/1k")
-widths = (24, 11, 6, 10, 11, 10, 11, 7, 9, 8, 9, 8, 7, 6, 7)
+        "alloc GiB", "proc GiB", "load s", "total s", "loss", "util%", "W", "J/1k")
+widths = (24, 11, 6, 10, 11, 10, 11, 7, 10, 9, 8, 9, 8, 7, 6, 7)
 print("".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cols, widths))))
 for name in sorted(os.listdir(root)):
     p = os.path.join(root, name, "benchmark_summary.json")
@@ -28,7 +28,11 @@ for name in sorted(os.listdir(root)):
     mfu = m.get("mfu")
     vals = (name, s["status"], m["steps"], f(m.get("input_tokens_per_s")), f(m.get("tokens_per_s")),
             f(m.get("end_to_end_input_tokens_per_s")), f(st.get("median"), 3),
-            f(None if mfu is None else 100 * mfu, 1), f(m.get("peak_memory_gib"), 1),
+            f(None if mfu is None else 100 * mfu, 1),
+            # Schema 2: the framework's allocated peak and the driver's process figure; schema 1
+            # had one peak_memory_gib.
+            f((m.get("memory") or {}).get("device_peak_allocated_gib", m.get("peak_memory_gib")), 1),
+            f((m.get("memory") or {}).get("device_process_peak_gib"), 1),
             f(m.get("load_s"), 1), f(m.get("total_s"), 1), f(m.get("final_loss"), 3), f(util),
             f(dev.get("power_w_mean")), f(tel.get("joules_per_1k_tokens"), 1))
     print("".join(f"{str(v):<{w}}" if i < 2 else f"{str(v):>{w}}" for i, (v, w) in enumerate(zip(vals, widths))))

@@ -8,6 +8,7 @@ const TUNING_MODE: TuningMode = TuningMode::Fast;
 mod device;
 #[cfg(not(target_os = "macos"))]
 mod init;
+mod memory;
 #[cfg(target_os = "linux")]
 mod openblas;
 mod phi3;

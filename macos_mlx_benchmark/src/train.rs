@@ -17,7 +17,7 @@ use shared::data::batch::Step;
 use shared::error::ConfigError;
 use shared::measure::probe::{self, Software};
 use shared::model::ParamCounts;
-use shared::runner::{Backend, MemoryReading, StepReport};
+use shared::runner::{Backend, Calibration, MemoryReading, StepReport};
 use shared::summary::BackendInfo;
 use shared::workload::Prepared;
 
@@ -32,7 +32,6 @@ const MLX_VERSION: &str = match option_env!("FTB_MLX_VERSION") {
     None => "0.32.2",
 };
 const MLX_RS_CRATE: &str = "mlx-rs 0.33.0";
-const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
 /// AdamW state of one trainable tensor.
 struct AdamState {
@@ -109,7 +108,7 @@ impl MlxBackend {
             Device::cpu()
         });
         // Peak memory is reported "since the backend was built" (each repeat starts fresh).
-        mlx_rs::memory::reset_peak_memory().context("resetting MLX's peak-memory counter")?;
+        crate::memory::start_of_run()?;
         let shape = prepared.shape.clone();
         let strategy = &cfg.workload.strategy;
         let mut specs = shape.parameters();
@@ -429,11 +428,14 @@ impl MlxBackend {
         let mut loss: Option<Array> = None;
         let n_micro = step.micro_batches.len();
         (self.attention_tokens, self.dense_tokens) = (0, 0);
+        let mut ran = 0;
         for (i, mb) in step.micro_batches.iter().enumerate() {
             if mb.loss_tokens == 0 {
-                // No label counts: its loss and gradients are exactly zero.
+                // No label counts: its loss and gradients are exactly zero, so it is not run (as
+                // on every backend; the FLOP count leaves it out).
                 continue;
             }
+            ran += 1;
             let t = &self.tuning;
             let arrays = MicroBatchArrays::new(
                 mb,
@@ -568,6 +570,7 @@ impl MlxBackend {
         Ok(StepReport {
             loss: f64::from(loss.item_exact::<f32>()),
             grad_norm: Some(f64::from(grad_norm.item_exact::<f32>())),
+            micro_batches_run: Some(ran),
         })
     }
 }
@@ -611,20 +614,13 @@ impl Backend for MlxBackend {
         catch_mlx(|| self.step(step, lr))
     }
 
+    /// MLX's held memory (active + cache) between steps, outside the timed region.
+    fn after_step(&mut self) {
+        crate::memory::sample_held();
+    }
+
     fn memory(&mut self) -> MemoryReading {
-        match mlx_rs::memory::peak_memory() {
-            Ok(bytes) => MemoryReading {
-                peak_allocated_gib: Some(bytes as f64 / GIB),
-                peak_reserved_gib: None,
-                source:
-                    "MLX memory::peak_memory (peak bytes of MLX arrays since the backend was built)"
-                        .into(),
-            },
-            Err(e) => MemoryReading {
-                source: format!("MLX memory::peak_memory failed: {e}"),
-                ..Default::default()
-            },
-        }
+        crate::memory::reading(self.device.is_gpu())
     }
 
     fn info(&self) -> BackendInfo {
@@ -703,13 +699,14 @@ impl Backend for MlxBackend {
         probe::software(MLX_RS_CRATE, &library)
     }
 
-    /// One n×n×n matrix product: bf16 at n = 4096 on the GPU, fp32 at n = 1024 on the CPU; the
-    /// mean of 10 timed products after 3 warm-ups.
-    fn calibrate_tflops(&mut self) -> Result<f64> {
-        let (n, dtype) = if self.device.is_gpu() {
-            (8192, Dtype::Bfloat16)
-        } else {
-            (1024, Dtype::Float32)
+    /// One n×n×n matrix product in the run's compute precision (fp32 for float32 runs, bf16 for
+    /// bf16 and mixed-bf16 ones): n = 8192 on the GPU, 1024 on the CPU; the mean of 10 timed
+    /// products after 3 warm-ups.
+    fn calibrate_tflops(&mut self) -> Result<Calibration> {
+        let n = if self.device.is_gpu() { 8192 } else { 1024 };
+        let dtype = match self.precision {
+            Precision::Float32 => Dtype::Float32,
+            Precision::Bf16 | Precision::MixedBf16 => Dtype::Bfloat16,
         };
         let a = mlx_rs::random::normal::<f32>(&[n, n], None, None, None)?.as_dtype(dtype)?;
         let b = mlx_rs::random::normal::<f32>(&[n, n], None, None, None)?.as_dtype(dtype)?;
@@ -724,6 +721,18 @@ impl Backend for MlxBackend {
             a.matmul(&b)?.eval()?;
         }
         let mean_s = t0.elapsed().as_secs_f64() / f64::from(runs);
-        Ok(2.0 * f64::from(n).powi(3) / mean_s / 1e12)
+        drop((a, b));
+        // The calibration's arrays are not the training's: the peaks restart from here.
+        crate::memory::start_of_run()?;
+        Ok(Calibration {
+            tflops: 2.0 * f64::from(n).powi(3) / mean_s / 1e12,
+            precision: if dtype == Dtype::Float32 {
+                "fp32"
+            } else {
+                "bf16"
+            }
+            .into(),
+            size: n as usize,
+        })
     }
 }

@@ -107,7 +107,11 @@ fn check_common(r: &Run, strategy: &str) {
         .model_shape
         .parameter_counts(&s.workload.config.strategy);
     assert_eq!(s.workload.parameters, want);
-    assert!(s.metrics.peak_memory_gib.is_some_and(|g| g > 0.0));
+    assert!(s
+        .metrics
+        .memory
+        .device_peak_allocated_gib
+        .is_some_and(|g| g > 0.0));
     assert!(
         s.software.framework_library.starts_with("MLX "),
         "{}",

@@ -268,6 +268,10 @@ pub struct RunOptions {
     /// Start even when the memory estimate exceeds the device's total memory (otherwise a usage
     /// error: such a run can only fail, often by the host killing it without a summary).
     pub allow_oversubscribe: bool,
+    /// Set by [`Config::resolve`] when it chose the records per step from the record count (no
+    /// preset, file or flag set them): the sentence `--plan` and the summary's notes show.
+    #[serde(skip)]
+    pub batch_note: Option<String>,
 }
 
 /// The whole configuration of one run.
@@ -295,6 +299,10 @@ pub mod limits {
     /// `dist_timeout` in seconds (one week).
     pub const MAX_DIST_TIMEOUT_S: f64 = 7.0 * 86_400.0;
 }
+/// Steps the default batch size leaves a run at least (where it has the records): one warm-up
+/// step and 10 steady ones, so that the steady figures of the default fast run (100 records) rest
+/// on 10 steps, not on one (see [`Config::records_per_step_for`]).
+pub const MIN_STEPS_FOR_DEFAULT_BATCH: usize = 11;
 
 pub const PHI3_MINI_HUB_ID: &str = "microsoft/Phi-3-mini-4k-instruct";
 pub const DOLLY_HUB_ID: &str = "databricks/databricks-dolly-15k";
@@ -394,6 +402,7 @@ impl Default for RunOptions {
             dist_timeout_s: 300.0,
             telemetry_interval_ms: crate::measure::telemetry::DEFAULT_INTERVAL_MS,
             allow_oversubscribe: false,
+            batch_note: None,
         }
     }
 }
@@ -622,16 +631,54 @@ impl Config {
             ),
             None => None,
         };
-        if let Some(p) = args.preset.or(file_preset) {
+        let preset = args.preset.or(file_preset);
+        if let Some(p) = preset {
             cfg.apply_preset(p, framework);
         }
+        // Whether anything but the built-in default says how many records a step holds.
+        let file_sets_batch = file_table.as_ref().is_some_and(|t| {
+            let batch = t
+                .get("workload")
+                .and_then(|w| w.get("batch"))
+                .and_then(|b| b.as_table());
+            batch
+                .is_some_and(|b| b.contains_key("micro_batch_size") || b.contains_key("grad_accum"))
+        });
+        let batch_set = file_sets_batch
+            || args.micro_batch_size.is_some()
+            || args.grad_accum.is_some()
+            || preset.is_some_and(|p| matches!(p, Preset::Tiny | Preset::Seed));
         if let (Some(mut table), Some(path)) = (file_table, &args.config) {
             table.remove("preset");
             cfg = merge_toml(&cfg, table, path)?;
         }
         cfg.apply_flags(args)?;
+        if !batch_set {
+            cfg.choose_records_per_step();
+        }
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The default records per step, fitted to the run's record count (see
+    /// [`Config::records_per_step_for`]); says so in `run.batch_note` when it differs from 8 x 8.
+    fn choose_records_per_step(&mut self) {
+        let records = self
+            .sample_count()
+            .saturating_mul(self.workload.train.epochs.max(1));
+        let (mbs, ga) = Self::records_per_step_for(records);
+        let b = &mut self.workload.batch;
+        let d = BatchConfig::default();
+        (b.micro_batch_size, b.grad_accum) = (mbs, ga);
+        if (mbs, ga) != (d.micro_batch_size, d.grad_accum) {
+            self.run.batch_note = Some(format!(
+                "batch: {} records per step ({mbs} x {ga}) instead of the default {} ({} x {}): chosen so that {records} records make at least {MIN_STEPS_FOR_DEFAULT_BATCH} optimizer steps (1 warm-up, 10 steady); --micro-batch-size and --grad-accum set it",
+                mbs * ga,
+                d.micro_batch_size * d.grad_accum,
+                d.micro_batch_size,
+                d.grad_accum
+            ));
+        }
     }
 
     fn apply_flags(&mut self, a: &CliArgs) -> Result<(), ConfigError> {
@@ -1075,15 +1122,26 @@ impl Config {
             .unwrap_or_else(|| self.workload.mode.samples())
     }
 
-    /// Optimizer steps excluded from steady-state figures for a run of `steps` steps.
+    /// Optimizer steps excluded from steady-state figures for a run of `steps` steps
+    /// (`measure::steady::warmup_steps`: by default min(3, 10 % of steps), at least 1, so a
+    /// 1-step run has no steady step).
     pub fn timing_warmup_steps(&self, steps: usize) -> usize {
-        match self.run.timing_warmup_steps {
-            Some(k) => k.min(steps.saturating_sub(1)),
-            None => {
-                // measuring.md: default 3 or 10 % of steps, whichever is smaller, but at least 1.
-                let k = 3.min(steps / 10).max(1);
-                k.min(steps.saturating_sub(1))
-            }
+        crate::measure::steady::warmup_steps(steps, self.run.timing_warmup_steps)
+    }
+
+    /// Records per optimizer step when no preset, file or flag sets `micro_batch_size` or
+    /// `grad_accum`: the default 8 x 8 = 64 where that leaves at least
+    /// [`MIN_STEPS_FOR_DEFAULT_BATCH`] steps (4,096 records, all of dolly), else fewer records
+    /// per step so that the run has that many steps (100 records: 8 x 1 = 8, 13 steps). Keeps the
+    /// micro-batch at 8 records while a step holds 8 or more; a step is cut in whole micro-batches.
+    pub fn records_per_step_for(records: usize) -> (usize, usize) {
+        let d = BatchConfig::default();
+        let full = d.micro_batch_size * d.grad_accum;
+        let per_step = (records / MIN_STEPS_FOR_DEFAULT_BATCH).clamp(1, full);
+        if per_step >= d.micro_batch_size {
+            (d.micro_batch_size, per_step / d.micro_batch_size)
+        } else {
+            (per_step, 1)
         }
     }
 }
@@ -1371,6 +1429,64 @@ mod tests {
         assert_eq!(c.timing_warmup_steps(100), 3);
         assert_eq!(c.timing_warmup_steps(20), 2);
         assert_eq!(c.timing_warmup_steps(5), 1);
-        assert_eq!(c.timing_warmup_steps(1), 0);
+        assert_eq!(
+            c.timing_warmup_steps(1),
+            1,
+            "a 1-step run's cold step is not steady"
+        );
+    }
+
+    /// The default fast run (100 records) gets at least 11 steps; 4,096 records and the full
+    /// data set keep 8 x 8 = 64 records per step (the committed H200 figures rely on it); any
+    /// preset, file or flag that sets the batch wins.
+    #[test]
+    fn records_per_step_follow_the_record_count_unless_set() {
+        let batch = |argv: &[&str], mode: TuningMode| {
+            let c = Config::resolve(mode, &parse(argv), Framework::Pytorch).unwrap();
+            let b = &c.workload.batch;
+            (b.micro_batch_size, b.grad_accum, c.run.batch_note.is_some())
+        };
+        assert_eq!(batch(&[], TuningMode::Fast), (8, 1, true));
+        let steps = |n: usize| {
+            let (m, g) = Config::records_per_step_for(n);
+            n.div_ceil(m * g)
+        };
+        assert_eq!(steps(100), 13);
+        for n in [1, 5, 11, 50, 99, 100, 101, 200, 703] {
+            assert!(
+                steps(n) >= n.min(MIN_STEPS_FOR_DEFAULT_BATCH),
+                "{n} records"
+            );
+        }
+        assert_eq!(
+            batch(&["--samples", "4096"], TuningMode::Fast),
+            (8, 8, false)
+        );
+        assert_eq!(batch(&["--mode", "full"], TuningMode::Fast), (8, 8, false));
+        assert_eq!(batch(&[], TuningMode::Full), (8, 8, false));
+        assert_eq!(
+            batch(&["--samples", "704"], TuningMode::Fast),
+            (8, 8, false)
+        );
+        assert_eq!(batch(&["--samples", "200"], TuningMode::Fast), (8, 2, true));
+        assert_eq!(batch(&["--samples", "40"], TuningMode::Fast), (3, 1, true));
+        // Explicit settings win, one of the two is enough.
+        assert_eq!(
+            batch(&["--grad-accum", "8"], TuningMode::Fast),
+            (8, 8, false)
+        );
+        assert_eq!(
+            batch(&["--micro-batch-size", "2"], TuningMode::Fast),
+            (2, 8, false)
+        );
+        assert_eq!(
+            batch(&["--preset", "tiny"], TuningMode::Fast),
+            (4, 4, false)
+        );
+        let f = write("[workload.batch]\ngrad_accum = 8\n");
+        let path = f.path().to_str().unwrap().to_string();
+        assert_eq!(batch(&["--config", &path], TuningMode::Fast), (8, 8, false));
+        // Epochs count: 3 passes over 100 records make 300 records of work.
+        assert_eq!(batch(&["--epochs", "3"], TuningMode::Fast), (8, 3, true));
     }
 }

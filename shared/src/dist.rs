@@ -146,6 +146,7 @@ pub fn shard_steps(
         }
         let owner = assign(&step.doc_lengths, world);
         let mut padded = 0;
+        let mut computed = Vec::new();
         let mut mine = Vec::new();
         for r in 0..world {
             let docs: Vec<&Sample> = step
@@ -157,12 +158,14 @@ pub fn shard_steps(
                 .collect();
             let mbs = layout(&docs, cfg, pad_to, train_on_prompt);
             padded += mbs.iter().map(|m| m.padded_tokens).sum::<usize>();
+            computed.extend(crate::data::batch::computed_doc_lengths(&mbs));
             if r == rank {
                 mine = mbs;
             }
         }
         step.micro_batches = mine;
         step.padded_tokens = padded;
+        step.computed_doc_lengths = computed;
     }
     Ok(())
 }

@@ -525,6 +525,47 @@ impl WeightSource {
         Ok(Self::Safetensors { files })
     }
 
+    /// What identifies the checkpoint's weights in the workload hash without reading them all: a
+    /// SHA-256 over each safetensors file's header (tensor names, dtypes, shapes, offsets and
+    /// metadata) and its size, in file order. Two checkpoints with the same tensors laid out the
+    /// same way but other values share it; a changed dtype, shape, tensor set or file does not.
+    /// `None` for random weights (named by their seed).
+    pub fn digest(&self) -> Result<Option<String>> {
+        use sha2::{Digest, Sha256};
+        use std::io::Read;
+        let WeightSource::Safetensors { files } = self else {
+            return Ok(None);
+        };
+        let mut h = Sha256::new();
+        for path in files {
+            let mut f =
+                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            let size = f
+                .metadata()
+                .with_context(|| format!("reading the size of {}", path.display()))?
+                .len();
+            let mut len = [0u8; 8];
+            f.read_exact(&mut len)
+                .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+            let n = u64::from_le_bytes(len);
+            if n > size.saturating_sub(8) || n > 100 << 20 {
+                bail!(
+                    "{}: not a safetensors file (header length {n} of a {size}-byte file)",
+                    path.display()
+                );
+            }
+            let mut header = vec![0u8; n as usize];
+            f.read_exact(&mut header)
+                .with_context(|| format!("{}: truncated safetensors header", path.display()))?;
+            h.update(n.to_le_bytes());
+            h.update(&header);
+            h.update(size.to_le_bytes());
+        }
+        Ok(Some(
+            h.finalize().iter().map(|b| format!("{b:02x}")).collect(),
+        ))
+    }
+
     /// Calls `f(spec, data)` for every parameter in `specs`, in order. Checkpoint tensors are
     /// checked against the expected shapes; a missing tensor is an error naming it. Parameters
     /// absent from checkpoints because they are new (LoRA adapters) are initialised from `seed`.

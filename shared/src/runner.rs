@@ -21,6 +21,8 @@ use crate::measure::memory::{self, DeviceKind, MemoryEstimate, Precision};
 use crate::measure::peak;
 use crate::measure::probe::{self, Software};
 use crate::measure::stats::Spread;
+use crate::measure::steady::{self, StepFigures};
+use crate::measure::telemetry::nvidia::ProcessMemoryPeak;
 use crate::measure::telemetry::{self, Phase, Telemetry};
 use crate::model::ParamCounts;
 use crate::summary::{
@@ -36,14 +38,48 @@ pub struct StepReport {
     pub loss: f64,
     /// Global gradient norm before clipping, where computed.
     pub grad_norm: Option<f64>,
+    /// Micro-batches the backend ran. Every backend skips a micro-batch without loss tokens (its
+    /// loss and gradients are zero), so this is the step's micro-batches with loss tokens; the
+    /// runner checks it against the plan, whose FLOP count assumes so. `None`: not counted.
+    pub micro_batches_run: Option<usize>,
 }
 
-/// A device memory reading (high-water marks since the backend was built).
+/// A backend's device memory reading: high-water marks since the backend was built (each repeat
+/// builds a new one). Each figure comes with its source, or, when null, the reason; see
+/// [`crate::summary::MemoryInfo`] for what each means.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryReading {
-    pub peak_allocated_gib: Option<f64>,
-    pub peak_reserved_gib: Option<f64>,
-    pub source: String,
+    /// The framework's peak of live tensors/arrays.
+    pub allocated_gib: Option<f64>,
+    pub allocated_source: String,
+    /// The most the framework held from the device (allocated + its cache).
+    pub reserved_gib: Option<f64>,
+    pub reserved_source: String,
+    /// The driver's figure for this process, where the backend reads one itself (on NVIDIA GPUs
+    /// the runner reads NVML for every backend).
+    pub process_gib: Option<f64>,
+    pub process_source: String,
+}
+
+/// A `--calibrate` measurement: the dense matrix-product rate of the device in the run's own
+/// compute precision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Calibration {
+    pub tflops: f64,
+    /// `bf16` or `fp32`: what the products ran in.
+    pub precision: String,
+    /// n of the n x n x n products timed.
+    pub size: usize,
+}
+
+/// The precision `--calibrate` must measure in for a run of this dtype: the precision its matrix
+/// products run in (bf16 for `bf16` and `mixed-bf16`, fp32 for `float32`).
+pub fn calibration_precision(dtype: &str) -> &'static str {
+    if dtype == "float32" {
+        "fp32"
+    } else {
+        "bf16"
+    }
 }
 
 /// What a binary implements: build the model (in the constructor) and run optimizer steps.
@@ -58,8 +94,18 @@ pub trait Backend {
     fn info(&self) -> BackendInfo;
     fn parameter_counts(&self) -> ParamCounts;
     fn software(&self) -> Software;
-    /// Dense bf16 matrix-product rate measured on this device (TFLOP/s), for `--calibrate`.
-    fn calibrate_tflops(&mut self) -> Result<f64>;
+    /// Dense matrix-product rate measured on this device, for `--calibrate`, in the run's own
+    /// compute precision ([`calibration_precision`] of its dtype).
+    fn calibrate_tflops(&mut self) -> Result<Calibration>;
+    /// Waits until the device has finished the work queued so far (the model's weights after the
+    /// build: CUDA copies and kernels are asynchronous), so the clock read after it measures the
+    /// load.
+    fn synchronize(&mut self) {}
+    /// Data parallel: every rank's value of `v`, in rank order (called by every rank in the same
+    /// order); `None` for a single process.
+    fn gather_f64(&mut self, _v: f64) -> Option<Vec<f64>> {
+        None
+    }
     /// Bookkeeping between steps (e.g. sampling device memory), called after the clock read that
     /// closes a step, so it never counts in step time.
     fn after_step(&mut self) {}
@@ -103,6 +149,8 @@ struct StepLog {
     elapsed_s: f64,
     samples: usize,
     micro_batches: usize,
+    /// Micro-batches the backend ran (those with loss tokens), where it says.
+    micro_batches_run: Option<usize>,
     loss_tokens: usize,
     input_tokens: usize,
     padded_tokens: usize,
@@ -287,7 +335,8 @@ pub fn main_with_preflight<B: Backend>(
     // Preflight memory estimate: printed first, checked against the device's free memory before
     // the model loads, and kept in the summary next to the measured peak.
     let as_computed;
-    let estimate = memory::estimate(
+    let estimate = memory::estimate_for(
+        framework,
         &p.shape,
         &cfg.workload.strategy,
         facts.precision,
@@ -304,7 +353,7 @@ pub fn main_with_preflight<B: Backend>(
     );
     if args.plan {
         print_plan(&cfg, p, &facts, &estimate);
-        warn_if_it_will_not_fit(&cfg, p, &facts, &estimate);
+        warn_if_it_will_not_fit(framework, &cfg, p, &facts, &estimate);
         return exit::OK;
     }
     for line in estimate.lines() {
@@ -320,7 +369,19 @@ pub fn main_with_preflight<B: Backend>(
         eprintln!("error: {e}");
         return exit::USAGE;
     }
-    warn_if_it_will_not_fit(&cfg, p, &facts, &estimate);
+    warn_if_it_will_not_fit(framework, &cfg, p, &facts, &estimate);
+    // Too few steady steps: say so before the run, so nobody waits for figures that will not be
+    // reliable (the summary's `steady:` note says it again).
+    let planned_warmup = cfg.timing_warmup_steps(p.steps.len());
+    let planned_steady = p.steps.len() - planned_warmup;
+    let warned_steady = planned_steady < steady::MIN_RELIABLE_STEADY_STEPS;
+    if warned_steady && leader {
+        eprintln!(
+            "warning: this run has {} step(s), {planned_warmup} of them warm-up: {planned_steady} steady step(s), fewer than {}, so its steady figures will not be reliable; run more steps (more --samples, or fewer records per step with --micro-batch-size/--grad-accum)",
+            p.steps.len(),
+            steady::MIN_RELIABLE_STEADY_STEPS
+        );
+    }
     let repeats = cfg.run.repeats;
     // Until the first step starts, a signal removes the folder this process made and exits.
     let run_id = interrupt::loading(|| {
@@ -344,6 +405,14 @@ pub fn main_with_preflight<B: Backend>(
     let Some(run_id) = run_id else {
         return exit::FAILED;
     };
+    // Everything before the first model build (process start, preflight, data preparation, the
+    // estimate), measured once: every repeat's end-to-end figures include it, so all repeats count
+    // the same things.
+    let before_build_s = process_start.elapsed().as_secs_f64();
+    let before = BeforeBuild {
+        startup_s: (before_build_s - data_s).max(0.0),
+        data_s,
+    };
     let mut summaries = Vec::new();
     let mut code = exit::OK;
     for r in 0..repeats {
@@ -363,13 +432,8 @@ pub fn main_with_preflight<B: Backend>(
                 return exit::FAILED;
             }
         }
-        // Each repeat starts in fresh state: a new backend, built from nothing.
-        let start = if r == 0 {
-            process_start
-        } else {
-            Instant::now()
-        };
-        let data_time = if r == 0 { data_s } else { 0.0 };
+        // Each repeat builds a new backend from nothing (see `REPEAT_STATE` for what the process
+        // keeps between repeats).
         let (summary, c) = run_once(
             &cfg,
             p,
@@ -378,16 +442,14 @@ pub fn main_with_preflight<B: Backend>(
             &dir_rel,
             &run_id,
             framework,
-            start,
-            data_time,
+            before,
             &interrupted,
         );
         if !leader {
             return c; // rank 0 writes the run folder
         }
         let mut summary = summary;
-        summary.metrics.memory.estimated_peak_bytes = Some(estimate.peak_bytes);
-        summary.metrics.memory.estimate = Some(estimate.clone());
+        attach_estimate(&mut summary, &estimate);
         if let Some(r) = &rank {
             // Rank 0's figures are aggregates (global tokens over the slowest rank's step time).
             let per_gpu = |v: Option<f64>| v.map(|x| x / r.world_size as f64);
@@ -398,15 +460,12 @@ pub fn main_with_preflight<B: Backend>(
                 "per_gpu_tokens_per_s": per_gpu(m.tokens_per_s),
                 "per_gpu_samples_per_s": per_gpu(m.samples_per_s),
             });
-            let details = &mut summary.backend.details;
-            match details
-                .get_mut("distributed")
-                .and_then(|v| v.as_object_mut())
-            {
-                Some(o) => o.extend(d.as_object().cloned().unwrap_or_default()),
-                None => {
-                    details.insert("distributed".into(), d);
-                }
+            merge_distributed_details(&mut summary, d);
+        }
+        if summary.metrics.steady_steps < steady::MIN_RELIABLE_STEADY_STEPS && !warned_steady {
+            // Fewer steady steps than planned (an interrupt, a failure).
+            if let Some(n) = summary.notes.iter().find(|n| n.starts_with("steady:")) {
+                eprintln!("warning: {n}");
             }
         }
         if let Err(e) = summary.write(&dir.join("benchmark_summary.json")) {
@@ -420,7 +479,7 @@ pub fn main_with_preflight<B: Backend>(
         }
     }
     let mut top = if summaries.len() > 1 {
-        combine_repeats(summaries, &run_id)
+        combine_repeats(summaries, &run_id, framework)
     } else {
         summaries.pop().expect("one run")
     };
@@ -439,8 +498,17 @@ pub fn main_with_preflight<B: Backend>(
         v.map(|x| format!("{x:.d$}"))
             .unwrap_or_else(|| "n/a".into())
     };
+    let mem = &m.memory;
+    let memory_line = match (mem.device_peak_allocated_gib, mem.device_process_peak_gib) {
+        (Some(a), Some(p)) => {
+            format!("peak memory {a:.2} GiB allocated, {p:.2} GiB process (driver)")
+        }
+        (Some(a), None) => format!("peak memory {a:.2} GiB allocated"),
+        (None, Some(p)) => format!("peak memory {p:.2} GiB process (driver)"),
+        (None, None) => format!("peak RSS {} GiB (host)", fmt(mem.process_peak_rss_gib, 2)),
+    };
     eprintln!(
-        "{:?}: {} steps, {} loss tokens/s ({} input tokens/s, {} samples/s) steady; total {:.1} s; MFU {}; peak memory {} GiB; final loss {}{}; summary {}",
+        "{:?}: {} steps, {} loss tokens/s ({} input tokens/s, {} samples/s) steady; total {:.1} s; MFU {}; {memory_line}; final loss {}{}; summary {}",
         top.status,
         m.steps,
         fmt(m.tokens_per_s, 0),
@@ -448,7 +516,6 @@ pub fn main_with_preflight<B: Backend>(
         fmt(m.samples_per_s, 2),
         m.total_s,
         m.mfu.map(|x| format!("{:.1} %", 100.0 * x)).unwrap_or_else(|| "n/a (no peak for this device)".into()),
-        fmt(m.peak_memory_gib, 2),
         fmt(m.final_loss, 4),
         match m.telemetry.as_ref() {
             Some(t) => match (t.joules_per_1k_tokens, primary_utilization(t)) {
@@ -464,6 +531,55 @@ pub fn main_with_preflight<B: Backend>(
         out_dir.join(&top.run.run_dir).join("benchmark_summary.json").display()
     );
     code
+}
+
+/// The time before the first model build, measured once and charged to every repeat.
+#[derive(Debug, Clone, Copy)]
+struct BeforeBuild {
+    /// Process start to the first build, data preparation excepted.
+    startup_s: f64,
+    data_s: f64,
+}
+
+impl BeforeBuild {
+    fn total_s(self) -> f64 {
+        self.startup_s + self.data_s
+    }
+}
+
+/// The preflight estimate beside the measured peak: its bytes, its breakdown and its error
+/// against the framework's allocated peak (or a note saying why there is none).
+fn attach_estimate(s: &mut Summary, estimate: &MemoryEstimate) {
+    let mem = &mut s.metrics.memory;
+    mem.estimated_peak_bytes = Some(estimate.peak_bytes);
+    mem.estimate = Some(estimate.clone());
+    mem.estimate_error = memory::estimate_error(estimate.peak_bytes, mem.device_peak_allocated_gib);
+    match mem.estimate_error {
+        Some(e) => s.notes.push(format!(
+            "memory: estimate {:.2} GiB vs allocated peak {:.2} GiB: {:+.1} %",
+            estimate.peak_gib(),
+            mem.device_peak_allocated_gib.unwrap_or_default(),
+            100.0 * e
+        )),
+        None => s.notes.push(format!(
+            "memory.estimate_error: null: no allocated peak to compare the estimate with ({})",
+            mem.device_peak_allocated_source
+        )),
+    }
+}
+
+/// Adds `d`'s keys to `backend.details.distributed`.
+fn merge_distributed_details(summary: &mut Summary, d: serde_json::Value) {
+    let details = &mut summary.backend.details;
+    match details
+        .get_mut("distributed")
+        .and_then(|v| v.as_object_mut())
+    {
+        Some(o) => o.extend(d.as_object().cloned().unwrap_or_default()),
+        None => {
+            details.insert("distributed".into(), d);
+        }
+    }
 }
 
 /// `--nproc N`: starts N ranks of this executable, supervises them, and on a failure names the
@@ -696,13 +812,32 @@ fn print_plan(cfg: &Config, p: &Prepared, facts: &DeviceFacts, estimate: &Memory
         p.data.dropped_overlong
     );
     println!(
-        "plan {:?}: {} steps, {} micro-batches; {} loss / {} input / {} padded tokens",
+        "plan {:?}: {} steps of {} records ({} x {}), {} micro-batches; {} loss / {} input / {} padded tokens",
         w.batch.plan,
         p.steps.len(),
+        w.batch.micro_batch_size * w.batch.grad_accum,
+        w.batch.micro_batch_size,
+        w.batch.grad_accum,
         mbs.len(),
         p.steps.iter().map(|s| s.loss_tokens).sum::<usize>(),
         p.steps.iter().map(|s| s.input_tokens).sum::<usize>(),
         p.steps.iter().map(|s| s.padded_tokens).sum::<usize>(),
+    );
+    if let Some(n) = &cfg.run.batch_note {
+        println!("{n}");
+    }
+    let warmup = cfg.timing_warmup_steps(p.steps.len());
+    println!(
+        "timing: {warmup} warm-up step(s) + {} steady step(s){}",
+        p.steps.len() - warmup,
+        if p.steps.len() - warmup < steady::MIN_RELIABLE_STEADY_STEPS {
+            format!(
+                " (fewer than {}: the steady figures will not be reliable)",
+                steady::MIN_RELIABLE_STEADY_STEPS
+            )
+        } else {
+            String::new()
+        }
     );
     println!(
         "device {:?}, dtype {}",
@@ -716,7 +851,7 @@ fn print_plan(cfg: &Config, p: &Prepared, facts: &DeviceFacts, estimate: &Memory
         Some((free, source)) => println!(
             "free memory {:.2} GiB ({source}): {}",
             free as f64 / (1u64 << 30) as f64,
-            if estimate.peak_bytes <= free {
+            if estimate.required_free_bytes <= free {
                 "the estimate fits"
             } else {
                 "the estimate does NOT fit"
@@ -740,6 +875,7 @@ fn print_plan(cfg: &Config, p: &Prepared, facts: &DeviceFacts, estimate: &Memory
 /// Before loading: warn when the estimate exceeds the device's free memory, naming settings whose
 /// estimate fits.
 fn warn_if_it_will_not_fit(
+    framework: Framework,
     cfg: &Config,
     p: &Prepared,
     facts: &DeviceFacts,
@@ -748,11 +884,12 @@ fn warn_if_it_will_not_fit(
     let Some((free, source)) = memory::free_memory(facts.device) else {
         return;
     };
-    if estimate.peak_bytes <= free {
+    if estimate.required_free_bytes <= free {
         return;
     }
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let fits = memory::settings_that_fit(
+        framework,
         cfg,
         &p.shape,
         &p.samples,
@@ -773,10 +910,24 @@ fn warn_if_it_will_not_fit(
         )
     };
     eprintln!(
-        "warning: the estimated peak memory ({:.2} GiB) exceeds the free memory of the device ({:.2} GiB, {source}); the run may fail with out-of-memory. {advice}",
-        gib(estimate.peak_bytes),
+        "warning: the estimated peak memory ({:.2} GiB, runtime included) exceeds the free memory of the device ({:.2} GiB, {source}); the run may fail with out-of-memory. {advice}",
+        gib(estimate.required_free_bytes),
         gib(free)
     );
+}
+
+/// This repeat's clock: its own start, and the time before the first build charged to it.
+#[derive(Debug, Clone, Copy)]
+struct RunClock {
+    start: Instant,
+    before: BeforeBuild,
+}
+
+impl RunClock {
+    /// Seconds since the process started, as this repeat counts them.
+    fn elapsed_s(&self) -> f64 {
+        self.before.total_s() + self.start.elapsed().as_secs_f64()
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -788,16 +939,25 @@ fn run_once<B: Backend>(
     dir_rel: &str,
     run_id: &str,
     framework: Framework,
-    start: Instant,
-    data_s: f64,
+    before: BeforeBuild,
     interrupted: &AtomicBool,
 ) -> (Summary, i32) {
     let started_at = chrono::Utc::now().to_rfc3339();
+    let clock = RunClock {
+        start: Instant::now(),
+        before,
+    };
+    // This repeat's peak RSS is its own (where the OS lets the high-water mark be reset).
+    let rss_reset = probe::reset_peak_rss();
     // The sampler runs for the whole run (load, warm-up, steady, finish) on its own thread; it
     // appends to telemetry.jsonl as it goes. None when --telemetry-interval-ms 0.
     let tel = Telemetry::start(cfg.run.telemetry_interval_ms, dir);
     let t_model = Instant::now();
-    let built = build(cfg, p);
+    let built = build(cfg, p).map(|mut b| {
+        // Host-device sync: the weights are on the device before the load clock stops.
+        b.synchronize();
+        b
+    });
     let model_load_s = t_model.elapsed().as_secs_f64();
     // From here a first signal stops the run after the current step, with a summary.
     interrupt::running();
@@ -811,8 +971,7 @@ fn run_once<B: Backend>(
                 p,
                 None,
                 framework,
-                start,
-                data_s,
+                clock,
                 model_load_s,
                 started_at,
                 run_id,
@@ -827,11 +986,15 @@ fn run_once<B: Backend>(
                         "the model could not be built or loaded; see the message".into()
                     }),
                 }),
+                None,
             );
             attach_telemetry(&mut s, tel, cfg, p.rank.as_ref());
             return (s, crate::error::exit_code_for(&e));
         }
     };
+    // This process's device memory as the driver reports it (NVML), sampled after every step.
+    let mut process_memory = ProcessMemoryPeak::new();
+    process_memory.sample();
     let info = backend.info();
     if !cfg.run.quiet {
         let pc = backend.parameter_counts();
@@ -840,10 +1003,10 @@ fn run_once<B: Backend>(
             info.framework, info.device, info.device_name, info.dtype, pc.total, pc.trainable
         );
     }
-    let mut measured_peak = None;
+    let mut calibration = None;
     if cfg.run.calibrate {
         match backend.calibrate_tflops() {
-            Ok(t) => measured_peak = Some(t),
+            Ok(c) => calibration = Some(c),
             Err(e) => eprintln!("warning: --calibrate failed: {e:#}"),
         }
     }
@@ -896,13 +1059,20 @@ fn run_once<B: Backend>(
         // train_step synchronised the device before returning: this clock read closes the step.
         let dt = t0.elapsed().as_secs_f64();
         backend.after_step();
+        process_memory.sample();
         let dt = backend.reduce_step_time(dt);
         if let Some(r) = &p.rank {
             r.beacon(&format!("step {} done", step.index));
         }
         match out {
             Ok(r) if r.loss.is_finite() => {
-                rec.record(step, &r, lr, dt, start);
+                let flops = step_flops(
+                    &p.shape,
+                    &cfg.workload.strategy,
+                    &step.computed_doc_lengths,
+                    step.loss_tokens,
+                );
+                rec.record(step, &r, lr, dt, clock, flops);
                 if let Some(t) = &tel {
                     t.step_done();
                 }
@@ -949,30 +1119,96 @@ fn run_once<B: Backend>(
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
-    let mem = backend.memory();
+    process_memory.sample();
+    let reading = backend.memory();
+    let mut mem = memory_info(
+        reading,
+        &process_memory,
+        &info.device,
+        probe::peak_rss(rss_reset),
+    );
+    let per_rank = gather_memory(&mut backend, &mut mem);
     let mut s = rec.summary(
         cfg,
         p,
         Some((&backend, mem)),
         framework,
-        start,
-        data_s,
+        clock,
         model_load_s,
         started_at,
         run_id,
         dir_rel,
         status,
         error,
+        calibration.as_ref(),
     );
-    // Data parallel: the model FLOP rate is the ranks' together, so the peak is one GPU's times
-    // the world size.
-    let world = p.world_size() as f64;
-    if let Some(t) = measured_peak {
-        s.metrics.measured_peak_tflops = Some(t);
-        s.metrics.mfu_measured = s.metrics.model_tflops_per_s.map(|x| x / (t * world));
+    if let Some(d) = per_rank {
+        merge_distributed_details(&mut s, d);
     }
     attach_telemetry(&mut s, tel, cfg, p.rank.as_ref());
     (s, code)
+}
+
+/// The summary's memory figures from the backend's reading, the driver's figure for this process
+/// (the backend's own where it has one, else NVML's) and the host's peak RSS.
+fn memory_info(
+    reading: MemoryReading,
+    process_memory: &ProcessMemoryPeak,
+    device: &str,
+    rss: (Option<f64>, String),
+) -> MemoryInfo {
+    let (process_gib, process_source) = match reading.process_gib {
+        Some(g) => (Some(g), reading.process_source),
+        None => match process_memory.peak_gib() {
+            Some(g) => (Some(g), process_memory.source()),
+            None if device == "cpu" => (
+                None,
+                "a CPU run: no device memory besides host memory (see process_peak_rss_gib)"
+                    .to_string(),
+            ),
+            None if !reading.process_source.is_empty() => (None, reading.process_source),
+            None => (None, process_memory.source()),
+        },
+    };
+    let or_reason = |src: String, what: &str| {
+        if src.is_empty() {
+            format!("not reported by this backend ({what})")
+        } else {
+            src
+        }
+    };
+    MemoryInfo {
+        device_peak_allocated_gib: reading.allocated_gib,
+        device_peak_allocated_source: or_reason(reading.allocated_source, "allocated peak"),
+        device_peak_reserved_gib: reading.reserved_gib,
+        device_peak_reserved_source: or_reason(reading.reserved_source, "reserved peak"),
+        device_process_peak_gib: process_gib,
+        device_process_peak_source: process_source,
+        process_peak_rss_gib: rss.0,
+        process_peak_rss_source: rss.1,
+        estimated_peak_bytes: None,
+        estimate_error: None,
+        estimate: None,
+    }
+}
+
+/// Data parallel: every rank's device memory figures, gathered (every rank calls this once, in
+/// the same order); the summary's figures become the largest rank's, and the per-rank lists go to
+/// `backend.details.distributed.memory_gib_per_rank`. `None` for a single process.
+fn gather_memory<B: Backend>(backend: &mut B, mem: &mut MemoryInfo) -> Option<serde_json::Value> {
+    // -1 stands for "no figure" in the gather.
+    let mut lists = serde_json::Map::new();
+    for (key, slot) in [
+        ("device_peak_allocated", &mut mem.device_peak_allocated_gib),
+        ("device_peak_reserved", &mut mem.device_peak_reserved_gib),
+        ("device_process_peak", &mut mem.device_process_peak_gib),
+    ] {
+        let all = backend.gather_f64(slot.unwrap_or(-1.0))?;
+        let present: Vec<Option<f64>> = all.iter().map(|&v| (v >= 0.0).then_some(v)).collect();
+        *slot = present.iter().flatten().copied().reduce(f64::max);
+        lists.insert(key.into(), serde_json::json!(present));
+    }
+    Some(serde_json::json!({ "memory_gib_per_rank": lists }))
 }
 
 /// Stops the sampler and puts its aggregate into the summary (with notes saying why a figure is
@@ -1037,9 +1273,11 @@ struct Recorder {
     log_path: PathBuf,
     warmup: usize,
     losses: Vec<f64>,
-    times: Vec<f64>,
+    figures: Vec<StepFigures>,
     first_step_end_s: Option<f64>,
-    steps_done: Vec<usize>,
+    /// Steps where the backend ran another number of micro-batches than the plan's with loss
+    /// tokens: (step, ran, planned).
+    micro_batch_mismatch: Vec<(usize, usize, usize)>,
 }
 
 impl Recorder {
@@ -1054,20 +1292,44 @@ impl Recorder {
             log_path,
             warmup: cfg.timing_warmup_steps(p.steps.len()),
             losses: Vec::new(),
-            times: Vec::new(),
+            figures: Vec::new(),
             first_step_end_s: None,
-            steps_done: Vec::new(),
+            micro_batch_mismatch: Vec::new(),
         }
     }
 
-    fn record(&mut self, step: &Step, r: &StepReport, lr: f64, dt: f64, start: Instant) {
-        let elapsed = start.elapsed().as_secs_f64();
+    fn record(
+        &mut self,
+        step: &Step,
+        r: &StepReport,
+        lr: f64,
+        dt: f64,
+        clock: RunClock,
+        flops: f64,
+    ) {
+        let elapsed = clock.elapsed_s();
         if self.first_step_end_s.is_none() {
             self.first_step_end_s = Some(elapsed);
         }
         self.losses.push(r.loss);
-        self.times.push(dt);
-        self.steps_done.push(step.index);
+        self.figures.push(StepFigures {
+            time_s: dt,
+            samples: step.samples,
+            loss_tokens: step.loss_tokens,
+            input_tokens: step.input_tokens,
+            padded_tokens: step.padded_tokens,
+            flops,
+        });
+        let planned = step
+            .micro_batches
+            .iter()
+            .filter(|m| m.loss_tokens > 0)
+            .count();
+        if let Some(ran) = r.micro_batches_run {
+            if ran != planned {
+                self.micro_batch_mismatch.push((step.index, ran, planned));
+            }
+        }
         let line = StepLog {
             step: step.index,
             epoch: step.epoch,
@@ -1083,6 +1345,7 @@ impl Recorder {
             elapsed_s: elapsed,
             samples: step.samples,
             micro_batches: step.micro_batches.len(),
+            micro_batches_run: r.micro_batches_run,
             loss_tokens: step.loss_tokens,
             input_tokens: step.input_tokens,
             padded_tokens: step.padded_tokens,
@@ -1103,54 +1366,27 @@ impl Recorder {
         &self,
         cfg: &Config,
         p: &Prepared,
-        backend: Option<(&B, MemoryReading)>,
+        backend: Option<(&B, MemoryInfo)>,
         framework: Framework,
-        start: Instant,
-        data_s: f64,
+        clock: RunClock,
         model_load_s: f64,
         started_at: String,
         run_id: &str,
         dir_rel: &str,
         status: Status,
         error: Option<RunError>,
+        calibration: Option<&Calibration>,
     ) -> Summary {
-        let done: Vec<&Step> = self.steps_done.iter().map(|&i| &p.steps[i]).collect();
-        let n = done.len();
-        let warmup = self.warmup.min(n);
-        let steady: Vec<&Step> = done[warmup..].to_vec();
-        let steady_times = &self.times[warmup.min(self.times.len())..];
-        let warmup_s: f64 = self.times[..warmup].iter().sum();
-        let steady_s: f64 = steady_times.iter().sum();
-        let sum = |v: &[&Step], f: fn(&Step) -> usize| v.iter().map(|s| f(s)).sum::<usize>();
+        let sum = |f: fn(&StepFigures) -> usize| self.figures.iter().map(f).sum::<usize>();
         let (loss_t, in_t, pad_t, samp) = (
-            sum(&done, |s| s.loss_tokens),
-            sum(&done, |s| s.input_tokens),
-            sum(&done, |s| s.padded_tokens),
-            sum(&done, |s| s.samples),
+            sum(|s| s.loss_tokens),
+            sum(|s| s.input_tokens),
+            sum(|s| s.padded_tokens),
+            sum(|s| s.samples),
         );
-        let (s_loss, s_in, s_pad, s_samp) = (
-            sum(&steady, |s| s.loss_tokens),
-            sum(&steady, |s| s.input_tokens),
-            sum(&steady, |s| s.padded_tokens),
-            sum(&steady, |s| s.samples),
-        );
-        let rate = |x: usize| (steady_s > 0.0 && !steady.is_empty()).then(|| x as f64 / steady_s);
-        let total_s = start.elapsed().as_secs_f64();
-        let steady_flops: f64 = steady
-            .iter()
-            .map(|s| {
-                step_flops(
-                    &p.shape,
-                    &cfg.workload.strategy,
-                    &s.doc_lengths,
-                    s.loss_tokens,
-                )
-            })
-            .sum();
-        let model_tflops =
-            (steady_s > 0.0 && !steady.is_empty()).then(|| steady_flops / steady_s / 1e12);
-        let (info, params, software, mem) = match &backend {
-            Some((b, m)) => (b.info(), b.parameter_counts(), b.software(), m.clone()),
+        let total_s = clock.elapsed_s();
+        let (info, params, software, mem) = match backend {
+            Some((b, m)) => (b.info(), b.parameter_counts(), b.software(), m),
             None => (
                 BackendInfo {
                     framework: framework.to_string(),
@@ -1162,38 +1398,82 @@ impl Recorder {
                 },
                 p.shape.parameter_counts(&cfg.workload.strategy),
                 probe::software("", ""),
-                MemoryReading::default(),
+                MemoryInfo {
+                    device_peak_allocated_source: "the model was not built".into(),
+                    device_peak_reserved_source: "the model was not built".into(),
+                    device_process_peak_source: "the model was not built".into(),
+                    process_peak_rss_gib: probe::process_rss_gib(),
+                    process_peak_rss_source: "this process's RSS when the build failed".into(),
+                    ..Default::default()
+                },
             ),
         };
+        let hardware = probe::probe_hardware();
         let low_precision = info.dtype != "float32";
-        let pk = peak::lookup(&info.device_name, low_precision);
         let mut notes = p.notes.clone();
-        if pk.is_none() {
+        let pk = match info.device.as_str() {
+            // No CPU has a row: on a Mac the CPU's name is the chip's, whose row is its GPU's.
+            "cpu" | "unknown" => Err(format!(
+                "no cited peak for device {:?} (a CPU; see shared/src/measure/peak.rs)",
+                info.device_name
+            )),
+            _ => peak::lookup(
+                &info.device_name,
+                low_precision,
+                hardware.apple.as_ref().and_then(|a| a.gpu_cores),
+            ),
+        };
+        if let Err(why) = &pk {
             notes.push(format!(
-                "mfu: null: no cited peak for device {:?} at {} (see shared/src/measure/peak.rs)",
-                info.device_name,
+                "mfu: null: {why} at {}",
                 if low_precision { "bf16" } else { "fp32" }
             ));
         }
+        let pk = pk.ok();
         if cfg.run.dtype == DTypeChoice::Auto {
             notes.push(format!("dtype: auto resolved to {}", info.dtype));
         }
-        let rss = probe::process_rss_gib();
-        let peak_mem = mem
-            .peak_reserved_gib
-            .or(mem.peak_allocated_gib)
-            .or(if info.device == "cpu" { rss } else { None });
+        // The calibrated peak counts only in the run's own precision.
+        let want = calibration_precision(&info.dtype);
+        let measured = match calibration {
+            Some(c) if c.precision == want => Some(c.tflops),
+            Some(c) => {
+                notes.push(format!(
+                    "mfu_measured: null: --calibrate measured {} products, the run computes in {want}",
+                    c.precision
+                ));
+                None
+            }
+            None => None,
+        };
+        let world = p.world_size();
+        let sf = steady::steady_figures(
+            &self.figures,
+            self.warmup,
+            world,
+            pk.as_ref().map(|k| k.tflops),
+            measured,
+        );
+        notes.extend(sf.note.clone());
+        if let Some(&(step, ran, planned)) = self.micro_batch_mismatch.first() {
+            notes.push(format!(
+                "flops: at {} step(s) (first: step {step}) the backend ran {ran} micro-batches where the plan has {planned} with loss tokens; the FLOP count assumes the plan's",
+                self.micro_batch_mismatch.len()
+            ));
+        }
         let last10 = &self.losses[self.losses.len().saturating_sub(10)..];
+        let data_s = clock.before.data_s;
         let metrics = Metrics {
             total_s,
             load_s: data_s + model_load_s,
             data_s,
             model_load_s,
-            warmup_s,
-            steady_s,
-            steps: n,
-            warmup_steps: warmup,
-            steady_steps: steady.len(),
+            startup_s: clock.before.startup_s,
+            warmup_s: sf.warmup_s,
+            steady_s: sf.steady_s,
+            steps: self.figures.len(),
+            warmup_steps: sf.warmup_steps,
+            steady_steps: sf.steady_steps,
             samples: samp,
             loss_tokens: loss_t,
             input_tokens: in_t,
@@ -1203,40 +1483,26 @@ impl Recorder {
             } else {
                 0.0
             },
-            steady_samples: s_samp,
-            steady_loss_tokens: s_loss,
-            steady_input_tokens: s_in,
-            steady_padded_tokens: s_pad,
-            tokens_per_s: rate(s_loss),
-            input_tokens_per_s: rate(s_in),
-            samples_per_s: rate(s_samp),
+            steady_samples: sf.steady_samples,
+            steady_loss_tokens: sf.steady_loss_tokens,
+            steady_input_tokens: sf.steady_input_tokens,
+            steady_padded_tokens: sf.steady_padded_tokens,
+            tokens_per_s: sf.tokens_per_s,
+            input_tokens_per_s: sf.input_tokens_per_s,
+            samples_per_s: sf.samples_per_s,
             end_to_end_tokens_per_s: loss_t as f64 / total_s,
             end_to_end_input_tokens_per_s: in_t as f64 / total_s,
             end_to_end_samples_per_s: samp as f64 / total_s,
             time_to_first_step_s: self.first_step_end_s,
-            step_time_s: Spread::of(steady_times),
-            flops_per_token: (s_in > 0).then(|| steady_flops / s_in as f64),
-            model_tflops_per_s: model_tflops,
-            mfu: match (&pk, model_tflops) {
-                (Some(pk), Some(t)) => Some(t / (pk.tflops * p.world_size() as f64)),
-                _ => None,
-            },
+            step_time_s: sf.step_time_s,
+            flops_per_input_token: sf.flops_per_input_token,
+            model_tflops_per_s: sf.model_tflops_per_s,
+            mfu: sf.mfu,
             peak: pk,
-            mfu_measured: None,
-            measured_peak_tflops: None,
-            peak_memory_gib: peak_mem,
-            memory: MemoryInfo {
-                device_peak_allocated_gib: mem.peak_allocated_gib,
-                device_peak_reserved_gib: mem.peak_reserved_gib,
-                source: if mem.source.is_empty() && info.device == "cpu" {
-                    "process RSS (CPU run: host memory is device memory)".into()
-                } else {
-                    mem.source.clone()
-                },
-                process_peak_rss_gib: rss,
-                estimated_peak_bytes: None,
-                estimate: None,
-            },
+            mfu_measured: sf.mfu_measured,
+            measured_peak_tflops: calibration.map(|c| c.tflops),
+            measured_peak_precision: calibration.map(|c| c.precision.clone()),
+            memory: mem,
             first_loss: self.losses.first().copied(),
             final_loss: self.losses.last().copied(),
             final_loss_avg10: (!last10.is_empty())
@@ -1270,7 +1536,7 @@ impl Recorder {
                     * cfg.workload.batch.grad_accum,
             },
             backend: info,
-            hardware: probe::probe_hardware(),
+            hardware,
             software,
             metrics,
             repeats: None,
@@ -1279,34 +1545,46 @@ impl Recorder {
     }
 }
 
+/// What one process keeps from one repeat to the next, per framework: each repeat builds its
+/// model, optimizer state and batches anew, but some state belongs to the process.
+fn repeat_state(framework: Framework) -> &'static str {
+    match framework {
+        Framework::Pytorch => "each repeat builds its model and optimizer anew after the CUDA caching allocator returned its cached blocks to the device and reset its peak statistics (so each repeat's memory figures are its own); what persists in the process: the CUDA context, cuBLAS/cuDNN handles and workspaces, loaded kernels and libtorch's thread pools, so the first repeat's model_load_s includes CUDA's initialisation and later repeats' do not",
+        Framework::Mlx => "each repeat builds its model and optimizer anew after MLX's buffer cache was cleared and its peak-memory counter reset (so each repeat's memory figures are its own); what persists in the process: the device and its command queue, and the kernels MLX compiled or loaded, so the first repeat pays for them and later repeats do not",
+    }
+}
+
 /// The median repeat (by `tokens_per_s`) becomes the headline; every repeat's figures are kept.
-fn combine_repeats(mut runs: Vec<Summary>, run_id: &str) -> Summary {
+fn combine_repeats(mut runs: Vec<Summary>, run_id: &str, framework: Framework) -> Summary {
     let figs: Vec<RepeatFigures> = runs
         .iter()
         .enumerate()
-        .map(|(i, s)| RepeatFigures {
-            repeat: i + 1,
-            run_dir: s.run.run_dir.clone(),
-            status: s.status,
-            tokens_per_s: s.metrics.tokens_per_s,
-            input_tokens_per_s: s.metrics.input_tokens_per_s,
-            samples_per_s: s.metrics.samples_per_s,
-            total_s: s.metrics.total_s,
-            step_time_median_s: s.metrics.step_time_s.map(|x| x.median),
-            mfu: s.metrics.mfu,
-            peak_memory_gib: s.metrics.peak_memory_gib,
-            final_loss: s.metrics.final_loss,
+        .map(|(i, s)| {
+            let m = &s.metrics;
+            RepeatFigures {
+                repeat: i + 1,
+                run_dir: s.run.run_dir.clone(),
+                status: s.status,
+                tokens_per_s: m.tokens_per_s,
+                input_tokens_per_s: m.input_tokens_per_s,
+                samples_per_s: m.samples_per_s,
+                total_s: m.total_s,
+                step_time_median_s: m.step_time_s.map(|x| x.median),
+                mfu: m.mfu,
+                device_peak_allocated_gib: m.memory.device_peak_allocated_gib,
+                device_peak_reserved_gib: m.memory.device_peak_reserved_gib,
+                device_process_peak_gib: m.memory.device_process_peak_gib,
+                process_peak_rss_gib: m.memory.process_peak_rss_gib,
+                final_loss: m.final_loss,
+            }
         })
         .collect();
-    let mut order: Vec<usize> = (0..runs.len()).collect();
-    order.sort_by(|&a, &b| {
-        runs[a]
-            .metrics
-            .tokens_per_s
-            .unwrap_or(0.0)
-            .total_cmp(&runs[b].metrics.tokens_per_s.unwrap_or(0.0))
-    });
-    let median = order[(order.len() - 1) / 2];
+    let median = steady::median_repeat(
+        &runs
+            .iter()
+            .map(|s| s.metrics.tokens_per_s)
+            .collect::<Vec<_>>(),
+    );
     let spread = |f: fn(&RepeatFigures) -> Option<f64>| {
         Spread::of(&figs.iter().filter_map(f).collect::<Vec<_>>())
     };
@@ -1318,9 +1596,16 @@ fn combine_repeats(mut runs: Vec<Summary>, run_id: &str) -> Summary {
         total_s: spread(|r| Some(r.total_s)),
         runs: figs,
     };
+    // The median run's summary whole: its memory, steps and notes are its own.
     let mut top = runs.swap_remove(median);
     top.run.run_id = run_id.to_string();
-    top.notes.push(format!("repeats: {} runs in fresh state; metrics are those of the median run by tokens_per_s (repeat {})", reps.count, reps.median_repeat));
+    top.notes.push(format!(
+        "repeats: {} runs in one process; metrics are those of the median run by tokens_per_s (repeat {}); {}; every repeat's total_s includes the {:.2} s before the first model build (startup_s + data_s, measured once)",
+        reps.count,
+        reps.median_repeat,
+        repeat_state(framework),
+        top.metrics.startup_s + top.metrics.data_s
+    ));
     top.repeats = Some(reps);
     top
 }

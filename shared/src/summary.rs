@@ -12,8 +12,15 @@ use crate::measure::probe::{Hardware, Software};
 use crate::measure::stats::Spread;
 use crate::model::{ModelShape, ParamCounts};
 
-/// Bumped on any change that an older reader would misread.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Bumped on any change that an older reader would misread. 2: `metrics.flops_per_token` became
+/// `flops_per_input_token`; `metrics.peak_memory_gib` gave way to three device memory figures with
+/// one meaning each and their sources (`metrics.memory`), the estimate's error against the
+/// allocated peak and the peak RSS in its own field; `startup_s`, `measured_peak_precision`.
+/// [`Summary::read`] still reads schema 1 (see [`upgrade`]).
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// The oldest schema [`Summary::read`] converts.
+pub const OLDEST_READABLE_SCHEMA: u32 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -90,12 +97,21 @@ pub struct BackendInfo {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {
-    /// Process wall clock: everything included.
+    /// Wall clock of the run, everything included: process start to the summary for a single
+    /// run; for each of `--repeats R`, the time before the first model build (`startup_s` +
+    /// `data_s`, measured once and charged to every repeat) plus the repeat's own build, steps and
+    /// finish, so that every repeat counts the same things.
     pub total_s: f64,
     /// Data preparation + model build/load, before the first step.
     pub load_s: f64,
     pub data_s: f64,
+    /// Model build or load, the device synchronised before the clock read that closes it (CUDA
+    /// work is asynchronous).
     pub model_load_s: f64,
+    /// Process start to the first model build, data preparation excepted (argument parsing, the
+    /// device preflight, the memory estimate, the run folder). Absent in schema 1.
+    #[serde(default)]
+    pub startup_s: f64,
     /// First K optimizer steps (excluded from steady figures).
     pub warmup_s: f64,
     pub steady_s: f64,
@@ -125,8 +141,10 @@ pub struct Metrics {
     pub time_to_first_step_s: Option<f64>,
     /// Steady steps' wall time.
     pub step_time_s: Option<Spread>,
-    /// Mean model FLOPs per input token over the steady steps.
-    pub flops_per_token: Option<f64>,
+    /// Model FLOPs of the steady steps / steady input (non-padding) tokens: times
+    /// `input_tokens_per_s` it is `model_tflops_per_s` (x 1e12). FLOPs count the micro-batches
+    /// that ran (a micro-batch without loss tokens runs on no backend).
+    pub flops_per_input_token: Option<f64>,
     pub model_tflops_per_s: Option<f64>,
     /// Against the cited table peak (`peak`); null when the device has no row.
     pub mfu: Option<f64>,
@@ -134,8 +152,11 @@ pub struct Metrics {
     /// Against a peak measured by `--calibrate` on this device.
     pub mfu_measured: Option<f64>,
     pub measured_peak_tflops: Option<f64>,
-    /// Device memory high-water mark (see `memory.source`).
-    pub peak_memory_gib: Option<f64>,
+    /// The precision `--calibrate` measured in: the run's own compute precision (`bf16` for bf16
+    /// and mixed-bf16 runs, `fp32` for float32 runs).
+    #[serde(default)]
+    pub measured_peak_precision: Option<String>,
+    /// Device memory, three figures with one meaning each, and the host process's peak RSS.
     pub memory: MemoryInfo,
     pub first_loss: Option<f64>,
     pub final_loss: Option<f64>,
@@ -257,20 +278,35 @@ pub struct DeviceTelemetry {
     pub errors: Vec<String>,
 }
 
+/// Peak memory of a run. Each figure has one meaning on every backend, and its source names where
+/// it came from on this run (or why it is null):
+/// - `device_peak_allocated_gib`: the framework's own peak of live tensors/arrays on the device
+///   (the CUDA caching allocator's max allocated bytes; MLX's peak memory). What the preflight
+///   estimate is compared with.
+/// - `device_peak_reserved_gib`: what the framework held from the device at most: the caching
+///   allocator's max reserved bytes; MLX's active + cache memory at its highest reading.
+/// - `device_process_peak_gib`: what the device's driver reports for this process (NVML on NVIDIA,
+///   whichever framework): framework memory plus the CUDA context and library workspaces.
+/// - `process_peak_rss_gib`: host memory, the process's peak resident set size. Not device memory;
+///   on a CPU run it holds the tensors and everything else of the process (libraries, data).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MemoryInfo {
-    /// Device allocator peak (bytes in tensors), where the framework exposes it.
     pub device_peak_allocated_gib: Option<f64>,
-    /// Device memory reserved by the caching allocator / the process on the device.
+    pub device_peak_allocated_source: String,
     pub device_peak_reserved_gib: Option<f64>,
-    /// Where the device figures come from (e.g. `torch.cuda caching allocator`, `mlx peak memory`,
-    /// `process RSS (CPU run)`).
-    pub source: String,
+    pub device_peak_reserved_source: String,
+    pub device_process_peak_gib: Option<f64>,
+    pub device_process_peak_source: String,
     pub process_peak_rss_gib: Option<f64>,
-    /// The preflight estimate of the peak, in bytes (`estimate.peak_bytes`), to compare with the
-    /// measured peak above. Absent in summaries written before the estimate existed.
+    pub process_peak_rss_source: String,
+    /// The preflight estimate of the allocated peak, in bytes (`estimate.peak_bytes`), to compare
+    /// with `device_peak_allocated_gib`.
     #[serde(default)]
     pub estimated_peak_bytes: Option<u64>,
+    /// (estimate - measured allocated peak) / measured allocated peak; null (with a note) where
+    /// the backend has no allocated peak.
+    #[serde(default)]
+    pub estimate_error: Option<f64>,
     /// The estimate's breakdown (weights, gradients, optimizer, activations, ...); see
     /// `shared/src/measure/memory.rs`.
     #[serde(default)]
@@ -288,7 +324,11 @@ pub struct RepeatFigures {
     pub total_s: f64,
     pub step_time_median_s: Option<f64>,
     pub mfu: Option<f64>,
-    pub peak_memory_gib: Option<f64>,
+    /// The repeat's own memory figures (see [`MemoryInfo`]).
+    pub device_peak_allocated_gib: Option<f64>,
+    pub device_peak_reserved_gib: Option<f64>,
+    pub device_process_peak_gib: Option<f64>,
+    pub process_peak_rss_gib: Option<f64>,
     pub final_loss: Option<f64>,
 }
 
@@ -334,10 +374,29 @@ impl Summary {
             ("samples_per_s", m.samples_per_s),
             ("mfu", m.mfu),
             ("model_tflops_per_s", m.model_tflops_per_s),
-            ("peak_memory_gib", m.peak_memory_gib),
+            ("flops_per_input_token", m.flops_per_input_token),
+            (
+                "memory.device_peak_allocated_gib",
+                m.memory.device_peak_allocated_gib,
+            ),
+            (
+                "memory.device_peak_reserved_gib",
+                m.memory.device_peak_reserved_gib,
+            ),
+            (
+                "memory.device_process_peak_gib",
+                m.memory.device_process_peak_gib,
+            ),
+            ("memory.process_peak_rss_gib", m.memory.process_peak_rss_gib),
         ] {
             if let Some(v) = v {
                 nonneg(k, v)?;
+            }
+        }
+        nonneg("startup_s", m.startup_s)?;
+        if let Some(e) = m.memory.estimate_error {
+            if !e.is_finite() {
+                bail!("metrics.memory.estimate_error = {e} is not a finite number");
             }
         }
         if m.warmup_steps + m.steady_steps != m.steps {
@@ -404,12 +463,13 @@ impl Summary {
             serde_json::from_str(&text).map_err(|e| anyhow!("{name}: not valid JSON: {e}"))?;
         match v.get("schema_version") {
             Some(sv) => match sv.as_u64() {
-                Some(n) if n == u64::from(SCHEMA_VERSION) => {}
-                Some(n) => bail!("{name}: unknown schema_version {n} (this build reads {SCHEMA_VERSION}); use a matching build of the benchmark"),
-                None => bail!("{name}: schema_version is {sv}, not a whole number (this build reads {SCHEMA_VERSION}); the file was not written by the benchmark, or was edited"),
+                Some(n) if (u64::from(OLDEST_READABLE_SCHEMA)..=u64::from(SCHEMA_VERSION)).contains(&n) => {}
+                Some(n) => bail!("{name}: unknown schema_version {n} (this build reads {OLDEST_READABLE_SCHEMA} to {SCHEMA_VERSION}); use a matching build of the benchmark"),
+                None => bail!("{name}: schema_version is {sv}, not a whole number (this build reads {OLDEST_READABLE_SCHEMA} to {SCHEMA_VERSION}); the file was not written by the benchmark, or was edited"),
             },
             None => bail!("{name}: no schema_version; not a benchmark_summary.json"),
         }
+        let v = upgrade(v);
         let s: Summary = serde_path_to_error::deserialize(v).map_err(|e| {
             let at = e.path().to_string();
             let at = if at.is_empty() || at == "." {
@@ -427,6 +487,136 @@ impl Summary {
         Ok(s)
     }
 }
+
+/// Converts a summary of an older schema into the current one (JSON to JSON, before it is
+/// deserialised), so that reports keep reading the committed results; a current summary passes
+/// unchanged. Schema 1 to 2:
+/// - `metrics.flops_per_token` was already per input token: renamed `flops_per_input_token`;
+/// - `metrics.peak_memory_gib` and the one `memory.source` become the figure with that meaning:
+///   NVML's process memory (PyTorch on CUDA) moves to `device_process_peak_gib`, MLX's peak memory
+///   stays `device_peak_allocated_gib`, a CPU run's RSS goes to `process_peak_rss_gib`; what
+///   schema 1 did not record is null, its source says so;
+/// - the estimate's `peak_bytes` included the CUDA runtime allowance, which schema 2 keeps apart
+///   (`required_free_bytes`): it is subtracted.
+///
+/// A note records the conversion.
+pub fn upgrade(mut v: serde_json::Value) -> serde_json::Value {
+    use serde_json::{json, Value};
+    if v.get("schema_version").and_then(Value::as_u64) != Some(1) {
+        return v;
+    }
+    const NOT_RECORDED: &str = "not recorded: a schema-1 summary has no such figure";
+    let source = v
+        .pointer("/metrics/memory/source")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let Some(metrics) = v.get_mut("metrics").and_then(Value::as_object_mut) else {
+        return v;
+    };
+    if let Some(f) = metrics.remove("flops_per_token") {
+        metrics.insert("flops_per_input_token".into(), f);
+    }
+    // Schema 1's headline memory figure was one of the memory fields below (NVML's, MLX's or the
+    // RSS, as `memory.source` says); those fields carry it over.
+    metrics.remove("peak_memory_gib");
+    if let Some(mem) = metrics.get_mut("memory").and_then(Value::as_object_mut) {
+        let from = |what: &str| format!("schema 1 ({source:?}): {what}");
+        let old_rss = mem.remove("process_peak_rss_gib").unwrap_or(Value::Null);
+        let old_alloc = mem
+            .remove("device_peak_allocated_gib")
+            .unwrap_or(Value::Null);
+        let old_reserved = mem
+            .remove("device_peak_reserved_gib")
+            .unwrap_or(Value::Null);
+        mem.remove("source");
+        let nvml = source.starts_with("NVML");
+        let (alloc, reserved, process) = if nvml {
+            (Value::Null, Value::Null, old_reserved)
+        } else {
+            (old_alloc, old_reserved, Value::Null)
+        };
+        let rss = old_rss;
+        let src = |v: &Value, meaning: &str| {
+            if v.is_null() {
+                NOT_RECORDED.to_string()
+            } else {
+                from(meaning)
+            }
+        };
+        let entries = [
+            ("device_peak_allocated", alloc, "the framework's peak"),
+            ("device_peak_reserved", reserved, "the framework's reserve"),
+            (
+                "device_process_peak",
+                process,
+                "the driver's figure for the process",
+            ),
+            (
+                "process_peak_rss",
+                rss,
+                "the process's RSS at the end of the run",
+            ),
+        ];
+        for (k, val, meaning) in entries {
+            mem.insert(format!("{k}_source"), json!(src(&val, meaning)));
+            mem.insert(format!("{k}_gib"), val);
+        }
+        let runtime = mem
+            .get("estimate")
+            .and_then(|e| e.get("runtime_bytes"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        if let Some(e) = mem.get_mut("estimate").and_then(Value::as_object_mut) {
+            if let Some(p) = e.get("peak_bytes").and_then(Value::as_u64) {
+                e.insert("required_free_bytes".into(), json!(p));
+                e.insert("peak_bytes".into(), json!(p.saturating_sub(runtime)));
+            }
+        }
+        if let Some(p) = mem.get("estimated_peak_bytes").and_then(Value::as_u64) {
+            mem.insert(
+                "estimated_peak_bytes".into(),
+                json!(p.saturating_sub(runtime)),
+            );
+        }
+        let est = mem.get("estimated_peak_bytes").and_then(Value::as_u64);
+        let measured = mem.get("device_peak_allocated_gib").and_then(Value::as_f64);
+        let error = match (est, measured) {
+            (Some(e), Some(m)) if m > 0.0 => json!(e as f64 / (m * GIB_F64) - 1.0),
+            _ => Value::Null,
+        };
+        mem.insert("estimate_error".into(), error);
+    }
+    if let Some(runs) = v.pointer_mut("/repeats/runs").and_then(Value::as_array_mut) {
+        for r in runs.iter_mut().filter_map(Value::as_object_mut) {
+            let peak = r.remove("peak_memory_gib").unwrap_or(Value::Null);
+            let slot = if source.starts_with("NVML") {
+                "device_process_peak_gib"
+            } else if source.contains("MLX") {
+                "device_peak_allocated_gib"
+            } else if source.contains("RSS") {
+                "process_peak_rss_gib"
+            } else {
+                ""
+            };
+            for k in [
+                "device_peak_allocated_gib",
+                "device_peak_reserved_gib",
+                "device_process_peak_gib",
+                "process_peak_rss_gib",
+            ] {
+                r.insert(k.into(), if k == slot { peak.clone() } else { Value::Null });
+            }
+        }
+    }
+    if let Some(notes) = v.get_mut("notes").and_then(Value::as_array_mut) {
+        notes.push(json!("schema: converted from schema 1 on reading (flops_per_token renamed flops_per_input_token; the one peak memory figure moved to the field of its meaning; the estimate without the CUDA runtime allowance)"));
+    }
+    v["schema_version"] = json!(SCHEMA_VERSION);
+    v
+}
+
+const GIB_F64: f64 = (1u64 << 30) as f64;
 
 fn validate_telemetry(t: &Telemetry, m: &Metrics) -> Result<()> {
     let nonneg = |k: &str, v: Option<f64>| -> Result<()> {

@@ -409,7 +409,8 @@ pub fn prepare(cfg: &Config) -> Result<Prepared> {
             fix,
         });
     }
-    let hash = workload_hash(cfg, &shape, &samples, &steps)?;
+    let hash = workload_hash(cfg, &shape, weights.digest()?.as_deref(), &samples, &steps)?;
+    notes.extend(cfg.run.batch_note.clone());
     Ok(Prepared {
         shape,
         weights,
@@ -428,21 +429,40 @@ pub fn prepare(cfg: &Config) -> Result<Prepared> {
 /// padding policy, the model, the initial weights, what trains and the optimizer. How a step is cut
 /// into micro-batches under the token budget is not hashed: the loss and gradient of a step do not
 /// depend on it (tested), and the budget is chosen to fit each device's memory, so a Mac and an
-/// H200 running the same work get the same hash.
+/// H200 running the same work get the same hash. Neither is the precision (`--dtype`): it is how
+/// the work runs, and `compare` warns when runs with one hash differ in it.
+///
+/// Initial weights: random ones by their seed; a checkpoint by `weights_digest` (its safetensors
+/// headers and sizes, see [`WeightSource::digest`]), and a hub checkpoint also by its id and
+/// revision. A local checkpoint's folder path is not hashed: the same weights anywhere are the
+/// same work. Strategy: only the fields that apply to its kind (`last_n` for last-n; rank, alpha
+/// and the targets, in one order, for LoRA).
 pub fn workload_hash(
     cfg: &Config,
     shape: &ModelShape,
+    weights_digest: Option<&str>,
     samples: &[Sample],
     steps: &[Step],
 ) -> Result<String> {
+    use crate::config::{LoraTarget, StrategyKind};
+    #[derive(Serialize)]
+    struct Strategy {
+        kind: StrategyKind,
+        last_n: Option<usize>,
+        lora_rank: Option<usize>,
+        lora_alpha: Option<f64>,
+        lora_targets: Option<Vec<LoraTarget>>,
+    }
     #[derive(Serialize)]
     struct Key<'a> {
         shape: &'a ModelShape,
         weights: WeightsKind,
-        /// The checkpoint only matters for pretrained weights; random ones are named by the seed.
-        source: Option<&'a str>,
+        /// Pretrained weights from the hub: the repository and its revision.
+        hub: Option<(&'a str, &'a str)>,
+        /// Pretrained weights: the checkpoint's digest.
+        weights_digest: Option<&'a str>,
         seed: u64,
-        strategy: &'a crate::config::StrategyConfig,
+        strategy: Strategy,
         train: &'a crate::config::TrainConfig,
         plan: crate::config::BatchPlanKind,
         /// Padded plans: records per micro-batch decide how much padding there is.
@@ -452,12 +472,26 @@ pub fn workload_hash(
     }
     let w = &cfg.workload;
     let padded = w.batch.plan == crate::config::BatchPlanKind::Padded;
+    let pretrained = w.model.weights == WeightsKind::Pretrained;
+    let from_hub = pretrained && !Path::new(&w.model.source).is_dir();
+    let s = &w.strategy;
+    let lora = s.kind == StrategyKind::Lora;
+    let mut targets = s.lora_targets.clone();
+    targets.sort();
+    targets.dedup();
     let key = Key {
         shape,
         weights: w.model.weights,
-        source: (w.model.weights == WeightsKind::Pretrained).then_some(w.model.source.as_str()),
+        hub: from_hub.then_some((w.model.source.as_str(), w.model.revision.as_str())),
+        weights_digest: weights_digest.filter(|_| pretrained),
         seed: w.seed,
-        strategy: &w.strategy,
+        strategy: Strategy {
+            kind: s.kind,
+            last_n: (s.kind == StrategyKind::LastN).then_some(s.last_n),
+            lora_rank: lora.then_some(s.lora_rank),
+            lora_alpha: lora.then_some(s.lora_alpha),
+            lora_targets: lora.then_some(targets),
+        },
         train: &w.train,
         plan: w.batch.plan,
         padded_micro_batch: padded.then_some(w.batch.micro_batch_size),
@@ -549,6 +583,102 @@ mod tests {
             change(&mut e);
             assert_ne!(prepare(&e).unwrap().hash, a.hash);
         }
+    }
+
+    /// The hash names the work once: settings that do not apply to the strategy, and the order
+    /// LoRA targets are listed in, leave it alone; the hub revision and a local checkpoint's
+    /// weights (not its folder) are part of it.
+    #[test]
+    fn hash_covers_what_applies_and_the_checkpoint() {
+        use crate::config::{LoraTarget, StrategyKind};
+        let mut c = Config::default();
+        c.apply_preset(
+            crate::config::Preset::Tiny,
+            crate::config::Framework::Pytorch,
+        );
+        c.workload.samples = Some(16);
+        let base = prepare(&c).unwrap();
+        let hash = |c: &Config| prepare(c).unwrap().hash;
+        // last-n: LoRA's settings do not apply.
+        let mut d = c.clone();
+        d.workload.strategy.lora_rank = 4;
+        d.workload.strategy.lora_targets = vec![LoraTarget::OProj];
+        assert_eq!(hash(&d), base.hash);
+        // full: neither does last_n.
+        let mut full = c.clone();
+        full.workload.strategy.kind = StrategyKind::Full;
+        let mut full2 = full.clone();
+        full2.workload.strategy.last_n = 2;
+        assert_eq!(hash(&full), hash(&full2));
+        // LoRA: the targets in any order (and repeated) are one set; last_n does not apply.
+        let mut lora = c.clone();
+        lora.workload.strategy.kind = StrategyKind::Lora;
+        lora.workload.strategy.lora_targets = vec![LoraTarget::OProj, LoraTarget::QkvProj];
+        let mut lora2 = lora.clone();
+        lora2.workload.strategy.lora_targets =
+            vec![LoraTarget::QkvProj, LoraTarget::OProj, LoraTarget::QkvProj];
+        lora2.workload.strategy.last_n = 2;
+        assert_eq!(hash(&lora), hash(&lora2));
+        let mut lora3 = lora.clone();
+        lora3.workload.strategy.lora_rank = 4;
+        assert_ne!(hash(&lora), hash(&lora3));
+
+        // Pretrained weights from the hub: the revision counts (hashed without a download).
+        let mut hub = c.clone();
+        hub.workload.model.weights = WeightsKind::Pretrained;
+        hub.workload.model.source = "org/model".into();
+        hub.workload.model.revision = "v1".into();
+        let key = |c: &Config| {
+            workload_hash(c, &base.shape, Some("d"), &base.samples, &base.steps).unwrap()
+        };
+        let mut hub2 = hub.clone();
+        hub2.workload.model.revision = "v2".into();
+        assert_ne!(key(&hub), key(&hub2));
+        // Random weights: the revision and a digest do not apply.
+        let mut random2 = c.clone();
+        random2.workload.model.revision = "v2".into();
+        assert_eq!(key(&c), key(&random2));
+
+        // A local checkpoint: its weights' digest counts, its folder does not.
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        crate::model::write_checkpoint(&a, &ModelShape::tiny(), 1).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(a.join(f), b.join(f)).unwrap();
+        }
+        let mut local = c.clone();
+        local.workload.model.preset = None;
+        local.workload.model.weights = WeightsKind::Pretrained;
+        local.workload.model.source = a.display().to_string();
+        let mut moved = local.clone();
+        moved.workload.model.source = b.display().to_string();
+        assert_eq!(hash(&local), hash(&moved), "the folder is not the work");
+        // The same tensors stored in bf16: another checkpoint.
+        let tensors = crate::model::read_safetensors(&a.join("model.safetensors")).unwrap();
+        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+            .iter()
+            .map(|(n, t)| {
+                let b = t
+                    .values
+                    .iter()
+                    .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                    .collect();
+                (n.clone(), t.shape.clone(), b)
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+            .iter()
+            .map(|(n, sh, b)| {
+                let v =
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, sh.clone(), b)
+                        .unwrap();
+                (n.clone(), v)
+            })
+            .collect();
+        let data = safetensors::tensor::serialize(views, None).unwrap();
+        std::fs::write(b.join("model.safetensors"), data).unwrap();
+        assert_ne!(hash(&local), hash(&moved), "other weights, other work");
     }
 
     /// Records longer than `max_seq_len`: `truncate` keeps their first `max_seq_len` tokens,

@@ -893,3 +893,134 @@ fn damaged_logs_are_named_as_damaged() {
     );
     assert!(!md.contains("no matching steps.jsonl"), "{md}");
 }
+
+/// The summaries committed under `benchmarks/` are schema 1: the report still loads them, with
+/// NVML's figure in the device process row and the figures schema 1 did not record marked so.
+#[test]
+fn committed_schema_1_summaries_still_load_into_the_report() {
+    let root =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../benchmarks/h200-2026-11-28-perf4/runs");
+    if !root.exists() {
+        eprintln!("skipped: {} is absent", root.display());
+        return;
+    }
+    let (a, b) = (root.join("lastn"), root.join("full"));
+    for p in [&a, &b] {
+        let v: Value = serde_json::from_str(
+            &std::fs::read_to_string(p.join("benchmark_summary.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(v["schema_version"], 1, "{}", p.display());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = compare(&[&a, &b], &[], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+    let row = |label: &str| {
+        md.lines()
+            .find(|l| l.starts_with(&format!("| {label}")))
+            .unwrap_or_else(|| panic!("no row {label}:\n{md}"))
+            .to_string()
+    };
+    let process = row("peak memory: device process (driver)");
+    assert!(
+        process.contains("23.6 GiB") && process.contains("schema 1"),
+        "{process}"
+    );
+    let allocated = row("peak memory: device allocated");
+    assert!(
+        allocated.contains("n/a") && allocated.contains("not recorded"),
+        "{allocated}"
+    );
+    assert!(md.contains("schema: converted from schema 1"), "{md}");
+}
+
+/// Runs with one workload hash but different dtypes did the same work in other precisions:
+/// `compare` warns on stderr and in the report.
+#[test]
+fn one_hash_in_two_dtypes_gets_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_run(dir.path(), "a", &fixture(), None);
+    let mut sb = fixture();
+    sb["backend"]["dtype"] = json!("bf16");
+    sb["run"]["run_id"] = json!("20261128T000000Z-pytorch-bf16");
+    let b = write_run(dir.path(), "b", &sb, None);
+    let out = compare(&[&a, &b], &[], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("warning: runs with workload hash") && err.contains("differ in dtype"),
+        "{err}"
+    );
+    assert!(err.contains("float32") && err.contains("bf16"), "{err}");
+    for name in ["report.md", "report.html"] {
+        let doc = std::fs::read_to_string(dir.path().join(name)).unwrap();
+        assert!(doc.contains("Precision differs"), "{name}");
+    }
+    // The same dtype: no warning.
+    let out = compare(&[&a, &a], &[], dir.path());
+    assert!(!text(&out.stderr).contains("differ in dtype"));
+}
+
+/// The demo's pair (both binaries, tiny preset, CPU; summaries of real runs in `fixtures/`): the
+/// report has one row per memory figure, each with one meaning for both runs: MLX's allocated
+/// peak and its estimate's error, libtorch's CPU run without one (and saying why), no device
+/// process figure on a CPU run, the host RSS of both.
+#[test]
+fn a_cpu_demo_pair_shows_the_memory_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let pt: Value =
+        serde_json::from_str(include_str!("fixtures/demo_pytorch_summary.json")).unwrap();
+    let mlx: Value = serde_json::from_str(include_str!("fixtures/demo_mlx_summary.json")).unwrap();
+    assert_eq!(
+        pt["workload"]["hash"], mlx["workload"]["hash"],
+        "the demo's one workload"
+    );
+    let a = write_run(dir.path(), "pytorch", &pt, None);
+    let b = write_run(dir.path(), "mlx", &mlx, None);
+    let out = compare(&[&a, &b], &[], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+    let row = |label: &str| -> Vec<String> {
+        let line = md
+            .lines()
+            .find(|l| l.starts_with(&format!("| {label}")))
+            .unwrap_or_else(|| panic!("no row {label}:\n{md}"));
+        line.split(" | ").skip(1).map(str::to_string).collect()
+    };
+    let gib = |v: &Value| format!("{:.3}", v.as_f64().unwrap());
+    let alloc = row("peak memory: device allocated");
+    assert!(
+        alloc[0].contains("n/a") && alloc[0].contains("no allocation statistics for the CPU"),
+        "{alloc:?}"
+    );
+    let mlx_alloc = mlx["metrics"]["memory"]["device_peak_allocated_gib"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        alloc[1].contains(" GiB") && alloc[1].contains("MLX peak_memory"),
+        "{alloc:?}"
+    );
+    assert!(
+        mlx_alloc > 0.0,
+        "{}",
+        gib(&mlx["metrics"]["memory"]["device_peak_allocated_gib"])
+    );
+    row("peak memory: device reserved");
+    let process = row("peak memory: device process (driver)");
+    assert!(
+        process
+            .iter()
+            .all(|c| c.contains("n/a") && c.contains("a CPU run")),
+        "{process:?}"
+    );
+    let rss = row("peak memory: host RSS (process)");
+    assert!(
+        rss.iter()
+            .all(|c| c.contains(" GiB") && c.contains("resident set")),
+        "{rss:?}"
+    );
+    let est = row("memory estimate");
+    assert!(est[0].contains("no allocated peak"), "{est:?}");
+    assert!(est[1].contains("% vs allocated"), "{est:?}");
+}

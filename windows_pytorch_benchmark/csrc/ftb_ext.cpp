@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <c10/core/CachingDeviceAllocator.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -105,6 +106,46 @@ char* ftb_clip_grad_norm(at::Tensor* const* grads, int64_t n, double max_norm, a
     auto coef = at::clamp_max(max_norm / (total + 1e-6), 1.0);
     at::_foreach_mul_(g, coef);
     *norm = new at::Tensor(total);
+  })
+}
+
+}  // extern "C"
+
+namespace {
+// The device allocator of `kind` (0: CUDA, 1: MPS). For CUDA this is libtorch's CUDA caching
+// allocator, the object `c10::cuda::CUDACachingAllocator::get()` returns (libc10_cuda registers it
+// as the CUDA allocator); reaching it through c10's device-generic interface keeps this file free
+// of <c10/cuda/...> headers, which need the CUDA toolkit's, so the CPU build compiles it too.
+c10::DeviceAllocator* device_allocator(int kind) {
+  return c10::getDeviceAllocator(kind == 1 ? c10::DeviceType::MPS : c10::DeviceType::CUDA);
+}
+}  // namespace
+
+extern "C" {
+
+// The caching allocator's statistics for `device` (all pools together), as
+// `c10::cuda::CUDACachingAllocator::getDeviceStats(device)` gives them (torch.cuda.memory_stats):
+// out[0] max allocated bytes (live tensors), out[1] max reserved bytes (segments held from the
+// device, free blocks included), out[2] allocated now, out[3] reserved now.
+char* ftb_allocator_stats(int kind, int device, int64_t* out) {
+  FTB_PROTECT({
+    auto stats = device_allocator(kind)->getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    out[0] = stats.allocated_bytes[all].peak;
+    out[1] = stats.reserved_bytes[all].peak;
+    out[2] = stats.allocated_bytes[all].current;
+    out[3] = stats.reserved_bytes[all].current;
+  })
+}
+
+// Starts a new measurement window: optionally returns the cached free blocks to the device
+// (torch.cuda.empty_cache), then resets the peaks to the current values
+// (torch.cuda.reset_peak_memory_stats: `resetPeakStats`).
+char* ftb_allocator_reset(int kind, int device, int empty_cache) {
+  FTB_PROTECT({
+    auto* a = device_allocator(kind);
+    if (empty_cache != 0) a->emptyCache();
+    a->resetPeakStats(static_cast<c10::DeviceIndex>(device));
   })
 }
 

@@ -36,6 +36,8 @@ extern "C" {
         max_norm: f64,
         norm: *mut *mut c_void,
     ) -> *mut c_char;
+    fn ftb_allocator_stats(kind: i32, device: i32, out: *mut i64) -> *mut c_char;
+    fn ftb_allocator_reset(kind: i32, device: i32, empty_cache: i32) -> *mut c_char;
 }
 
 fn ptrs(ts: &[Tensor]) -> Vec<*const c_void> {
@@ -197,4 +199,53 @@ pub fn flash_varlen(
     };
     check(e, "flash attention (varlen)")?;
     Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+}
+
+/// The caching allocator's byte counts for one device (all pools together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllocatorStats {
+    /// Max bytes in live tensors since the last reset (`allocated_bytes.all.peak`).
+    pub peak_allocated: u64,
+    /// Max bytes held from the device since the last reset, free cached blocks included
+    /// (`reserved_bytes.all.peak`).
+    pub peak_reserved: u64,
+    pub allocated: u64,
+    pub reserved: u64,
+}
+
+/// Which device allocator: CUDA's caching allocator, or MPS's.
+fn allocator_kind(device: tch::Device) -> Result<(i32, i32)> {
+    match device {
+        tch::Device::Cuda(i) => Ok((0, i as i32)),
+        tch::Device::Mps => Ok((1, 0)),
+        d => Err(anyhow!(
+            "{d:?} has no caching allocator with statistics in libtorch"
+        )),
+    }
+}
+
+/// `torch.cuda.memory_stats(device)`'s peaks and current values, through c10's device statistics.
+pub fn allocator_stats(device: tch::Device) -> Result<AllocatorStats> {
+    let (kind, index) = allocator_kind(device)?;
+    let mut out = [0i64; 4];
+    // SAFETY: `out` has room for the four values the extension writes.
+    let e = unsafe { ftb_allocator_stats(kind, index, out.as_mut_ptr()) };
+    check(e, "reading the caching allocator's statistics")?;
+    let b = |x: i64| u64::try_from(x).unwrap_or(0);
+    Ok(AllocatorStats {
+        peak_allocated: b(out[0]),
+        peak_reserved: b(out[1]),
+        allocated: b(out[2]),
+        reserved: b(out[3]),
+    })
+}
+
+/// A new measurement window for the allocator: with `empty_cache`, its cached free blocks go back
+/// to the device first (`torch.cuda.empty_cache()`); then the peaks are reset to the current values
+/// (`torch.cuda.reset_peak_memory_stats()`). The device must be initialised.
+pub fn reset_allocator(device: tch::Device, empty_cache: bool) -> Result<()> {
+    let (kind, index) = allocator_kind(device)?;
+    // SAFETY: plain calls on the allocator registered for the device.
+    let e = unsafe { ftb_allocator_reset(kind, index, i32::from(empty_cache)) };
+    check(e, "resetting the caching allocator's peaks")
 }

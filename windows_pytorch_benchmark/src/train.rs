@@ -10,7 +10,7 @@ use shared::data::batch::Step;
 use shared::error::ConfigError;
 use shared::measure::probe::{self, Software};
 use shared::model::{ParamCounts, WeightSource};
-use shared::runner::{Backend, MemoryReading, StepReport};
+use shared::runner::{Backend, Calibration, MemoryReading, StepReport};
 use shared::summary::BackendInfo;
 use shared::workload::Prepared;
 use tch::{COptimizer, Device, Kind, Tensor};
@@ -60,14 +60,13 @@ pub struct TorchBackend {
     max_grad_norm: f64,
     counts: ParamCounts,
     device_name: String,
-    peak_process_gib: Option<f64>,
-    nvml: Option<nvml_wrapper::Nvml>,
     attention: AttentionMode,
+    /// Why the allocator's peaks could not be reset when the backend was built (they then cover
+    /// the process so far, not this backend alone).
+    allocator_reset_error: Option<String>,
     /// Data parallel: the communicator with the other ranks.
     #[cfg(target_os = "linux")]
     comm: Option<crate::nccl::Comm>,
-    /// Data parallel: every rank's peak device memory (GiB), gathered at the end.
-    rank_peaks: Vec<f64>,
     /// `FTB_PROFILE=1`: synchronise between phases and add up their wall time (forward, backward,
     /// clipping, optimizer). Costs the overlap between phases, so only for finding where time goes.
     profile: Option<[f64; 4]>,
@@ -231,6 +230,18 @@ impl TorchBackend {
             }
             .into());
         }
+        // Each backend (each repeat) starts from the same allocator state: CUDA initialised, the
+        // caching allocator's cached blocks returned to the device (a previous repeat's pool would
+        // otherwise count in this one's reserved and process figures) and its peaks reset.
+        let allocator_reset_error = match device {
+            Device::Cuda(_) => {
+                let _ = Tensor::zeros([1], (Kind::Float, device));
+                crate::ext::reset_allocator(device, true)
+                    .err()
+                    .map(|e| format!("{e:#}"))
+            }
+            _ => None,
+        };
         let dtype = pick_dtype(cfg.run.dtype, device);
         let attention = AttentionMode::pick(device, dtype, cfg.workload.data.pad_to)?;
         if attention == AttentionMode::Sdpa {
@@ -333,9 +344,6 @@ impl TorchBackend {
                 .unwrap_or_else(|| "Apple GPU".into()),
             _ => probe::probe_hardware().cpu_model,
         };
-        let nvml = matches!(device, Device::Cuda(_))
-            .then(|| nvml_wrapper::Nvml::init().ok())
-            .flatten();
         Ok(Self {
             model,
             trainable,
@@ -343,12 +351,10 @@ impl TorchBackend {
             max_grad_norm: t.max_grad_norm,
             counts,
             device_name,
-            peak_process_gib: None,
-            nvml,
             attention,
+            allocator_reset_error,
             #[cfg(target_os = "linux")]
             comm,
-            rank_peaks: Vec::new(),
             profile: shared::hooks::flag("FTB_PROFILE")?.then_some([0.0; 4]),
         })
     }
@@ -363,32 +369,6 @@ impl TorchBackend {
                 }
             }
             _ => {}
-        }
-    }
-
-    /// This process's device memory as NVML sees it (CUDA context + caching allocator's reserve).
-    /// NVML numbers GPUs physically, whatever CUDA_VISIBLE_DEVICES says (a data-parallel rank
-    /// sees its GPU as cuda:0), so every GPU is searched for this process.
-    fn sample_process_memory(&mut self) {
-        let Some(nvml) = &self.nvml else { return };
-        let pid = std::process::id();
-        let mut bytes = 0u64;
-        for i in 0..nvml.device_count().unwrap_or(0) {
-            let Ok(dev) = nvml.device_by_index(i) else {
-                continue;
-            };
-            for pr in dev.running_compute_processes().unwrap_or_default() {
-                if pr.pid == pid {
-                    if let nvml_wrapper::enums::device::UsedGpuMemory::Used(b) = pr.used_gpu_memory
-                    {
-                        bytes += b;
-                    }
-                }
-            }
-        }
-        if bytes > 0 {
-            let g = bytes as f64 / (1u64 << 30) as f64;
-            self.peak_process_gib = Some(self.peak_process_gib.map_or(g, |p: f64| p.max(g)));
         }
     }
 }
@@ -412,7 +392,14 @@ impl Backend for TorchBackend {
             self.opt.zero_grad()?;
             let denom = step.loss_tokens.max(1) as f64;
             let mut total = Tensor::zeros([], (Kind::Float, self.model.device));
+            let mut ran = 0;
             for mb in &step.micro_batches {
+                // No loss token: its loss and gradients are exactly zero, so it is not run (as on
+                // every backend; the FLOP count leaves it out).
+                if mb.loss_tokens == 0 {
+                    continue;
+                }
+                ran += 1;
                 let inp = match self.attention {
                     AttentionMode::Varlen => Inputs::varlen(mb, self.model.device),
                     _ => Inputs::new(mb, self.model.device),
@@ -424,6 +411,16 @@ impl Backend for TorchBackend {
                 loss.backward();
                 lap!(1);
                 total += loss.detach();
+            }
+            if self.trainable.iter().any(|p| !p.grad().defined()) {
+                // Nothing has defined the gradients yet (a first step, or a rank's share of it,
+                // without loss tokens): zero gradients, so that clipping, the all-reduce and AdamW
+                // see every parameter, as after a step whose gradients are all zero.
+                for p in &self.trainable {
+                    if !p.grad().defined() {
+                        (p.sum(Kind::Float) * 0.0).backward();
+                    }
+                }
             }
             // Data parallel: each rank's gradients are its share of the step's sum (divided by
             // the global loss-token count), so their sum over ranks is the one-process gradient.
@@ -445,7 +442,7 @@ impl Backend for TorchBackend {
             lap!(2);
             self.opt.step(lr)?;
             lap!(3);
-            Ok::<_, anyhow::Error>((total, grad_norm))
+            Ok::<_, anyhow::Error>((total, grad_norm, ran))
         })?;
         if let Some(p) = &mut self.profile {
             for (a, b) in p.iter_mut().zip(marks) {
@@ -459,15 +456,27 @@ impl Backend for TorchBackend {
         if let Some(c) = &self.comm {
             c.disarm()?;
         }
-        let (total, grad_norm) = result;
+        let (total, grad_norm, ran) = result;
         let loss = total.double_value(&[]);
         let grad_norm = grad_norm.map(|g| g.double_value(&[]));
-        Ok(StepReport { loss, grad_norm })
+        Ok(StepReport {
+            loss,
+            grad_norm,
+            micro_batches_run: Some(ran),
+        })
     }
 
-    /// NVML sampling stays out of the timed step.
-    fn after_step(&mut self) {
-        self.sample_process_memory();
+    fn synchronize(&mut self) {
+        self.sync();
+    }
+
+    fn gather_f64(&mut self, v: f64) -> Option<Vec<f64>> {
+        #[cfg(target_os = "linux")]
+        if let Some(c) = &self.comm {
+            return c.gather_f64(v, self.model.device).ok();
+        }
+        let _ = v;
+        None
     }
 
     fn reduce_step_time(&mut self, dt: f64) -> f64 {
@@ -490,22 +499,39 @@ impl Backend for TorchBackend {
     }
 
     fn memory(&mut self) -> MemoryReading {
-        self.sample_process_memory();
-        #[cfg(target_os = "linux")]
-        if let Some(c) = &self.comm {
-            let mine = self.peak_process_gib.unwrap_or(0.0);
-            if let Ok(all) = c.gather_f64(mine, self.model.device) {
-                self.peak_process_gib = all.iter().copied().reduce(f64::max);
-                self.rank_peaks = all;
-            }
-        }
-        match self.model.device {
-            Device::Cuda(_) => MemoryReading {
-                peak_allocated_gib: None,
-                peak_reserved_gib: self.peak_process_gib,
-                source: "NVML: this process's device memory, sampled after every step (CUDA context + caching allocator's reserve)".into(),
+        const GIB: f64 = (1u64 << 30) as f64;
+        let device = self.model.device;
+        match device {
+            Device::Cuda(_) | Device::Mps => match crate::ext::allocator_stats(device) {
+                Ok(st) => {
+                    let since = match &self.allocator_reset_error {
+                        None => "since the backend was built".to_string(),
+                        Some(e) => format!("since the process started (the reset failed: {e})"),
+                    };
+                    let name = if device == Device::Mps {
+                        "MPS allocator"
+                    } else {
+                        "CUDA caching allocator"
+                    };
+                    MemoryReading {
+                        allocated_gib: Some(st.peak_allocated as f64 / GIB),
+                        allocated_source: format!("libtorch's {name}: max allocated bytes in live tensors (c10 device statistics, all pools) {since}"),
+                        reserved_gib: Some(st.peak_reserved as f64 / GIB),
+                        reserved_source: format!("libtorch's {name}: max reserved bytes (segments held from the device, cached free blocks included) {since}"),
+                        ..Default::default()
+                    }
+                }
+                Err(e) => MemoryReading {
+                    allocated_source: format!("{e:#}"),
+                    reserved_source: format!("{e:#}"),
+                    ..Default::default()
+                },
             },
-            _ => MemoryReading::default(),
+            _ => MemoryReading {
+                allocated_source: "libtorch keeps no allocation statistics for the CPU (host memory: process_peak_rss_gib)".into(),
+                reserved_source: "libtorch's CPU allocator keeps no cache to report".into(),
+                ..Default::default()
+            },
         }
     }
 
@@ -529,10 +555,6 @@ impl Backend for TorchBackend {
             d.insert(
                 "gradient_all_reduce".into(),
                 "one NCCL group over all gradients after the step's last backward pass (libtorch's autograd hooks are not reachable from tch, so no overlap with backward)".into(),
-            );
-            d.insert(
-                "peak_memory_gib_per_rank".into(),
-                serde_json::Value::from(self.rank_peaks.clone()),
             );
             details.insert("distributed".into(), d.into());
         }
@@ -583,26 +605,39 @@ impl Backend for TorchBackend {
         s
     }
 
-    fn calibrate_tflops(&mut self) -> Result<f64> {
-        let (n, kind) = match self.model.device {
-            Device::Cpu => (1024, Kind::Float),
-            _ => (8192, Kind::BFloat16),
-        };
+    /// One n x n x n matrix product in the run's compute precision (fp32 for float32 runs, bf16
+    /// for bf16 and mixed-bf16 ones, whose products are bf16): n = 1024 on the CPU, 8192 on a GPU;
+    /// the mean of 10 timed products after 3 warm-ups.
+    fn calibrate_tflops(&mut self) -> Result<Calibration> {
+        let kind = self.model.dtype.compute_kind();
         let d = self.model.device;
-        let a = Tensor::randn([n, n], (kind, d));
-        let b = Tensor::randn([n, n], (kind, d));
-        for _ in 0..3 {
-            let _ = a.matmul(&b);
+        let n = if d == Device::Cpu { 1024 } else { 8192 };
+        let tflops = catch_torch(|| {
+            let a = Tensor::randn([n, n], (kind, d));
+            let b = Tensor::randn([n, n], (kind, d));
+            for _ in 0..3 {
+                let _ = a.matmul(&b);
+            }
+            self.sync();
+            let reps = 10;
+            let t0 = std::time::Instant::now();
+            for _ in 0..reps {
+                let _ = a.matmul(&b);
+            }
+            self.sync();
+            let dt = t0.elapsed().as_secs_f64() / reps as f64;
+            Ok(2.0 * (n as f64).powi(3) / dt / 1e12)
+        })?;
+        if matches!(d, Device::Cuda(_)) && self.allocator_reset_error.is_none() {
+            // The calibration's matrices are not the training's: the peaks restart from the
+            // memory held now (the model and optimizer).
+            crate::ext::reset_allocator(d, true)?;
         }
-        self.sync();
-        let reps = 10;
-        let t0 = std::time::Instant::now();
-        for _ in 0..reps {
-            let _ = a.matmul(&b);
-        }
-        self.sync();
-        let dt = t0.elapsed().as_secs_f64() / reps as f64;
-        Ok(2.0 * (n as f64).powi(3) / dt / 1e12)
+        Ok(Calibration {
+            tflops,
+            precision: if kind == Kind::Float { "fp32" } else { "bf16" }.into(),
+            size: n as usize,
+        })
     }
 }
 

@@ -51,10 +51,10 @@ fn each_strategy_writes_a_complete_valid_summary() {
             "input_tokens_per_s",
             "samples_per_s",
             "step_time_s",
-            "flops_per_token",
+            "flops_per_input_token",
             "model_tflops_per_s",
             "mfu",
-            "peak_memory_gib",
+            "memory",
             "final_loss",
         ] {
             assert!(v["metrics"].get(k).is_some(), "missing metrics.{k}");

@@ -90,6 +90,9 @@ fn run(args: &Args) -> i32 {
             return exit::USAGE;
         }
     };
+    for d in report::diff::dtype_differences(&runs) {
+        eprintln!("warning: {}", d.warning(|i| runs[i].label.clone()));
+    }
     let written = Report::build(&runs, baseline).and_then(|r| report::write(&r, &args.output_dir));
     match written {
         Ok((md, html)) => {

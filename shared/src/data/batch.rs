@@ -52,8 +52,13 @@ pub struct Step {
     pub loss_tokens: usize,
     pub input_tokens: usize,
     pub padded_tokens: usize,
-    /// Length of every record in the step (for the FLOP count).
+    /// Length of every record in the step.
     pub doc_lengths: Vec<usize>,
+    /// Length of every record the backends compute: those of micro-batches with loss tokens (a
+    /// micro-batch without any has zero loss and gradient, so no backend runs it). The FLOP
+    /// count's input; all ranks' records in a data-parallel run.
+    #[serde(default)]
+    pub computed_doc_lengths: Vec<usize>,
     /// Index (into the prepared samples) of every record in the step, in step order.
     pub sample_ids: Vec<usize>,
 }
@@ -94,12 +99,21 @@ pub fn plan_steps(
                 input_tokens: mbs.iter().map(|m| m.input_tokens).sum(),
                 padded_tokens: mbs.iter().map(|m| m.padded_tokens).sum(),
                 doc_lengths: docs.iter().map(|d| d.len()).collect(),
+                computed_doc_lengths: computed_doc_lengths(&mbs),
                 sample_ids: chunk.to_vec(),
                 micro_batches: mbs,
             });
         }
     }
     steps
+}
+
+/// The records of the micro-batches a backend runs: those with at least one loss token.
+pub fn computed_doc_lengths(mbs: &[MicroBatch]) -> Vec<usize> {
+    mbs.iter()
+        .filter(|m| m.loss_tokens > 0)
+        .flat_map(MicroBatch::doc_lengths)
+        .collect()
 }
 
 /// A step's records laid out in micro-batches by the configured plan.
@@ -265,6 +279,37 @@ impl MicroBatch {
         self.row_lengths[r] = self.row_lengths[r].max(offset + d.len());
     }
 
+    /// The length of every record in the micro-batch: a row's real tokens, or each document of a
+    /// packed row.
+    pub fn doc_lengths(&self) -> Vec<usize> {
+        match &self.segment_ids {
+            None => self
+                .row_lengths
+                .iter()
+                .copied()
+                .filter(|&n| n > 0)
+                .collect(),
+            Some(seg) => {
+                let mut out = Vec::new();
+                for row in seg.chunks(self.seq_len.max(1)) {
+                    let mut t = 0;
+                    while t < row.len() {
+                        if row[t] < 0 {
+                            t += 1;
+                            continue;
+                        }
+                        let start = t;
+                        while t < row.len() && row[t] == row[start] {
+                            t += 1;
+                        }
+                        out.push(t - start);
+                    }
+                }
+                out
+            }
+        }
+    }
+
     /// Whether position `q` may attend to position `k` of the same row (the reference semantics
     /// that backends implement with causal attention or a segment mask).
     pub fn may_attend(&self, row: usize, q: usize, k: usize) -> bool {
@@ -392,6 +437,54 @@ mod tests {
         for st in &b {
             for m in &st.micro_batches {
                 assert!(m.padded_tokens <= 2048 || m.rows == 1, "budget kept");
+            }
+        }
+    }
+
+    /// Records without loss tokens (here: prompts cut by truncation) make micro-batches that no
+    /// backend runs; the FLOP count's records leave them out, and only them.
+    #[test]
+    fn micro_batches_without_loss_tokens_are_not_computed() {
+        let mut s = samples(40, 3);
+        for (k, d) in s.iter_mut().enumerate() {
+            if k % 3 == 0 {
+                d.prompt_len = d.len(); // no response token: no loss token
+            }
+        }
+        for plan in [
+            BatchPlanKind::Padded,
+            BatchPlanKind::Bucketed,
+            BatchPlanKind::Packed,
+        ] {
+            let steps = plan_steps(&s, &cfg(plan, 1, 4, 4096), None, false, 5, 1, None);
+            let mut skipped = 0;
+            for st in &steps {
+                let mut all: Vec<usize> = st
+                    .micro_batches
+                    .iter()
+                    .flat_map(MicroBatch::doc_lengths)
+                    .collect();
+                let mut want = st.doc_lengths.clone();
+                all.sort();
+                want.sort();
+                assert_eq!(all, want, "{plan:?}: every record in one micro-batch");
+                let mut ran: Vec<usize> = st
+                    .micro_batches
+                    .iter()
+                    .filter(|m| m.loss_tokens > 0)
+                    .flat_map(MicroBatch::doc_lengths)
+                    .collect();
+                let mut computed = st.computed_doc_lengths.clone();
+                ran.sort();
+                computed.sort();
+                assert_eq!(computed, ran);
+                skipped += st.doc_lengths.len() - st.computed_doc_lengths.len();
+            }
+            if plan == BatchPlanKind::Padded {
+                assert!(
+                    skipped > 0,
+                    "one record per micro-batch: some have no loss token"
+                );
             }
         }
     }

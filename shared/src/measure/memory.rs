@@ -29,12 +29,17 @@
 //!   token), the working set of a frozen block's forward or of one block's backward;
 //! - attention masks: packed rows carry a boolean `[rows, T, T]` mask; SDPA turns it into an
 //!   additive bias in the compute dtype that every block needing gradients keeps.
+//!
+//! The sum is `peak_bytes`: the bytes of live tensors at the peak, which is what the framework's
+//! allocated peak measures (`metrics.memory.device_peak_allocated_gib`; the summary keeps the
+//! error against it). Beside it, not in it:
 //! - runtime: on CUDA, an allowance for the CUDA context and library workspaces (cuBLAS, cuDNN) that
-//!   the process holds besides tensors. Assumed, not measured: 1 GiB.
+//!   the process holds besides tensors. Assumed, not measured: 1 GiB. `required_free_bytes` =
+//!   `peak_bytes` + runtime is what the device must have free, checked before the model loads.
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{DTypeChoice, LoraTarget, StrategyConfig, StrategyKind};
+use crate::config::{DTypeChoice, Framework, LoraTarget, StrategyConfig, StrategyKind};
 use crate::data::batch::{MicroBatch, Step};
 use crate::model::ModelShape;
 
@@ -120,9 +125,12 @@ impl DeviceKind {
 pub struct MemoryEstimate {
     /// The precision the figures are for.
     pub dtype: String,
-    /// weights + gradients + optimizer + activations + head + weight casts + transient + masks +
-    /// runtime.
+    /// weights + gradients + optimizer + activations + head + weight casts + transient + masks:
+    /// the live tensors at the peak, to compare with the framework's allocated peak.
     pub peak_bytes: u64,
+    /// `peak_bytes` + runtime: what the device must have free for the run (the fit check).
+    #[serde(default)]
+    pub required_free_bytes: u64,
     /// Base weights and LoRA adapters.
     pub weights_bytes: u64,
     /// LoRA adapters alone (included in `weights_bytes`).
@@ -140,7 +148,7 @@ pub struct MemoryEstimate {
     pub transient_bytes: u64,
     /// Packed rows' attention masks and the biases SDPA derives from them.
     pub attention_mask_bytes: u64,
-    /// CUDA context and library workspaces (assumed); 0 elsewhere.
+    /// CUDA context and library workspaces (assumed); 0 elsewhere. Not in `peak_bytes`.
     pub runtime_bytes: u64,
     /// Blocks whose activations are kept for backward.
     pub blocks_with_grad: usize,
@@ -160,7 +168,7 @@ impl MemoryEstimate {
     pub fn lines(&self) -> Vec<String> {
         let g = |b: u64| format!("{:.2} GiB", b as f64 / GIB);
         let mut v = vec![format!(
-            "memory estimate ({}): peak {} = weights {} (LoRA adapters {}) + gradients {} + AdamW moments {} + activations {} + LM head/loss {} + weight casts {} + transient {} + attention masks {} + runtime {}",
+            "memory estimate ({}): peak allocated {} = weights {} (LoRA adapters {}) + gradients {} + AdamW moments {} + activations {} + LM head/loss {} + weight casts {} + transient {} + attention masks {}; needs {} free with the runtime's {}",
             self.dtype,
             g(self.peak_bytes),
             g(self.weights_bytes),
@@ -172,6 +180,7 @@ impl MemoryEstimate {
             g(self.weight_casts_bytes),
             g(self.transient_bytes),
             g(self.attention_mask_bytes),
+            g(self.required_free_bytes),
             g(self.runtime_bytes),
         )];
         v.push(format!(
@@ -249,8 +258,32 @@ pub fn blocks_with_grad(shape: &ModelShape, s: &StrategyConfig) -> usize {
     }
 }
 
+/// Bytes MLX keeps per token per block that needs gradients beyond what
+/// [`saved_bytes_per_token_per_block`] counts: the MLX model writes RMSNorm and SiLU out of
+/// element-wise ops (`macos_mlx_benchmark/src/phi3.rs`), whose backward keeps each norm's fp32
+/// input (a copy under bf16) and its normalised output in the residual dtype, and SiLU's
+/// `sigmoid(gate)`.
+pub fn mlx_extra_bytes_per_token_per_block(shape: &ModelShape, p: Precision) -> u64 {
+    let (h, i) = (shape.hidden_size as u64, shape.intermediate_size as u64);
+    2 * (4 * h + p.residual_bytes() * h) + p.compute_bytes() * i
+}
+
+/// Bytes per logit MLX holds at the backward peak of the loss (`token_loss_sum` in
+/// `macos_mlx_benchmark/src/train.rs`), evaluated as one graph: the logits, exp's output, its
+/// gradient and take_along_axis's scatter gradient in fp32 (16 B); under bf16 also the fp32 copy
+/// of the bf16 logits, and the logits and their gradient in bf16 in place of fp32 ones (20 B).
+/// The slope of MLX's measured peak over loss tokens on the CPU (MLX 0.32.2, tiny preset): 17.0 B
+/// (fp32) and 20.5 B (bf16, mixed-bf16) per logit. PyTorch's fused log-softmax path keeps 12 B.
+pub fn mlx_loss_bytes_per_logit(p: Precision) -> u64 {
+    match p {
+        Precision::Float32 => 16,
+        Precision::Bf16 | Precision::MixedBf16 => 20,
+    }
+}
+
 /// Per-micro-batch bytes: (activations, head, transient, masks).
 fn micro_batch_bytes(
+    framework: Framework,
     shape: &ModelShape,
     s: &StrategyConfig,
     p: Precision,
@@ -268,14 +301,21 @@ fn micro_batch_bytes(
     );
     let hd = shape.head_dim() as u64;
     let g = blocks_with_grad(shape, s) as u64;
-    let per_block = saved_bytes_per_token_per_block(shape, s, p);
+    let mlx = framework == Framework::Mlx;
+    let per_block = saved_bytes_per_token_per_block(shape, s, p)
+        + if mlx {
+            mlx_extra_bytes_per_token_per_block(shape, p)
+        } else {
+            0
+        };
     // The final norm's input and fp32 statistics, and the RoPE tables gathered at each position
     // (fp32, shared by all blocks).
     let activations = tokens * (g * per_block + r + 4 + 2 * hd * 4);
     // Head: the hidden state at loss positions kept for the head's gradients, and, at the
     // backward peak, the fp32 log-softmax output, its gradient and the input gradient (12 B per
-    // logit).
-    let head = loss * (h * a + 12 * v);
+    // logit; MLX's loss graph holds more, see `mlx_loss_bytes_per_logit`).
+    let per_logit = if mlx { mlx_loss_bytes_per_logit(p) } else { 12 };
+    let head = loss * (h * a + per_logit * v);
     // One block's MLP working set: the fused gate|up output, SiLU and the product (4 × I values).
     let transient = tokens * 4 * i * a;
     let masks = match &mb.segment_ids {
@@ -317,6 +357,7 @@ pub fn without_padding(steps: &[Step]) -> Vec<Step> {
                 })
                 .collect(),
             doc_lengths: s.doc_lengths.clone(),
+            computed_doc_lengths: s.computed_doc_lengths.clone(),
             sample_ids: s.sample_ids.clone(),
             ..*s
         })
@@ -350,13 +391,33 @@ pub fn padded_to_multiple(steps: &[Step], multiple: usize) -> Vec<Step> {
                 .collect(),
             doc_lengths: s.doc_lengths.clone(),
             sample_ids: s.sample_ids.clone(),
+            computed_doc_lengths: s.computed_doc_lengths.clone(),
             ..*s
         })
         .collect()
 }
 
-/// The estimate for a run of `steps` (the prepared batch plan).
+/// The estimate for a run of `steps` (the prepared batch plan) on the PyTorch backend.
 pub fn estimate(
+    shape: &ModelShape,
+    s: &StrategyConfig,
+    p: Precision,
+    device: DeviceKind,
+    steps: &[Step],
+) -> MemoryEstimate {
+    estimate_for(Framework::Pytorch, shape, s, p, device, steps)
+}
+
+/// The estimate for `framework`'s backend. The PyTorch count is the one above; MLX's differs
+/// where its model and step do: the element-wise RMSNorm and SiLU keep more per block
+/// ([`mlx_extra_bytes_per_token_per_block`]), its loss graph more per logit
+/// ([`mlx_loss_bytes_per_logit`]), and gradients are no persistent buffers (they exist from a
+/// step's backward to its update), so a step's first micro-batch peaks with the LM head's
+/// gradient alone, a later one with the step's accumulated gradients. Not counted on either:
+/// the attention scores of backends that compute attention unfused (MLX on the CPU, on CUDA when
+/// a row's length is no multiple of 128, and on Metal in MLX 0.32).
+pub fn estimate_for(
+    framework: Framework,
     shape: &ModelShape,
     s: &StrategyConfig,
     p: Precision,
@@ -388,32 +449,48 @@ pub fn estimate(
     } else {
         0
     };
-    let mut worst = (0u64, 0u64, 0u64, 0u64);
+    // MLX: the gradients alive at a micro-batch's peak (the head's, produced first in the
+    // backward; all of them from the step's second micro-batch on).
+    let head_gradient = if shape.is_trainable("lm_head.weight", s) {
+        (shape.vocab_size * shape.hidden_size) as u64 * pb
+    } else {
+        0
+    };
+    let mut worst = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut worst_mb: Option<&MicroBatch> = None;
-    for mb in steps.iter().flat_map(|st| st.micro_batches.iter()) {
-        let b = micro_batch_bytes(shape, s, p, device, mb);
-        if b.0 + b.1 + b.2 + b.3 > worst.0 + worst.1 + worst.2 + worst.3 {
-            worst = b;
-            worst_mb = Some(mb);
+    for st in steps {
+        // Micro-batches without loss tokens are not run (see `Step::computed_doc_lengths`).
+        let run = st.micro_batches.iter().filter(|m| m.loss_tokens > 0);
+        for (k, mb) in run.enumerate() {
+            let b = micro_batch_bytes(framework, shape, s, p, device, mb);
+            let grads = match framework {
+                Framework::Pytorch => gradients,
+                Framework::Mlx if k == 0 => head_gradient.min(gradients),
+                Framework::Mlx => gradients,
+            };
+            if b.0 + b.1 + b.2 + b.3 + grads > worst.0 + worst.1 + worst.2 + worst.3 + worst.4 {
+                worst = (b.0, b.1, b.2, b.3, grads);
+                worst_mb = Some(mb);
+            }
         }
     }
+    let gradients = if worst_mb.is_some() {
+        worst.4
+    } else {
+        gradients
+    };
     let runtime = if matches!(device, DeviceKind::Cuda(_)) {
         CUDA_RUNTIME_ALLOWANCE_BYTES
     } else {
         0
     };
-    let (activations, head, transient, masks) = worst;
+    let (activations, head, transient, masks, _) = worst;
+    let peak =
+        weights + gradients + optimizer + activations + head + weight_casts + transient + masks;
     MemoryEstimate {
         dtype: p.name().into(),
-        peak_bytes: weights
-            + gradients
-            + optimizer
-            + activations
-            + head
-            + weight_casts
-            + transient
-            + masks
-            + runtime,
+        peak_bytes: peak,
+        required_free_bytes: peak + runtime,
         weights_bytes: weights,
         lora_adapter_bytes: lora_params * pb,
         gradients_bytes: gradients,
@@ -430,6 +507,13 @@ pub fn estimate(
         micro_batch_rows: worst_mb.map_or(0, |m| m.rows),
         micro_batch_seq_len: worst_mb.map_or(0, |m| m.seq_len),
     }
+}
+
+/// The estimate's relative error against a measured allocated peak (GiB):
+/// (estimated - measured) / measured; `None` without a (positive) measurement.
+pub fn estimate_error(estimated_bytes: u64, measured_gib: Option<f64>) -> Option<f64> {
+    let m = measured_gib.filter(|m| *m > 0.0 && m.is_finite())?;
+    Some(estimated_bytes as f64 / GIB / m - 1.0)
 }
 
 /// Free memory of the device, in bytes, and where the figure comes from. CUDA: NVML's free memory
@@ -499,6 +583,7 @@ fn nvml_memory(i: usize) -> Option<nvml_wrapper::struct_wrappers::device::Memory
 pub struct Fit {
     /// The flags to add, e.g. `--strategy lora --max-tokens-per-micro-batch 8192`.
     pub flags: String,
+    /// What the device must have free for it (`required_free_bytes`).
     pub peak_bytes: u64,
 }
 
@@ -507,6 +592,7 @@ pub struct Fit {
 /// for the bucketed and packed plans, records per micro-batch for the padded plan, with the
 /// records per step kept) whose estimate fits. At most one setting per strategy.
 pub fn settings_that_fit(
+    framework: Framework,
     cfg: &crate::config::Config,
     shape: &ModelShape,
     samples: &[crate::data::Sample],
@@ -574,11 +660,11 @@ pub fn settings_that_fit(
                 w.train.epochs,
                 w.train.max_steps,
             );
-            let e = estimate(shape, &s, precision, device, &steps);
-            if e.peak_bytes <= free_bytes {
+            let e = estimate_for(framework, shape, &s, precision, device, &steps);
+            if e.required_free_bytes <= free_bytes {
                 out.push(Fit {
                     flags: format!("{prefix}{flags}").trim().to_string(),
-                    peak_bytes: e.peak_bytes,
+                    peak_bytes: e.required_free_bytes,
                 });
                 break;
             }
@@ -640,6 +726,7 @@ mod tests {
             input_tokens: n,
             padded_tokens: n,
             doc_lengths: vec![seq_len; rows],
+            computed_doc_lengths: vec![seq_len; rows],
             sample_ids: (0..rows).collect(),
         }]
     }
@@ -722,6 +809,11 @@ mod tests {
         );
         assert_eq!(bf16.weight_casts_bytes, 0);
         assert_eq!(f32.runtime_bytes, CUDA_RUNTIME_ALLOWANCE_BYTES);
+        assert_eq!(
+            f32.required_free_bytes,
+            f32.peak_bytes + CUDA_RUNTIME_ALLOWANCE_BYTES,
+            "the runtime is needed free but is no tensor"
+        );
         // last-n keeps activations in N blocks only; LoRA trains little but keeps all blocks'.
         let mut last4 = strategy(StrategyKind::LastN);
         last4.last_n = 4;
@@ -796,8 +888,9 @@ mod tests {
         );
         // Room for everything but a third of this plan's per-micro-batch memory.
         let per_mb = full.activations_bytes + full.head_bytes + full.transient_bytes;
-        let free = full.peak_bytes - per_mb / 3;
+        let free = full.required_free_bytes - per_mb / 3;
         let fits = settings_that_fit(
+            Framework::Pytorch,
             &cfg,
             &p.shape,
             &p.samples,
@@ -817,6 +910,7 @@ mod tests {
             .any(|f| f.flags.starts_with("--strategy last-n --last-n 1")));
         // Nothing fits in one byte.
         assert!(settings_that_fit(
+            Framework::Pytorch,
             &cfg,
             &p.shape,
             &p.samples,

@@ -1,8 +1,10 @@
-//! Measurement: step statistics, FLOPs, peak tables, hardware probe, telemetry samplers.
+//! Measurement: step statistics, steady-state figures, FLOPs, peak tables, hardware probe,
+//! memory, telemetry samplers.
 
 pub mod flops;
 pub mod memory;
 pub mod peak;
 pub mod probe;
 pub mod stats;
+pub mod steady;
 pub mod telemetry;

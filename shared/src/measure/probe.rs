@@ -187,3 +187,54 @@ pub fn process_rss_gib() -> Option<f64> {
     );
     sys.process(pid).map(|p| p.memory() as f64 / GIB)
 }
+
+/// Starts a new high-water mark of this process's resident set (Linux: `5` written to
+/// `/proc/self/clear_refs` resets `VmHWM` to the current RSS), so that a repeat's peak RSS is its
+/// own. Returns whether it did.
+pub fn reset_peak_rss() -> bool {
+    cfg!(target_os = "linux") && std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// This process's peak resident set size in GiB and where it comes from: Linux's `VmHWM` (since
+/// [`reset_peak_rss`] when `reset` says it worked, else since the process started), macOS's
+/// `ru_maxrss` (since the process started), elsewhere the current RSS.
+pub fn peak_rss(reset: bool) -> (Option<f64>, String) {
+    #[cfg(target_os = "linux")]
+    {
+        let hwm_kib = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            });
+        if let Some(k) = hwm_kib {
+            let since = if reset {
+                "since this run (or repeat) started"
+            } else {
+                "since the process started"
+            };
+            return (
+                Some(k * 1024.0 / GIB),
+                format!("VmHWM: this process's peak resident set size (host memory) {since}"),
+            );
+        }
+    }
+    #[cfg(target_os = "macos")]
+    {
+        let _ = reset;
+        // SAFETY: getrusage fills the struct it is given.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } == 0 && ru.ru_maxrss > 0 {
+            return (
+                Some(ru.ru_maxrss as f64 / GIB),
+                "ru_maxrss: this process's peak resident set size (host memory) since the process started".into(),
+            );
+        }
+    }
+    let _ = reset;
+    (
+        process_rss_gib(),
+        "this process's resident set size (host memory) at the end of the run (no peak readable here)".into(),
+    )
+}

@@ -45,12 +45,57 @@ impl Mismatch {
 pub struct WorkloadCheck {
     pub baseline: usize,
     pub mismatches: Vec<Mismatch>,
+    /// Runs that share a workload hash but ran in different precisions (the hash leaves the
+    /// dtype out: it is how the work ran, not what it was).
+    pub dtype_differences: Vec<DtypeDifference>,
+}
+
+/// Runs with one workload hash and more than one dtype.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DtypeDifference {
+    pub hash: String,
+    /// (index into the report's runs, its `backend.dtype`), in run order.
+    pub runs: Vec<(usize, String)>,
+}
+
+impl DtypeDifference {
+    /// The warning a reader (and `compare`'s stderr) gets; `label` names run `i`.
+    pub fn warning(&self, label: impl Fn(usize) -> String) -> String {
+        let list = self
+            .runs
+            .iter()
+            .map(|(i, d)| format!("{} {d}", label(*i)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "runs with workload hash {} differ in dtype ({list}): the same work in different precisions, so their speed, memory and losses differ for that reason too",
+            &self.hash[..12.min(self.hash.len())]
+        )
+    }
 }
 
 impl WorkloadCheck {
     pub fn all_same(&self) -> bool {
         self.mismatches.is_empty()
     }
+}
+
+/// Groups the runs by workload hash and returns the groups whose dtypes differ.
+pub fn dtype_differences(runs: &[Run]) -> Vec<DtypeDifference> {
+    let mut out: Vec<DtypeDifference> = Vec::new();
+    for (i, r) in runs.iter().enumerate() {
+        let hash = &r.summary.workload.hash;
+        let entry = (i, r.summary.backend.dtype.clone());
+        match out.iter_mut().find(|d| &d.hash == hash) {
+            Some(d) => d.runs.push(entry),
+            None => out.push(DtypeDifference {
+                hash: hash.clone(),
+                runs: vec![entry],
+            }),
+        }
+    }
+    out.retain(|d| d.runs.iter().any(|(_, t)| *t != d.runs[0].1));
+    out
 }
 
 /// Compares every run's workload with the baseline's.
@@ -80,6 +125,7 @@ pub fn check(runs: &[Run], baseline: usize) -> WorkloadCheck {
     WorkloadCheck {
         baseline,
         mismatches,
+        dtype_differences: dtype_differences(runs),
     }
 }
 

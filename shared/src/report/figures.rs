@@ -26,7 +26,7 @@ pub const DEFINITIONS: &[Definition] = &[
     Definition {
         id: "repeats",
         name: "tokens/s across repeats",
-        text: "With --repeats R the workload runs R times in fresh state. The other figures are those of the median run by tokens/s; this row is the spread of tokens/s over the R runs: median, p10-p90 (linear interpolation, as numpy) and min-max.",
+        text: "With --repeats R the workload runs R times in one process, each repeat building its model and optimizer anew (the summary's notes say what the process keeps between repeats: CUDA context, loaded kernels). The other figures, memory included, are those of the median run by tokens/s; this row is the spread of tokens/s over the R runs: median, p10-p90 (linear interpolation, as numpy) and min-max.",
     },
     Definition {
         id: "speed-up",
@@ -40,7 +40,7 @@ pub const DEFINITIONS: &[Definition] = &[
         name: "end-to-end tokens/s",
         text: "All loss tokens of the run / total_s (process wall clock, everything included). Reported beside the headline because loading, warm-up and recompilation count here.",
     },
-    Definition { id: "total-s", name: "total time", text: "total_s: the process wall clock from start to the summary, everything included (loading, warm-up, steady steps)." },
+    Definition { id: "total-s", name: "total time", text: "total_s: the wall clock from process start to the summary, everything included (loading, warm-up, steady steps). Each of --repeats R counts the same things: the time before the first model build (startup and data preparation, measured once) plus its own build, steps and finish." },
     Definition { id: "speed-up-total", name: "end-to-end speed-up vs baseline", text: "The baseline run's total_s / this run's total_s: above 1 finished sooner." },
     Definition {
         id: "time-to-first-step",
@@ -55,18 +55,38 @@ pub const DEFINITIONS: &[Definition] = &[
     Definition {
         id: "model-tflops",
         name: "model TFLOP/s",
-        text: "Model FLOPs of the steady steps / steady seconds, from one function flops_per_token(model_shape, strategy, seq_len): forward 2 x N_matmul per token plus attention 4 x L x d x T (causal halving stated); backward 2x forward where input gradients are needed and 2x more where weight gradients are; frozen last-n blocks cost forward only.",
+        text: "Model FLOPs of the steady steps / steady seconds, from one function flops_per_token(model_shape, strategy, seq_len): forward 2 x N_matmul per token plus attention 4 x L x d x T (causal halving stated); backward 2x forward where input gradients are needed and 2x more where weight gradients are; frozen last-n blocks cost forward only. Only micro-batches that ran count (one without loss tokens runs on no backend). The summary's flops_per_input_token x input tokens/s gives this rate.",
     },
     Definition {
         id: "mfu",
         name: "MFU",
         text: "Model FLOPs utilisation: model TFLOP/s / the dense peak of the device at the run's precision, from a table with a cited source per row. An unknown device has no peak, so its MFU is null: never a guess.",
     },
-    Definition { id: "mfu-measured", name: "MFU (measured peak)", text: "Model TFLOP/s / a dense bf16 matrix-product peak measured on this device by a --calibrate run." },
+    Definition { id: "mfu-measured", name: "MFU (measured peak)", text: "Model TFLOP/s / a dense matrix-product peak measured on this device by a --calibrate run, in the run's own precision (bf16 for bf16 and mixed-bf16 runs, fp32 for float32 runs)." },
     Definition {
-        id: "peak-memory",
-        name: "peak memory",
-        text: "Device memory high-water mark in GiB: the CUDA caching allocator's peak (reserved, else allocated) where reachable, else the process's device memory from NVML; MLX's peak-memory counter; on CPU runs the process RSS. The source is named per run.",
+        id: "memory-allocated",
+        name: "peak memory: device allocated",
+        text: "The framework's own peak of live tensors/arrays on the device, in GiB: the CUDA caching allocator's max allocated bytes (c10 device statistics, all pools), MLX's peak memory. On a CPU run the framework's peak on the host where it keeps one (MLX); libtorch keeps none for the CPU. The memory estimate is compared with this figure. The source is named per run.",
+    },
+    Definition {
+        id: "memory-reserved",
+        name: "peak memory: device reserved",
+        text: "The most the framework held from the device, its cache of freed blocks included: the CUDA caching allocator's max reserved bytes; MLX's active + cache memory at its highest reading (read after every step).",
+    },
+    Definition {
+        id: "memory-process",
+        name: "peak memory: device process (driver)",
+        text: "What the device's driver reports for this process, whichever framework: on NVIDIA GPUs NVML's memory of this process (framework memory, the CUDA context and library workspaces), the highest reading after every step. Null for CPU runs and where the OS gives no per-process figure.",
+    },
+    Definition {
+        id: "memory-rss",
+        name: "peak memory: host RSS (process)",
+        text: "The process's peak resident set size in host memory (Linux VmHWM, macOS ru_maxrss). Not device memory: on a CPU run it holds the tensors beside everything else the process maps (libraries, data).",
+    },
+    Definition {
+        id: "memory-estimate",
+        name: "memory estimate",
+        text: "The preflight estimate of the allocated peak (shared/src/measure/memory.rs: weights, gradients, AdamW moments, the worst micro-batch's activations, LM head and loss, ...), computed before the model loads; in brackets its error against the device allocated peak.",
     },
     Definition {
         id: "energy",
@@ -531,22 +551,7 @@ pub fn headline_rows(runs: &[Run], baseline: usize) -> Vec<Row> {
             }),
         ));
     }
-    rows.push(Row::new(
-        "peak memory",
-        Some("peak-memory"),
-        per_run(&|r| {
-            let m = &r.summary.metrics;
-            match m.peak_memory_gib {
-                Some(x) if m.memory.source.is_empty() => Cell::value(format!("{} GiB", sig(x, 3))),
-                Some(x) => Cell::with_detail(format!("{} GiB", sig(x, 3)), m.memory.source.clone()),
-                None => Cell::missing(null_reason(
-                    r,
-                    &["peak_memory_gib", "memory"],
-                    "no memory source on this backend",
-                )),
-            }
-        }),
-    ));
+    rows.extend(memory_rows(runs));
     rows.push(Row::new(
         "energy per 1k tokens",
         Some("energy"),
@@ -627,6 +632,68 @@ pub fn headline_rows(runs: &[Run], baseline: usize) -> Vec<Row> {
         }),
     ));
     rows
+}
+
+/// The memory rows: three device figures with one meaning each, the host RSS, and the estimate
+/// against the allocated peak. A null figure shows its source's reason.
+fn memory_rows(runs: &[Run]) -> Vec<Row> {
+    use crate::summary::MemoryInfo;
+    type Field = fn(&MemoryInfo) -> (Option<f64>, &str);
+    let figure = |label: &str, def_id: &str, f: Field| {
+        Row::new(
+            label,
+            Some(def_id),
+            runs.iter()
+                .map(|r| match f(&r.summary.metrics.memory) {
+                    (Some(x), src) => Cell::with_detail(format!("{} GiB", sig(x, 3)), src),
+                    (None, "") => Cell::missing("not reported"),
+                    (None, why) => Cell::missing(why),
+                })
+                .collect(),
+        )
+    };
+    let f_alloc: Field = |m| (m.device_peak_allocated_gib, &m.device_peak_allocated_source);
+    let f_reserved: Field = |m| (m.device_peak_reserved_gib, &m.device_peak_reserved_source);
+    let f_process: Field = |m| (m.device_process_peak_gib, &m.device_process_peak_source);
+    let f_rss: Field = |m| (m.process_peak_rss_gib, &m.process_peak_rss_source);
+    vec![
+        figure("peak memory: device allocated", "memory-allocated", f_alloc),
+        figure(
+            "peak memory: device reserved",
+            "memory-reserved",
+            f_reserved,
+        ),
+        figure(
+            "peak memory: device process (driver)",
+            "memory-process",
+            f_process,
+        ),
+        figure("peak memory: host RSS (process)", "memory-rss", f_rss),
+        Row::new(
+            "memory estimate",
+            Some("memory-estimate"),
+            runs.iter()
+                .map(|r| {
+                    let m = &r.summary.metrics.memory;
+                    match (m.estimated_peak_bytes, m.estimate_error) {
+                        (Some(b), Some(e)) => Cell::with_detail(
+                            format!("{} GiB", sig(b as f64 / (1u64 << 30) as f64, 3)),
+                            format!("{:+.1} % vs allocated", 100.0 * e),
+                        ),
+                        (Some(b), None) => Cell::with_detail(
+                            format!("{} GiB", sig(b as f64 / (1u64 << 30) as f64, 3)),
+                            null_reason(
+                                r,
+                                &["memory.estimate_error"],
+                                "no allocated peak to compare with",
+                            ),
+                        ),
+                        (None, _) => Cell::missing("no estimate in this summary"),
+                    }
+                })
+                .collect(),
+        ),
+    ]
 }
 
 /// Utilization, power and throttling from `metrics.telemetry`.

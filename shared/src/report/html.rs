@@ -216,6 +216,13 @@ fn workload_check(out: &mut String, report: &Report) {
         }
         out.push_str("</ul></div>\n");
     }
+    for d in &report.workload.dtype_differences {
+        let _ = writeln!(
+            out,
+            r#"<div class="box warn"><strong>Precision differs.</strong> {}</div>"#,
+            esc(&d.warning(|i| report.runs[i].label.clone()))
+        );
+    }
     table(out, report, "workload", &report.workload_rows);
 }
 

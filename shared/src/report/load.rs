@@ -100,11 +100,14 @@ fn regular(p: &Path) -> Result<PathBuf> {
 pub fn load_run(arg: &Path, arg_index: usize) -> Result<Run> {
     let path = summary_path(arg)?;
     let summary = Summary::read(&path).map_err(|e| explain(&path, e))?;
-    let raw: Value = serde_json::from_str(
-        &std::fs::read_to_string(&path)
-            .with_context(|| format!("{}: cannot read", path.display()))?,
-    )
-    .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    // In the current schema, as the summary itself was read (older schemas converted).
+    let raw: Value = crate::summary::upgrade(
+        serde_json::from_str(
+            &std::fs::read_to_string(&path)
+                .with_context(|| format!("{}: cannot read", path.display()))?,
+        )
+        .with_context(|| format!("{}: not valid JSON", path.display()))?,
+    );
     let mut label = format!(
         "#{arg_index} {} {}",
         summary.backend.framework, summary.backend.device
@@ -151,6 +154,7 @@ fn explain(path: &Path, err: anyhow::Error) -> anyhow::Error {
     let Ok(value) = serde_json::from_str::<Value>(&text) else {
         return err;
     };
+    let value = crate::summary::upgrade(value);
     if value.get("schema_version").and_then(Value::as_u64) != Some(u64::from(SCHEMA_VERSION)) {
         return err;
     }

@@ -116,6 +116,13 @@ pub fn render(report: &Report) -> String {
         }
         out.push('\n');
     }
+    for d in &report.workload.dtype_differences {
+        let _ = writeln!(
+            out,
+            "> **Precision differs.** {}\n",
+            d.warning(|i| report.runs[i].label.clone())
+        );
+    }
     table(&mut out, report, "workload", &report.workload_rows);
 
     out.push_str("## Headline figures\n\n");

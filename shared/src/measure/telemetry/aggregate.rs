@@ -221,6 +221,32 @@ impl EnergyCurve {
     }
 }
 
+/// Why the energy of the steady window `[a, b]` cannot be measured from `curve` though it exists,
+/// or `None` when it can. A window that holds fewer than two readings is shorter than one sampling
+/// interval: its energy would be an interpolation between readings taken outside it. A counter that
+/// did not advance across the window updates more slowly than the window lasted (NVML's counter
+/// on a 1 s run gave 0 J): its difference is 0 J, not the energy used.
+fn too_short_to_measure(curve: &EnergyCurve, a: f64, b: f64, interval_ms: u64) -> Option<String> {
+    const EPS: f64 = 1e-9;
+    let inside = curve
+        .points
+        .iter()
+        .filter(|(t, _)| *t >= a - EPS && *t <= b + EPS)
+        .count();
+    let secs = b - a;
+    if inside < 2 {
+        return Some(format!(
+            "the steady window ({secs:.2} s) holds {inside} energy reading(s) (one every {interval_ms} ms): too short to measure its energy; run more steady steps"
+        ));
+    }
+    if curve.source.contains("counter") && curve.between(a, b).is_some_and(|e| e <= 0.0) {
+        return Some(format!(
+            "the energy counter did not advance during the steady window ({secs:.2} s): it updates more slowly than that; run more steady steps"
+        ));
+    }
+    None
+}
+
 /// The NVML device a `CUDA_VISIBLE_DEVICES` entry names: an index, or a (prefix of a) UUID.
 fn nvml_device(entry: &str, nvidia: &[&DeviceInfo]) -> Option<String> {
     let e = entry.trim();
@@ -365,6 +391,8 @@ pub fn summarize(rec: &Recording, cx: &Context) -> (Telemetry, Vec<String>) {
     let (counted, how) = energy_devices(rec, cx, &all);
     let mut devices = Vec::new();
     let mut device_null = Vec::new();
+    // Devices whose steady energy is null though they have an energy curve, and why.
+    let mut steady_null = Vec::new();
     let mut energies: Vec<(String, Option<EnergyJ>)> = Vec::new();
     for (info, pts) in rec.devices.iter().zip(&all) {
         let steady: Vec<&Point> = pts.iter().filter(|p| in_window(p)).collect();
@@ -373,7 +401,15 @@ pub fn summarize(rec: &Recording, cx: &Context) -> (Telemetry, Vec<String>) {
         let power: Vec<Option<f64>> = pts.iter().map(|p| p.power).collect();
         let curve = energy_curve(&t, &counter, &power);
         let energy = curve.as_ref().map(|c| EnergyJ {
-            steady: window.and_then(|(a, b)| c.between(a, b)),
+            steady: window.and_then(|(a, b)| {
+                match too_short_to_measure(c, a, b, rec.interval_ms) {
+                    Some(why) => {
+                        steady_null.push((info.id.clone(), why));
+                        None
+                    }
+                    None => c.between(a, b),
+                }
+            }),
             total: Some(c.total()),
         });
         let is_gpu = info.id != "cpu";
@@ -475,6 +511,11 @@ pub fn summarize(rec: &Recording, cx: &Context) -> (Telemetry, Vec<String>) {
         for id in &counted {
             match energies.iter().find(|(d, _)| d == id).and_then(|(_, e)| *e) {
                 Some(e) => {
+                    if e.steady.is_none() {
+                        if let Some((_, why)) = steady_null.iter().find(|(d, _)| d == id) {
+                            why_null = Some(format!("{id}: {why}"));
+                        }
+                    }
                     steady = steady.zip(e.steady).map(|(a, b)| a + b);
                     total = total.zip(e.total).map(|(a, b)| a + b);
                 }
@@ -804,6 +845,47 @@ mod tests {
             notes.iter().any(|n| n.contains("no steady step completed")),
             "{notes:?}"
         );
+    }
+
+    /// A steady window too short for the energy readings gives null energy with the reason, never
+    /// 0 J (a 1 s tiny run on the H200 reported 0.0 J per 1k tokens).
+    #[test]
+    fn a_steady_window_too_short_for_the_energy_readings_is_null_not_zero() {
+        // 0.3 s of steady work between two samples a second apart: no reading inside.
+        let mut rec = series(true, true);
+        rec.marks[2].t_s = 4.2;
+        rec.marks[3].t_s = 4.5;
+        for s in &mut rec.samples {
+            s.phase = phase_at(&rec.marks, s.t_s);
+        }
+        let (t, notes) = summarize(&rec, &cx("cuda:0"));
+        assert_eq!(t.devices[1].energy_j.unwrap().steady, None);
+        assert!(
+            t.devices[1].energy_j.unwrap().total.is_some(),
+            "the run's total stays"
+        );
+        assert_eq!(t.joules_per_1k_tokens, None);
+        let n = notes
+            .iter()
+            .find(|n| n.starts_with("joules_per_1k_tokens: null:"))
+            .unwrap();
+        assert!(n.contains("nvidia:0") && n.contains("too short"), "{n}");
+        // A counter that stood still over a window with readings in it (it updates more slowly
+        // than the window lasted): 0 J is not the energy used.
+        let mut rec = series(true, false);
+        for s in &mut rec.samples {
+            if (3.0..=9.0).contains(&s.t_s) {
+                s.nvidia[0].energy_counter_j = Some(5000.0 + 100.0 * 3.0 + 45.0);
+            }
+        }
+        let (t, notes) = summarize(&rec, &cx("cuda:0"));
+        assert_eq!(t.joules_per_1k_tokens, None);
+        assert_ne!(t.energy_j.and_then(|e| e.steady), Some(0.0));
+        let n = notes
+            .iter()
+            .find(|n| n.starts_with("joules_per_1k_tokens: null:"))
+            .unwrap();
+        assert!(n.contains("did not advance"), "{n}");
     }
 
     #[test]

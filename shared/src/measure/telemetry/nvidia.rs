@@ -7,6 +7,7 @@ use nvml_wrapper::bitmasks::device::ThrottleReasons;
 use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::struct_wrappers::device::ProcessInfo;
 use nvml_wrapper::{Device, Nvml};
 
 use super::{DeviceInfo, NvidiaSample, GIB};
@@ -138,6 +139,85 @@ impl NvidiaProbe {
     }
 }
 
+/// This process's device memory on one GPU, as NVML lists it among the GPU's compute processes:
+/// its CUDA context, the framework's memory and library workspaces. `None` when the process is not
+/// listed or NVML withholds the figure. The one reading of it, for the telemetry sampler and for
+/// [`ProcessMemoryPeak`].
+pub fn process_bytes(processes: &[ProcessInfo], pid: u32) -> Option<u64> {
+    processes
+        .iter()
+        .filter(|p| p.pid == pid)
+        .find_map(|p| match p.used_gpu_memory {
+            UsedGpuMemory::Used(b) => Some(b),
+            UsedGpuMemory::Unavailable => None,
+        })
+}
+
+/// The highest device memory NVML has reported for this process (over every GPU, which NVML
+/// numbers physically whatever `CUDA_VISIBLE_DEVICES` says), sampled when asked: the runner asks
+/// after every step, outside the timed region, for every backend. Sampling between steps misses
+/// what a step frees before it ends, but the frameworks keep freed memory cached on the device, so
+/// the process's figure falls only when they return it.
+pub struct ProcessMemoryPeak {
+    nvml: Result<Nvml, String>,
+    pid: u32,
+    peak_bytes: Option<u64>,
+    samples: usize,
+}
+
+impl Default for ProcessMemoryPeak {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ProcessMemoryPeak {
+    /// Loads NVML; without it every reading is null and [`Self::source`] says why.
+    pub fn new() -> Self {
+        Self {
+            nvml: Nvml::init().map_err(|e| format!("NVML unavailable: {e}")),
+            pid: std::process::id(),
+            peak_bytes: None,
+            samples: 0,
+        }
+    }
+
+    /// One reading: this process's memory summed over the GPUs that list it.
+    pub fn sample(&mut self) {
+        let Ok(nvml) = &self.nvml else { return };
+        self.samples += 1;
+        let mut total = None;
+        for i in 0..nvml.device_count().unwrap_or(0) {
+            let Ok(dev) = nvml.device_by_index(i) else {
+                continue;
+            };
+            let procs = dev.running_compute_processes().unwrap_or_default();
+            if let Some(b) = process_bytes(&procs, self.pid) {
+                total = Some(total.unwrap_or(0) + b);
+            }
+        }
+        if let Some(b) = total.filter(|&b| b > 0) {
+            self.peak_bytes = Some(self.peak_bytes.map_or(b, |p| p.max(b)));
+        }
+    }
+
+    pub fn peak_gib(&self) -> Option<f64> {
+        self.peak_bytes.map(|b| b as f64 / GIB)
+    }
+
+    /// Where the figure comes from, or why there is none.
+    pub fn source(&self) -> String {
+        match (&self.nvml, self.peak_bytes) {
+            (Err(e), _) => e.clone(),
+            (Ok(_), Some(_)) => format!(
+                "NVML: this process's device memory (CUDA context, framework memory, library workspaces), the highest of {} readings taken after every step",
+                self.samples
+            ),
+            (Ok(_), None) => "NVML lists no device memory for this process on any GPU".into(),
+        }
+    }
+}
+
 /// Runs query `k` unless the GPU said it does not support it; records other errors.
 fn ask<T>(
     g: &mut Gpu,
@@ -174,16 +254,9 @@ fn sample_gpu(d: &Device, g: &mut Gpu, pid: u32) -> NvidiaSample {
     let memclk = ask(g, e, 6, || d.clock_info(Clock::Memory));
     let temp = ask(g, e, 7, || d.temperature(TemperatureSensor::Gpu));
     let thr = ask(g, e, 8, || d.current_throttle_reasons());
-    let process_memory_gib = procs.and_then(|ps| {
-        ps.iter()
-            .filter(|p| p.pid == pid)
-            .map(|p| match p.used_gpu_memory {
-                UsedGpuMemory::Used(b) => Some(b as f64 / GIB),
-                UsedGpuMemory::Unavailable => None,
-            })
-            .next()
-            .flatten()
-    });
+    let process_memory_gib = procs
+        .and_then(|ps| process_bytes(&ps, pid))
+        .map(|b| b as f64 / GIB);
     NvidiaSample {
         index: g.index,
         utilization_percent: util.as_ref().map(|u| f64::from(u.gpu)),

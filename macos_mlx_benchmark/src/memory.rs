@@ -1,0 +1,86 @@
+//! MLX's memory figures for the summary (see `shared::summary::MemoryInfo` for what each means):
+//! the allocated peak is MLX's own peak-memory counter; the reserved peak is the highest
+//! active + cache reading, taken after every step (MLX keeps no peak of it). MLX's counters are
+//! process-wide, so [`start_of_run`] clears the buffer cache and restarts both peaks for each
+//! backend (each repeat).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{Context, Result};
+use shared::runner::MemoryReading;
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+/// The highest active + cache reading since [`start_of_run`], in bytes.
+static PEAK_HELD: AtomicUsize = AtomicUsize::new(0);
+
+/// A new measurement window: the buffer cache returned (a previous repeat's buffers would count
+/// in this one), the peak-memory counter and the held-memory peak restarted.
+pub fn start_of_run() -> Result<()> {
+    mlx_rs::memory::clear_cache().context("clearing MLX's buffer cache")?;
+    mlx_rs::memory::reset_peak_memory().context("resetting MLX's peak-memory counter")?;
+    PEAK_HELD.store(0, Ordering::Relaxed);
+    sample_held();
+    Ok(())
+}
+
+/// Reads active + cache memory and keeps the highest (between steps, outside the timed region).
+pub fn sample_held() {
+    if let (Ok(a), Ok(c)) = (
+        mlx_rs::memory::active_memory(),
+        mlx_rs::memory::cache_memory(),
+    ) {
+        PEAK_HELD.fetch_max(a + c, Ordering::Relaxed);
+    }
+}
+
+/// The reading for the summary; `on_gpu`: the arrays live in the GPU's memory (Metal's unified or CUDA device memory),
+/// else in host memory (the CPU device).
+pub fn reading(on_gpu: bool) -> MemoryReading {
+    sample_held();
+    let place = if on_gpu {
+        "on the GPU"
+    } else {
+        "on the CPU device (host memory)"
+    };
+    let (allocated_gib, allocated_source) = match mlx_rs::memory::peak_memory() {
+        Ok(b) => (
+            Some(b as f64 / GIB),
+            format!("MLX peak_memory: peak bytes of live MLX arrays {place} since the backend was built"),
+        ),
+        Err(e) => (None, format!("MLX peak_memory failed: {e}")),
+    };
+    let held = PEAK_HELD.load(Ordering::Relaxed) as f64 / GIB;
+    // The cache keeps what a step freed, so after a step active + cache is what was held at the
+    // step's peak; a reading below the allocated peak shows that the cache did not keep it (the
+    // CPU allocator of MLX's Linux build caches little), and is then no reserved peak.
+    let (reserved_gib, reserved_source) = match allocated_gib {
+        Some(a) if held + 1e-9 < a => (
+            None,
+            format!(
+                "not measured: MLX keeps no peak of active + cache memory, and its highest reading after a step ({held:.3} GiB {place}) is below the allocated peak, so the cache released what the step's peak held"
+            ),
+        ),
+        _ => (
+            (held > 0.0).then_some(held),
+            format!(
+                "MLX active_memory + cache_memory {place}: the highest reading, taken after every step (the cache keeps what a step freed; MLX keeps no peak of it)"
+            ),
+        ),
+    };
+    MemoryReading {
+        allocated_gib,
+        allocated_source,
+        reserved_gib,
+        reserved_source,
+        process_gib: None,
+        // On a Mac no per-process GPU figure is read yet (the task's graphics footprint,
+        // `task_vm_info`, is the candidate); elsewhere the runner reads NVML.
+        process_source: if cfg!(target_os = "macos") && on_gpu {
+            "not read: macOS gives no per-process GPU memory figure that this benchmark reads yet"
+                .into()
+        } else {
+            String::new()
+        },
+    }
+}
