@@ -520,50 +520,56 @@ pub fn estimate_error(estimated_bytes: u64, measured_gib: Option<f64>) -> Option
 /// of the chosen GPU; CPU and Apple GPUs (unified memory): the host's available memory (sysinfo).
 pub fn free_memory(device: DeviceKind) -> Option<(u64, String)> {
     // Testing hook: pretend the device has this much free memory.
-    if let Some(b) = crate::hooks::assume_free_memory_bytes().ok().flatten() {
-        return Some((b, crate::hooks::ASSUME_FREE_MEMORY_BYTES.into()));
-    }
-    match device {
-        DeviceKind::Cuda(i) => {
-            let m = nvml_memory(i)?;
-            Some((m.free, format!("NVML free memory of GPU {i}")))
-        }
-        _ => {
-            let mut sys = sysinfo::System::new();
-            sys.refresh_memory();
-            let b = sys.available_memory();
-            (b > 0).then(|| {
-                (
-                    b,
-                    "host available memory (sysinfo; unified memory on Apple GPUs)".into(),
-                )
-            })
-        }
-    }
+    let hook = crate::hooks::assume_free_memory_bytes().ok().flatten();
+    device_memory(
+        device,
+        hook,
+        crate::hooks::ASSUME_FREE_MEMORY_BYTES,
+        "free",
+        |m| m.free,
+    )
 }
 
 /// Total memory of the device, in bytes, and where the figure comes from: NVML's total of the
 /// chosen GPU; the host's physical memory for the CPU and Apple GPUs (unified memory).
 pub fn total_memory(device: DeviceKind) -> Option<(u64, String)> {
     // Testing hook: pretend the device has this much memory in all.
-    if let Some(b) = crate::hooks::assume_total_memory_bytes().ok().flatten() {
-        return Some((b, crate::hooks::ASSUME_TOTAL_MEMORY_BYTES.into()));
+    let hook = crate::hooks::assume_total_memory_bytes().ok().flatten();
+    device_memory(
+        device,
+        hook,
+        crate::hooks::ASSUME_TOTAL_MEMORY_BYTES,
+        "total",
+        |m| m.total,
+    )
+}
+
+/// One of NVML's memory figures of a CUDA device (`pick`: free or total), or on the host the
+/// matching sysinfo figure (available or physical memory); a testing hook's value wins.
+fn device_memory(
+    device: DeviceKind,
+    hook: Option<u64>,
+    hook_name: &str,
+    which: &str,
+    pick: fn(&nvml_wrapper::struct_wrappers::device::MemoryInfo) -> u64,
+) -> Option<(u64, String)> {
+    if let Some(b) = hook {
+        return Some((b, hook_name.into()));
     }
     match device {
         DeviceKind::Cuda(i) => {
             let m = nvml_memory(i)?;
-            Some((m.total, format!("NVML total memory of GPU {i}")))
+            Some((pick(&m), format!("NVML {which} memory of GPU {i}")))
         }
         _ => {
             let mut sys = sysinfo::System::new();
             sys.refresh_memory();
-            let b = sys.total_memory();
-            (b > 0).then(|| {
-                (
-                    b,
-                    "host physical memory (sysinfo; unified memory on Apple GPUs)".into(),
-                )
-            })
+            let (b, what) = if which == "free" {
+                (sys.available_memory(), "host available memory")
+            } else {
+                (sys.total_memory(), "host physical memory")
+            };
+            (b > 0).then(|| (b, format!("{what} (sysinfo; unified memory on Apple GPUs)")))
         }
     }
 }
