@@ -64,19 +64,34 @@ pub fn gpu_backend() -> Option<MlxDevice> {
 
 /// The `libmlx` shared library mapped into this process (Linux), to record which MLX build ran.
 pub fn loaded_libmlx() -> Option<String> {
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines()
+    mapped_files(|p| {
+        std::path::Path::new(p)
+            .file_name()
+            .is_some_and(|f| f.to_string_lossy().starts_with("libmlx"))
+    })
+    .into_iter()
+    .next()
+}
+
+/// The files mapped into this process (`/proc/self/maps`, Linux; empty elsewhere) whose path
+/// `keep` accepts, resolved through links, sorted, each once.
+pub fn mapped_files(keep: impl Fn(&str) -> bool) -> Vec<String> {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return Vec::new();
+    };
+    let mut files: Vec<String> = maps
+        .lines()
         .filter_map(|l| l.split_whitespace().nth(5))
-        .find(|p| {
-            std::path::Path::new(p)
-                .file_name()
-                .is_some_and(|f| f.to_string_lossy().starts_with("libmlx"))
-        })
+        .filter(|p| keep(p))
         .map(|p| {
             std::fs::canonicalize(p)
                 .map(|c| c.display().to_string())
                 .unwrap_or_else(|_| p.to_string())
         })
+        .collect();
+    files.sort();
+    files.dedup();
+    files
 }
 
 /// `--device` for this binary. `auto` is the GPU of the loaded MLX when it has one (Metal on a

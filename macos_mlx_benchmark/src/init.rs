@@ -52,23 +52,6 @@ __device__ __forceinline__ double ftb_unit(unsigned long long bits) {
 }
 "#;
 
-/// Whether `FTB_HOST_INIT` asks for the host path ("1") or not ("0" or unset).
-pub fn host_init_requested() -> Result<bool, shared::error::ConfigError> {
-    match std::env::var("FTB_HOST_INIT") {
-        Err(_) => Ok(false),
-        Ok(v) => match v.trim() {
-            "" | "0" => Ok(false),
-            "1" => Ok(true),
-            _ => Err(shared::error::ConfigError::Value {
-                key: "FTB_HOST_INIT".into(),
-                value: v,
-                reason: "not a value this testing variable takes".into(),
-                fix: "use 1 (generate random weights on the host) or 0, or unset it".into(),
-            }),
-        },
-    }
-}
-
 /// The initial values of `spec` from `seed`, fp32, on the GPU (MLX's CUDA backend).
 pub fn init_on_cuda(spec: &ParamSpec, seed: u64) -> Result<Array> {
     let dims: Vec<i32> = spec.shape.iter().map(|&d| d as i32).collect();

@@ -209,23 +209,37 @@ impl Mlp {
     }
 }
 
-/// `silu(gate) * up = gate * sigmoid(gate) * up`, written out or compiled into one kernel.
-///
-/// The compiled form is built once and kept: mlx-rs's `nn::silu` compiles a new closure on every
-/// call (a fresh compile id, erased when dropped), so MLX traces and simplifies it again each
-/// time. Not compiled on the CPU, where compiling means generating and building C++ at run time
-/// (about 12 s on the first call).
-pub struct SwiGlu {
-    compiled: Option<RefCell<Box<CompiledFn>>>,
+/// An MLX function over a list of arrays, compiled once (shapeless: one compiled graph per
+/// dtype combination serves every shape) and kept. mlx-rs's own compiled helpers (`nn::silu`)
+/// compile anew on every call (a fresh compile id, erased when dropped), so MLX traces and
+/// simplifies them again each time.
+pub struct Compiled(RefCell<Box<ArraysFn>>);
+
+type ArraysFn = dyn FnMut(&[Array]) -> Result<Vec<Array>, Exception>;
+
+impl Compiled {
+    pub fn new(f: impl FnMut(&[Array]) -> Result<Vec<Array>, Exception> + 'static) -> Self {
+        let compiled = mlx_rs::transforms::compile::compile(f, true);
+        Self(RefCell::new(Box::new(compiled)))
+    }
+
+    pub fn call(&self, x: &[Array]) -> Result<Vec<Array>, Exception> {
+        (self.0.borrow_mut())(x)
+    }
 }
 
-/// A compiled MLX function over a list of arrays.
-pub type CompiledFn = dyn FnMut(&[Array]) -> Result<Vec<Array>, Exception>;
-
-impl std::fmt::Debug for SwiGlu {
+impl std::fmt::Debug for Compiled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SwiGlu {{ compiled: {} }}", self.compiled.is_some())
+        f.write_str("Compiled")
     }
+}
+
+/// `silu(gate) * up = gate * sigmoid(gate) * up`, written out or compiled into one kernel. Not
+/// compiled on the CPU, where compiling means generating and building C++ at run time (about 12 s
+/// on the first call).
+#[derive(Debug)]
+pub struct SwiGlu {
+    compiled: Option<Compiled>,
 }
 
 fn swiglu_eager(gate: &Array, up: &Array) -> Result<Array, Exception> {
@@ -234,25 +248,18 @@ fn swiglu_eager(gate: &Array, up: &Array) -> Result<Array, Exception> {
 
 impl SwiGlu {
     pub fn new(compile: bool) -> Self {
-        let compiled = compile.then(|| {
-            let f = mlx_rs::transforms::compile::compile(
-                |x: &[Array]| -> Result<Vec<Array>, Exception> {
-                    Ok(vec![swiglu_eager(&x[0], &x[1])?])
-                },
-                true,
-            );
-            RefCell::new(Box::new(f) as Box<CompiledFn>)
-        });
-        Self { compiled }
+        Self {
+            compiled: compile
+                .then(|| Compiled::new(|x: &[Array]| Ok(vec![swiglu_eager(&x[0], &x[1])?]))),
+        }
     }
 
     fn apply(&self, gate: &Array, up: &Array) -> Result<Array, Exception> {
         match &self.compiled {
-            Some(f) => {
-                let mut out = (f.borrow_mut())(&[gate.clone(), up.clone()])?;
-                out.pop()
-                    .ok_or_else(|| Exception::from("internal: compiled SwiGLU returned nothing"))
-            }
+            Some(f) => f
+                .call(&[gate.clone(), up.clone()])?
+                .pop()
+                .ok_or_else(|| Exception::from("internal: compiled SwiGLU returned nothing")),
             None => swiglu_eager(gate, up),
         }
     }

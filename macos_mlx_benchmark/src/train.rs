@@ -22,7 +22,9 @@ use shared::summary::BackendInfo;
 use shared::workload::Prepared;
 
 use crate::device::{self, MlxDevice};
-use crate::phi3::{rope_freqs, Kernels, MicroBatchArrays, Phi3ForCausalLM, Precision, SwiGlu};
+use crate::phi3::{
+    rope_freqs, Compiled, Kernels, MicroBatchArrays, Phi3ForCausalLM, Precision, SwiGlu,
+};
 use crate::tuning::Tuning;
 
 /// The MLX library version: from mlx-sys's build metadata where it is a direct dependency
@@ -52,8 +54,8 @@ pub struct MlxBackend {
     tuning: Tuning,
     /// RoPE wavelengths on the device (`phi3::rope_freqs`).
     freqs: Array,
-    /// The AdamW update compiled into one kernel per tensor (GPU; `Tuning::compile`).
-    adamw_kernel: Option<AdamWKernel>,
+    /// [`adamw_update`] compiled into one kernel per tensor (`Tuning::compile`).
+    adamw_kernel: Option<Compiled>,
     /// Positions computed in the last step by attention (padding columns of
     /// `Tuning::seq_multiple` included) and by everything else (real tokens only with
     /// `Tuning::real_tokens`).
@@ -76,9 +78,9 @@ pub struct MlxBackend {
 /// bad value exits with the usage code. Returns the device and how the step runs there.
 pub fn check_device(cfg: &Config) -> Result<(MlxDevice, Tuning), ConfigError> {
     let d = device::resolve(cfg.run.device)?;
-    #[cfg(not(target_os = "macos"))]
-    crate::init::host_init_requested()?;
-    profile_requested()?;
+    for name in ["FTB_HOST_INIT", "FTB_PROFILE"] {
+        shared::hooks::flag(name)?;
+    }
     let t = Tuning::for_device(d, cfg.workload.strategy.kind)?;
     t.apply_to_mlx(d);
     Ok((d, t))
@@ -123,7 +125,7 @@ impl MlxBackend {
         #[cfg(not(target_os = "macos"))]
         let on_device = match &prepared.weights {
             shared::model::WeightSource::Random { seed }
-                if device == MlxDevice::Cuda && !crate::init::host_init_requested()? =>
+                if device == MlxDevice::Cuda && !shared::hooks::flag("FTB_HOST_INIT")? =>
             {
                 Some(*seed)
             }
@@ -135,11 +137,7 @@ impl MlxBackend {
             // Random weights on CUDA: generated there (same values; see `init.rs`).
             #[cfg(not(target_os = "macos"))]
             for spec in &specs {
-                let s = if shared::model::is_adapter(&spec.name) {
-                    adapter_seed
-                } else {
-                    seed
-                };
+                let s = shared::model::random_init_seed(&spec.name, seed, adapter_seed);
                 let a = crate::init::init_on_cuda(spec, s)?.as_dtype(dtype)?;
                 // Evaluated one by one so that the fp32 source of a bf16 cast is freed.
                 a.eval()?;
@@ -230,13 +228,14 @@ impl MlxBackend {
             counts,
             tuning,
             freqs,
-            adamw_kernel: tuning
-                .compile
-                .then(|| AdamWKernel::new(cfg.workload.train.weight_decay != 0.0)),
+            adamw_kernel: tuning.compile.then(|| {
+                let weight_decay = cfg.workload.train.weight_decay != 0.0;
+                Compiled::new(move |x: &[Array]| adamw_update(weight_decay, x))
+            }),
             attention_tokens: 0,
             dense_tokens: 0,
             libmlx: device::loaded_libmlx(),
-            profile: profile_requested()?.then(Default::default),
+            profile: shared::hooks::flag("FTB_PROFILE")?.then(Default::default),
             load_host_s,
             load_device_s,
         })
@@ -258,7 +257,7 @@ fn adamw(
     p: &Array,
     g: &Array,
     scalars: &AdamScalars,
-    kernel: Option<&mut AdamWKernel>,
+    kernel: Option<&Compiled>,
 ) -> Result<Array, Exception> {
     let state_dtype = p.dtype();
     let st = match state.entry(key.clone()) {
@@ -280,7 +279,7 @@ fn adamw(
     let mut x = vec![p.clone(), g.clone(), st.m.clone(), st.v.clone()];
     x.extend(scalars.arrays.iter().cloned());
     let out = match kernel {
-        Some(k) => (k.f)(&x)?,
+        Some(k) => k.call(&x)?,
         None => adamw_update(scalars.weight_decay, &x)?,
     };
     let [new_p, m, v]: [Array; 3] = out
@@ -356,23 +355,6 @@ fn adamw_update(weight_decay: bool, x: &[Array]) -> Result<Vec<Array>, Exception
     Ok(vec![new_p, m, v])
 }
 
-/// [`adamw_update`] compiled once (shapeless: one compiled graph per dtype combination serves
-/// every tensor), so each tensor's update is one generated kernel instead of about fifteen.
-struct AdamWKernel {
-    f: Box<crate::phi3::CompiledFn>,
-}
-
-impl AdamWKernel {
-    fn new(weight_decay: bool) -> Self {
-        Self {
-            f: Box::new(mlx_rs::transforms::compile::compile(
-                move |x: &[Array]| adamw_update(weight_decay, x),
-                true,
-            )),
-        }
-    }
-}
-
 /// Sum of the token cross-entropies `logsumexp(logits) - logits[target]`, in fp32.
 ///
 /// Written with a single `exp` pass: `lse = m + log(sum(exp(x - m)))` with the row maximum `m`
@@ -390,27 +372,7 @@ fn token_loss_sum(logits: &Array, targets: &Array) -> Result<Array, Exception> {
     lse.subtract(picked)?.sum(None)
 }
 
-/// The BLAS/LAPACK libraries mapped into this process (Linux), to record which one MLX's CPU
-/// backend uses (setup-mlx-linux.sh points it at OpenBLAS).
-fn mapped_blas() -> Option<String> {
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    let mut libs: Vec<String> = maps
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
-        .filter(|p| p.contains("blas") || p.contains("lapack"))
-        .map(|p| {
-            std::fs::canonicalize(p)
-                .map(|c| c.display().to_string())
-                .unwrap_or_else(|_| p.to_string())
-        })
-        .collect();
-    libs.sort();
-    libs.dedup();
-    (!libs.is_empty()).then(|| libs.join(", "))
-}
-
 impl MlxBackend {
-    /// One optimizer step (see `Backend::train_step`).
     /// `FTB_PROFILE=1`: charges the host time since `*mark` to `phase`.
     fn charge(&mut self, phase: &'static str, mark: &mut Instant) {
         if let Some(p) = &mut self.profile {
@@ -420,6 +382,7 @@ impl MlxBackend {
         }
     }
 
+    /// One optimizer step (see `Backend::train_step`).
     fn step(&mut self, step: &Step, lr: f64) -> Result<StepReport> {
         let mut mark = Instant::now();
         // The step's loss = sum over micro-batches of (token CE sum / the step's loss tokens).
@@ -541,7 +504,7 @@ impl MlxBackend {
                     &p,
                     &grads[k],
                     &scalars,
-                    self.adamw_kernel.as_mut(),
+                    self.adamw_kernel.as_ref(),
                 )?;
                 // One tensor at a time: the update's fp32 temporaries (parameter, gradient, both
                 // moments) then exist for one tensor, not for every trainable tensor at once. Not
@@ -575,23 +538,6 @@ impl MlxBackend {
     }
 }
 
-/// Whether `FTB_PROFILE` asks for per-phase timings ("1") or not ("0" or unset).
-fn profile_requested() -> Result<bool, ConfigError> {
-    match std::env::var("FTB_PROFILE") {
-        Err(_) => Ok(false),
-        Ok(v) => match v.trim() {
-            "" | "0" => Ok(false),
-            "1" => Ok(true),
-            _ => Err(ConfigError::Value {
-                key: "FTB_PROFILE".into(),
-                value: v,
-                reason: "not a value this testing variable takes".into(),
-                fix: "use 1 (add per-phase host timings to the summary) or 0, or unset it".into(),
-            }),
-        },
-    }
-}
-
 /// MLX reports errors through mlx-c as `Exception`s, which the step returns; a panic (an mlx-rs
 /// call that unwraps, an operator overload) is turned into an error too, so that a failure of
 /// MLX's backend ends the run `failed` with its message rather than aborting without a summary.
@@ -599,11 +545,8 @@ fn catch_mlx<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "MLX raised an error".into());
+            let msg =
+                shared::error::panic_message(&*p).unwrap_or_else(|| "MLX raised an error".into());
             bail!("{msg}")
         }
     }
@@ -665,8 +608,10 @@ impl Backend for MlxBackend {
                 .to_lowercase()
                 .into(),
         );
-        if let Some(blas) = mapped_blas() {
-            details.insert("blas".into(), blas.into());
+        // Which BLAS/LAPACK MLX's CPU backend uses (setup-mlx-linux.sh points it at OpenBLAS).
+        let blas = device::mapped_files(|p| p.contains("blas") || p.contains("lapack"));
+        if !blas.is_empty() {
+            details.insert("blas".into(), blas.join(", ").into());
         }
         #[cfg(target_os = "linux")]
         if let Some(core) = crate::openblas::corename() {

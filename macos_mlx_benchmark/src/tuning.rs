@@ -106,13 +106,11 @@ impl Tuning {
             reason: "not a value this testing variable takes".into(),
             fix: fix.into(),
         };
+        // On/off variables follow every other testing hook's rule (`shared::hooks::flag`); unset
+        // keeps the device's default.
         let flag = |key: &str, slot: &mut bool| -> Result<(), ConfigError> {
             if let Some(v) = var(key) {
-                *slot = match v.trim() {
-                    "1" | "true" | "on" => true,
-                    "0" | "false" | "off" => false,
-                    _ => return Err(bad(key, &v, "use 1 or 0, or unset it")),
-                };
+                *slot = shared::hooks::parse_flag(key, Some(&v))?;
             }
             Ok(())
         };

@@ -74,6 +74,15 @@ pub mod exit {
     pub const INTERRUPTED: i32 = 130;
 }
 
+/// The text of a caught panic (`std::panic::catch_unwind`'s payload: a `String` or a `&str`, as
+/// `panic!` makes them), or `None` for any other payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<String> {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+}
+
 /// The exit code for an error that ended a run before training started.
 pub fn exit_code_for(err: &anyhow::Error) -> i32 {
     if err.downcast_ref::<ConfigError>().is_some() || err.downcast_ref::<DataError>().is_some() {

@@ -94,7 +94,12 @@ pub fn fault() -> Result<Option<Fault>, ConfigError> {
 /// An on/off hook (`FTB_PROFILE`, `FTB_HOST_INIT`, `FTB_DEBUG_PANICS`): unset, empty, `0`,
 /// `false`, `off` or `no` is off; `1`, `true`, `on` or `yes` is on; anything else is an error.
 pub fn flag(name: &str) -> Result<bool, ConfigError> {
-    match var(name) {
+    parse_flag(name, var(name).as_deref())
+}
+
+/// [`flag`]'s rule applied to a value read elsewhere (`None`: unset).
+pub fn parse_flag(name: &str, value: Option<&str>) -> Result<bool, ConfigError> {
+    match value {
         None => Ok(false),
         Some(v) => match v.trim().to_ascii_lowercase().as_str() {
             "" | "0" | "false" | "off" | "no" => Ok(false),

@@ -578,11 +578,7 @@ impl WeightSource {
         match self {
             WeightSource::Random { seed } => {
                 for s in specs {
-                    let seed = if is_adapter(&s.name) {
-                        adapter_seed
-                    } else {
-                        *seed
-                    };
+                    let seed = random_init_seed(&s.name, *seed, adapter_seed);
                     f(
                         s,
                         WeightData {
@@ -654,6 +650,16 @@ impl WeightSource {
 /// Whether a parameter is a LoRA adapter (initialised from the adapter seed).
 pub fn is_adapter(name: &str) -> bool {
     name.contains(".lora_A.") || name.contains(".lora_B.")
+}
+
+/// The seed a randomly initialised tensor draws from: a LoRA adapter from its own stream
+/// ([`adapter_seed`]), every base weight from the weight source's seed.
+pub fn random_init_seed(name: &str, weights_seed: u64, adapter_seed: u64) -> u64 {
+    if is_adapter(name) {
+        adapter_seed
+    } else {
+        weights_seed
+    }
 }
 
 fn to_f32(dtype: safetensors::Dtype, bytes: &[u8]) -> Result<Vec<f32>> {

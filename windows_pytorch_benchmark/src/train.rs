@@ -281,11 +281,7 @@ impl TorchBackend {
             // Random weights on CUDA: generated there (same values; see `init.rs`).
             WeightSource::Random { seed } if matches!(device, Device::Cuda(_)) && !host_init => {
                 for spec in &specs {
-                    let s = if shared::model::is_adapter(&spec.name) {
-                        adapter_seed
-                    } else {
-                        *seed
-                    };
+                    let s = shared::model::random_init_seed(&spec.name, *seed, adapter_seed);
                     add(spec, crate::init::init_on_device(spec, s, device));
                 }
             }
@@ -668,10 +664,7 @@ fn catch_torch<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     match result {
         Ok(r) => r,
         Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            let msg = shared::error::panic_message(&*p)
                 .unwrap_or_else(|| "libtorch raised an error".into());
             Err(anyhow!("{}", torch_message(&msg)))
         }

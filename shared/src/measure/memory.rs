@@ -520,61 +520,59 @@ pub fn estimate_error(estimated_bytes: u64, measured_gib: Option<f64>) -> Option
 /// of the chosen GPU; CPU and Apple GPUs (unified memory): the host's available memory (sysinfo).
 pub fn free_memory(device: DeviceKind) -> Option<(u64, String)> {
     // Testing hook: pretend the device has this much free memory.
-    let hook = crate::hooks::assume_free_memory_bytes().ok().flatten();
-    device_memory(
-        device,
-        hook,
-        crate::hooks::ASSUME_FREE_MEMORY_BYTES,
-        "free",
-        |m| m.free,
-    )
+    match crate::hooks::assume_free_memory_bytes().ok().flatten() {
+        Some(b) => Some((b, crate::hooks::ASSUME_FREE_MEMORY_BYTES.into())),
+        None => device_memory(
+            device,
+            ("free", |m| m.free),
+            ("host available memory", |s| s.available_memory()),
+        ),
+    }
 }
 
 /// Total memory of the device, in bytes, and where the figure comes from: NVML's total of the
 /// chosen GPU; the host's physical memory for the CPU and Apple GPUs (unified memory).
 pub fn total_memory(device: DeviceKind) -> Option<(u64, String)> {
     // Testing hook: pretend the device has this much memory in all.
-    let hook = crate::hooks::assume_total_memory_bytes().ok().flatten();
-    device_memory(
-        device,
-        hook,
-        crate::hooks::ASSUME_TOTAL_MEMORY_BYTES,
-        "total",
-        |m| m.total,
-    )
+    match crate::hooks::assume_total_memory_bytes().ok().flatten() {
+        Some(b) => Some((b, crate::hooks::ASSUME_TOTAL_MEMORY_BYTES.into())),
+        None => device_memory(
+            device,
+            ("total", |m| m.total),
+            ("host physical memory", |s| s.total_memory()),
+        ),
+    }
 }
 
-/// One of NVML's memory figures of a CUDA device (`pick`: free or total), or on the host the
-/// matching sysinfo figure (available or physical memory); a testing hook's value wins.
+type NvmlFigure = fn(&nvml_wrapper::struct_wrappers::device::MemoryInfo) -> u64;
+type HostFigure = fn(&sysinfo::System) -> u64;
+
+/// One memory figure of a device, named: NVML's (`nvml`) for a CUDA device, else the host's
+/// (`host`, from sysinfo).
 fn device_memory(
     device: DeviceKind,
-    hook: Option<u64>,
-    hook_name: &str,
-    which: &str,
-    pick: fn(&nvml_wrapper::struct_wrappers::device::MemoryInfo) -> u64,
+    (nvml_what, nvml): (&str, NvmlFigure),
+    (host_what, host): (&str, HostFigure),
 ) -> Option<(u64, String)> {
-    if let Some(b) = hook {
-        return Some((b, hook_name.into()));
-    }
     match device {
         DeviceKind::Cuda(i) => {
             let m = nvml_memory(i)?;
-            Some((pick(&m), format!("NVML {which} memory of GPU {i}")))
+            Some((nvml(&m), format!("NVML {nvml_what} memory of GPU {i}")))
         }
         _ => {
             let mut sys = sysinfo::System::new();
             sys.refresh_memory();
-            let (b, what) = if which == "free" {
-                (sys.available_memory(), "host available memory")
-            } else {
-                (sys.total_memory(), "host physical memory")
-            };
-            (b > 0).then(|| (b, format!("{what} (sysinfo; unified memory on Apple GPUs)")))
+            let b = host(&sys);
+            (b > 0).then(|| {
+                (
+                    b,
+                    format!("{host_what} (sysinfo; unified memory on Apple GPUs)"),
+                )
+            })
         }
     }
 }
 
-/// NVML's memory figures of CUDA device `i` (as the framework numbers it).
 fn nvml_memory(i: usize) -> Option<nvml_wrapper::struct_wrappers::device::MemoryInfo> {
     let nvml = nvml_wrapper::Nvml::init().ok()?;
     let dev = match nvml_device_for_cuda_index(i) {

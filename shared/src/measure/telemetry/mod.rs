@@ -497,11 +497,7 @@ fn take_sample(shared: &Shared, probe: &mut dyn Probe) -> Sample {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| probe.sample(&mut filled))) {
         Ok(()) => s = filled,
         Err(p) => {
-            let what = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
+            let what = crate::error::panic_message(&*p).unwrap_or_else(|| "unknown panic".into());
             s.errors.push(format!("a probe panicked: {what}"));
         }
     }
