@@ -38,7 +38,7 @@ for t in .device/tests/*; do
   [[ -x $t && -z ${SKIP_TESTS:-} ]] || continue
   echo "=== test $t" | tee -a "$out/log.txt"
   # The GPU tests only (the rest run in CI): the parity test's GPU case, the device init check.
-  case $(basename "$t") in parity) filter=on_the_gpu ;; macos_mlx_benchmark) filter=device_values ;; *) filter= ;; esac
+  case $(basename "$t") in parity) filter=on_the_gpu ;; macos_mlx_benchmark) filter="device_values fused_matches" ;; *) filter= ;; esac
   timeout "${TEST_TIMEOUT:-300}" "$t" $filter --nocapture --test-threads 1 >>"$out/log.txt" 2>&1
   echo "exit $?" | tee -a "$out/log.txt"
   grep -E "^test |^test result|skipped|max rel" "$out/log.txt" | tail -12
@@ -49,6 +49,12 @@ while (($# >= 2)); do
   echo "=== $name: $flags" | tee -a "$out/log.txt"
   envs=(); read -ra words <<<"$flags"
   while ((${#words[@]})) && [[ ${words[0]} =~ ^[A-Z_][A-Z0-9_]*= ]]; do envs+=("${words[0]}"); words=("${words[@]:1}"); done
+  if [[ $name == stacks_* ]]; then
+    # Host-side samples of the MLX binary's main thread (benchmarks/host_stacks.sh).
+    timeout -s INT "${VARIANT_TIMEOUT:-240}" bash benchmarks/host_stacks.sh "$name" "$bin" "$out/stacks/$name" \
+      "${envs[@]}" -- "${words[@]}" | tee -a "$out/log.txt"
+    continue
+  fi
   timeout -s INT "${VARIANT_TIMEOUT:-240}" env "${envs[@]}" "$bin" "${words[@]}" --quiet --output-dir "$out/runs/$name" >>"$out/log.txt" 2>&1
   echo "exit $?" | tee -a "$out/log.txt"
   tar czf "$out/results.tar.gz" -C "$out" runs log.txt machine.txt # partial results survive a cut-off call
@@ -65,5 +71,5 @@ if [[ -n ${COMPARE:-} ]]; then
   done
 fi
 python3 benchmarks/summary_table.py "$out/runs" | tee "$out/table.txt"
-tar czf "$out/results.tar.gz" -C "$out" runs log.txt machine.txt table.txt $( [[ -d $out/report ]] && echo report)
-rm -rf "$out/runs" "$out/report" # only a few files come back: everything is in the tarball
+tar czf "$out/results.tar.gz" -C "$out" runs log.txt machine.txt table.txt $( [[ -d $out/report ]] && echo report) $( [[ -d $out/stacks ]] && echo stacks)
+rm -rf "$out/runs" "$out/report" "$out/stacks" # only a few files come back: everything is in the tarball
