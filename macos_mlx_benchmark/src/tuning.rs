@@ -148,34 +148,27 @@ impl Tuning {
             }
             Ok(())
         };
-        if let Some(v) = var("FTB_MLX_SEQ_MULTIPLE") {
-            t.seq_multiple = v
-                .trim()
-                .parse::<usize>()
-                .ok()
-                .filter(|m| (1..=4096).contains(m))
-                .ok_or_else(|| {
-                    bad(
-                        "FTB_MLX_SEQ_MULTIPLE",
-                        &v,
-                        "use a whole number from 1 to 4096, or unset it",
-                    )
-                })?;
-        }
-        if let Some(v) = var("FTB_MLX_REAL_MULTIPLE") {
-            t.real_multiple = v
-                .trim()
-                .parse::<usize>()
-                .ok()
-                .filter(|m| (1..=65536).contains(m))
-                .ok_or_else(|| {
-                    bad(
-                        "FTB_MLX_REAL_MULTIPLE",
-                        &v,
-                        "use a whole number from 1 to 65536, or unset it",
-                    )
-                })?;
-        }
+        // Whole-number variables: unset keeps the default; a value outside `lo..=hi` is refused.
+        let whole =
+            |key: &str, lo: usize, hi: usize, slot: &mut usize| -> Result<(), ConfigError> {
+                if let Some(v) = var(key) {
+                    *slot = v
+                        .trim()
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|m| (lo..=hi).contains(m))
+                        .ok_or_else(|| {
+                            bad(
+                                key,
+                                &v,
+                                &format!("use a whole number from {lo} to {hi}, or unset it"),
+                            )
+                        })?;
+                }
+                Ok(())
+            };
+        whole("FTB_MLX_SEQ_MULTIPLE", 1, 4096, &mut t.seq_multiple)?;
+        whole("FTB_MLX_REAL_MULTIPLE", 1, 65536, &mut t.real_multiple)?;
         flag("FTB_MLX_FAST_KERNELS", &mut t.fast_kernels)?;
         flag("FTB_MLX_COMPILE", &mut t.compile)?;
         flag("FTB_MLX_OVERLAP", &mut t.overlap)?;
@@ -193,20 +186,7 @@ impl Tuning {
             t.cuda_graphs = v.trim() != "0";
         }
         if device == MlxDevice::Cuda {
-            if let Some(v) = var("MLX_MAX_MB_PER_BUFFER") {
-                t.queue_mb = v
-                    .trim()
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|m| *m >= 1)
-                    .ok_or_else(|| {
-                        bad(
-                            "MLX_MAX_MB_PER_BUFFER",
-                            &v,
-                            "use a whole number of MiB, 1 or more, or unset it",
-                        )
-                    })?;
-            }
+            whole("MLX_MAX_MB_PER_BUFFER", 1, 1 << 20, &mut t.queue_mb)?;
         }
         Ok(t)
     }
