@@ -527,9 +527,12 @@ pub struct MicroBatchArrays {
 /// variable-length path does), and the maps between it and the padded `[B, T]` rows that MLX's
 /// fused attention takes.
 pub struct RealTokens {
-    /// `[B*T]` int32: the real token at each padded slot. A padding slot takes token 0's row:
-    /// under right padding no real query attends to it (causal or document mask) and its output is
-    /// dropped, so it receives no gradient.
+    /// `[B*T]` int32: the real token at each padded slot. A padding slot takes token 0's row, or
+    /// with `spread_padding` row `slot mod N`: under right padding no real query attends to it
+    /// (causal or document mask) and its output is dropped, so its gradient is exactly zero
+    /// wherever it is added. Spread, the backward's scatter-add does not pile every padding slot's
+    /// (zero) gradient onto row 0 with atomics (MLX's `scatter<ScatterSum>` was the largest kernel of
+    /// a LoRA step in Nsight Compute, 200 us a launch).
     pub gather: Array,
     /// `[N]` int32: the padded slot of each real token.
     pub scatter: Array,
@@ -543,6 +546,7 @@ impl MicroBatchArrays {
         fast_rope: bool,
         real_tokens: bool,
         real_multiple: usize,
+        spread_padding: bool,
     ) -> Result<Self> {
         let (rows, t) = (mb.rows, mb.seq_len);
         let tp = t.div_ceil(seq_multiple.max(1)) * seq_multiple.max(1);
@@ -590,6 +594,18 @@ impl MicroBatchArrays {
             while scatter.len() % m != 0 {
                 scatter.push(spare);
                 real_ids.push(0);
+            }
+            if spread_padding {
+                let rows_n = scatter.len();
+                let mut is_real = vec![false; rows * tp];
+                for &slot in &scatter[..n] {
+                    is_real[slot as usize] = true;
+                }
+                for (slot, g) in gather.iter_mut().enumerate() {
+                    if !is_real[slot] {
+                        *g = (slot % rows_n.max(1)) as i32;
+                    }
+                }
             }
             ids = real_ids;
             real = Some(RealTokens {
@@ -712,6 +728,7 @@ mod tests {
             fast_rope,
             false,
             1,
+            false,
         )
         .unwrap()
     }
@@ -790,7 +807,7 @@ mod tests {
             padded_tokens: 6,
         };
         let freqs = rope_freqs(&ModelShape::tiny());
-        let a = MicroBatchArrays::new(&mb, &freqs, 1, true, true, 4).unwrap();
+        let a = MicroBatchArrays::new(&mb, &freqs, 1, true, true, 4, false).unwrap();
         assert_eq!(a.ids.as_slice::<i32>(), &[5, 6, 8, 0]);
         let r = a.real.as_ref().unwrap();
         // The spare row reads slot 2, row 0's first padding slot; the gather never reads row 3.
@@ -799,8 +816,13 @@ mod tests {
         assert_eq!(a.positions.as_slice::<i32>(), &[0, 2]);
         assert_eq!(a.dense_tokens, 4);
         // A multiple of 1 adds nothing.
-        let b = MicroBatchArrays::new(&mb, &freqs, 1, true, true, 1).unwrap();
+        let b = MicroBatchArrays::new(&mb, &freqs, 1, true, true, 1, false).unwrap();
         assert_eq!(b.ids.as_slice::<i32>(), &[5, 6, 8]);
+        // Spread: padding slot s reads row s mod 4; real slots keep their rows.
+        let c = MicroBatchArrays::new(&mb, &freqs, 1, true, true, 4, true).unwrap();
+        let r = c.real.as_ref().unwrap();
+        assert_eq!(r.gather.as_slice::<i32>(), &[0, 1, 2, 2, 0, 1]);
+        assert_eq!(r.scatter.as_slice::<i32>(), &[0, 1, 3, 2]);
     }
 
     #[test]
@@ -847,7 +869,7 @@ mod tests {
             input_tokens: t as usize,
             padded_tokens: t as usize,
         };
-        let table = MicroBatchArrays::new(&mb, &freqs, 1, false, false, 1)
+        let table = MicroBatchArrays::new(&mb, &freqs, 1, false, false, 1, false)
             .unwrap()
             .rope;
         let slow = table.apply(&x).unwrap();

@@ -48,6 +48,11 @@ pub struct Tuning {
     /// reuses a cached buffer only within 32 KiB of the size asked for, and its CUDA-graph cache
     /// keys graphs by their kernels' shapes.
     pub real_multiple: usize,
+    /// With `real_tokens`: padding slots read rows spread over the micro-batch instead of row 0
+    /// (`phi3::RealTokens::gather`), exactly the same results. Off until measured: predicted to
+    /// shorten the attention layout's backward scatter on CUDA (the largest kernel of a LoRA step);
+    /// `FTB_MLX_SPREAD_PADDING=1` turns it on.
+    pub spread_padding: bool,
     /// MLX's CUDA backend records its kernels into CUDA graphs (its default) or launches them one
     /// by one (`MLX_USE_CUDA_GRAPHS=0`, which the binary then sets before MLX starts). CUDA only.
     /// Graphs bound what queued work holds (`queue_mb`); without them MLX queues up to 1,000
@@ -94,6 +99,7 @@ impl Tuning {
                 // Measured on the H200 (last-n, 512 records): 20,206 input tokens/s at 1024,
                 // 19,045 at 128, 18,623 at 1 (no spare rows).
                 real_multiple: 1024,
+                spread_padding: false,
                 cuda_graphs: true,
                 fused_adamw: true,
             },
@@ -104,6 +110,7 @@ impl Tuning {
                 overlap: true,
                 real_tokens: true,
                 real_multiple: 1,
+                spread_padding: false,
                 cuda_graphs: true,
                 fused_adamw: false,
                 queue_mb: 0,
@@ -115,6 +122,7 @@ impl Tuning {
                 overlap: false,
                 real_tokens: false,
                 real_multiple: 1,
+                spread_padding: false,
                 cuda_graphs: true,
                 fused_adamw: false,
                 queue_mb: 0,
@@ -173,6 +181,7 @@ impl Tuning {
         flag("FTB_MLX_COMPILE", &mut t.compile)?;
         flag("FTB_MLX_OVERLAP", &mut t.overlap)?;
         flag("FTB_MLX_REAL_TOKENS", &mut t.real_tokens)?;
+        flag("FTB_MLX_SPREAD_PADDING", &mut t.spread_padding)?;
         flag("FTB_MLX_FUSED_ADAMW", &mut t.fused_adamw)?;
         if t.fused_adamw && device != MlxDevice::Cuda {
             return Err(bad(
@@ -222,6 +231,7 @@ impl Tuning {
             "overlap": self.overlap,
             "real_tokens": self.real_tokens,
             "real_multiple": self.real_multiple,
+            "spread_padding": self.spread_padding,
             "cuda_graphs": self.cuda_graphs,
             "fused_adamw": self.fused_adamw,
             "queue_mb": self.queue_mb,

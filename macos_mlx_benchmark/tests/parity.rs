@@ -208,7 +208,7 @@ fn both_frameworks_compute_the_same_losses_on_the_gpu() {
 }
 
 /// The GPU layout (sequence lengths rounded up to a multiple, projections and MLP over the real
-/// tokens only, attention over the padded rows; `src/tuning.rs`) computes the same losses as the
+/// tokens only with spare rows, attention over the padded rows; `src/tuning.rs`) computes the same losses as the
 /// plain layout. Checked on the CPU, where both run, in fp32: only the order of sums differs.
 #[test]
 fn the_gpu_layout_computes_the_same_losses() {
@@ -217,6 +217,9 @@ fn the_gpu_layout_computes_the_same_losses() {
         ("FTB_MLX_SEQ_MULTIPLE", "16"),
         ("FTB_MLX_REAL_TOKENS", "1"),
         ("FTB_MLX_FAST_KERNELS", "1"),
+        // Spare rows that nothing reads, and padding slots spread over the rows.
+        ("FTB_MLX_REAL_MULTIPLE", "64"),
+        ("FTB_MLX_SPREAD_PADDING", "1"),
     ];
     let plain = [
         ("FTB_MLX_SEQ_MULTIPLE", "1"),
@@ -230,6 +233,7 @@ fn the_gpu_layout_computes_the_same_losses() {
             let a = run_env(&mlx, da.path(), "cpu", &extra, &plain);
             let b = run_env(&mlx, db.path(), "cpu", &extra, &gpu_layout);
             assert_eq!(b.backend.details["tuning"]["real_tokens"], true);
+            assert_eq!(b.backend.details["tuning"]["spread_padding"], true);
             let d = max_rel_diff(&a.metrics.loss_curve, &b.metrics.loss_curve);
             eprintln!("layout {strategy}/{plan}: max relative loss difference {d:.2e}");
             assert!(
