@@ -5,13 +5,13 @@
 /// the default; the command line (`--mode`, `--samples`) overrides it.
 const TUNING_MODE: TuningMode = TuningMode::Fast;
 
+mod decoder;
 mod device;
 #[cfg(not(target_os = "macos"))]
 mod init;
 mod memory;
 #[cfg(target_os = "linux")]
 mod openblas;
-mod phi3;
 mod train;
 mod tuning;
 
@@ -82,7 +82,7 @@ fn preflight(cfg: &Config) -> anyhow::Result<DeviceFacts> {
     Ok(DeviceFacts {
         device,
         precision: Precision::resolve(cfg.run.dtype, device.is_gpu()),
-        // With real tokens only attention sees the padded rows (`phi3::RealTokens`).
+        // With real tokens only attention sees the padded rows (`decoder::RealTokens`).
         drops_padding: tuning.real_tokens,
         seq_multiple: tuning.seq_multiple,
     })

@@ -140,6 +140,55 @@ fn both_frameworks_compute_the_same_losses() {
     }
 }
 
+/// The same for every other family (tiny shapes: grouped-query attention, tied heads, Llama 3's
+/// RoPE frequencies, Qwen3's q/k norm and head width): every strategy on padded rows, and packed
+/// rows (RoPE from tables at restarting positions, document masks) for full fine-tuning.
+#[test]
+fn every_family_computes_the_same_losses() {
+    let Some(torch) = pytorch_bin() else { return };
+    let mlx = mlx_bin();
+    for model in ["tiny-llama", "tiny-qwen3"] {
+        for (strategy, plan) in [
+            ("last-n", "padded"),
+            ("full", "padded"),
+            ("lora", "padded"),
+            ("full", "packed"),
+        ] {
+            let (dt, dm) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let extra = [
+                "--model",
+                model,
+                "--strategy",
+                strategy,
+                "--batch-plan",
+                plan,
+            ];
+            let t = run(&torch, dt.path(), &extra);
+            let m = run(&mlx, dm.path(), &extra);
+            let what = format!("{model} {strategy}/{plan}");
+            assert_eq!(t.workload.hash, m.workload.hash, "{what}: same workload");
+            assert_eq!(
+                t.workload.parameters, m.workload.parameters,
+                "{what}: parameter counts"
+            );
+            let want = shared::model::ModelShape::from_preset(
+                <shared::config::ModelPreset as clap::ValueEnum>::from_str(model, true).unwrap(),
+            );
+            assert_eq!(t.workload.model_shape, want, "{what}: the family's shape");
+            let (lt, lm) = (&t.metrics.loss_curve, &m.metrics.loss_curve);
+            assert_eq!(lt.len(), 8);
+            // The losses move: a model that did not train would agree trivially.
+            assert!(lt[7] < lt[0] - 0.05, "{what}: no training: {lt:?}");
+            let d = max_rel_diff(lt, lm);
+            eprintln!("{what}: max relative loss difference {d:.2e}");
+            assert!(
+                d < 1e-3,
+                "{what}: losses differ by {d:.2e}\n pytorch {lt:?}\n mlx     {lm:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn the_check_fails_when_one_side_changes() {
     let Some(torch) = pytorch_bin() else { return };

@@ -93,7 +93,8 @@ pub enum WeightsKind {
     Random,
 }
 
-/// Built-in model shapes.
+/// Built-in model shapes (`shared::model::ModelShape::from_preset`; the hub ids that resolve to
+/// each: `shared::model::BUILT_INS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum ModelPreset {
@@ -101,6 +102,38 @@ pub enum ModelPreset {
     Phi3Mini,
     /// Two Phi-3 blocks, width 64, the real 32,064 vocabulary: runs in seconds on a CPU.
     Tiny,
+    /// meta-llama/Llama-3.2-1B-Instruct: 1.24 B parameters (tied head).
+    #[serde(rename = "llama-3.2-1b")]
+    #[value(name = "llama-3.2-1b")]
+    Llama32_1b,
+    /// meta-llama/Llama-3.2-3B-Instruct: 3.21 B parameters (tied head).
+    #[serde(rename = "llama-3.2-3b")]
+    #[value(name = "llama-3.2-3b")]
+    Llama32_3b,
+    /// Qwen/Qwen3-0.6B: 0.60 B parameters (tied head).
+    #[serde(rename = "qwen3-0.6b")]
+    #[value(name = "qwen3-0.6b")]
+    Qwen3_0_6b,
+    /// Qwen/Qwen3-1.7B: 1.72 B parameters (tied head).
+    #[serde(rename = "qwen3-1.7b")]
+    #[value(name = "qwen3-1.7b")]
+    Qwen3_1_7b,
+    /// Qwen/Qwen3-4B: 4.02 B parameters (tied head).
+    #[serde(rename = "qwen3-4b")]
+    #[value(name = "qwen3-4b")]
+    Qwen3_4b,
+    /// Two Llama 3 blocks, width 64, grouped-query attention, llama3 RoPE, tied head, the real
+    /// 128,256 vocabulary.
+    TinyLlama,
+    /// Two Qwen3 blocks, width 64, head_dim 32, q/k norm, tied head, the real 151,936 vocabulary.
+    TinyQwen3,
+}
+
+impl ModelPreset {
+    /// The test shapes: no published weights, no tokenizer.
+    pub fn is_tiny(self) -> bool {
+        matches!(self, Self::Tiny | Self::TinyLlama | Self::TinyQwen3)
+    }
 }
 
 /// Whole-run presets.
@@ -697,8 +730,8 @@ impl Config {
             match ModelPreset::from_str(m, true) {
                 Ok(p) => {
                     w.model.preset = Some(p);
-                    if p == ModelPreset::Phi3Mini {
-                        w.model.source = PHI3_MINI_HUB_ID.into();
+                    if let Some(id) = crate::model::hub_id_for_preset(p) {
+                        w.model.source = id.into();
                     }
                 }
                 Err(_) => {

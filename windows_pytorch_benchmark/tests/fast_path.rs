@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use shared::data::batch::{MicroBatch, IGNORE_INDEX};
 use shared::model::{ModelShape, WeightSource};
 use tch::{Device, Kind, Tensor};
-use windows_pytorch_benchmark::phi3::{Attention, DType, Inputs, Phi3};
+use windows_pytorch_benchmark::decoder::{Attention, DType, Decoder, Inputs};
 
 /// Documents as one micro-batch: `packed` puts them end to end in one row (segment ids),
 /// otherwise one per row, right-padded to the longest. Every position but a document's last
@@ -110,7 +110,7 @@ fn varlen_inputs_keep_real_tokens_and_document_bounds() {
     }
 }
 
-fn tiny_model(device: Device, dtype: DType) -> (Phi3, Vec<Tensor>) {
+fn tiny_model(device: Device, dtype: DType) -> (Decoder, Vec<Tensor>) {
     let shape = ModelShape::tiny();
     let mut map = HashMap::new();
     let mut trainable = Vec::new();
@@ -127,11 +127,11 @@ fn tiny_model(device: Device, dtype: DType) -> (Phi3, Vec<Tensor>) {
             Ok(())
         })
         .unwrap();
-    let model = Phi3::from_tensors(shape, dtype, device, map, 1.0, 0).unwrap();
+    let model = Decoder::from_tensors(shape, dtype, device, map, 1.0, 0).unwrap();
     (model, trainable)
 }
 
-fn loss_and_grad_norm(model: &Phi3, params: &[Tensor], inp: &Inputs) -> (f64, f64) {
+fn loss_and_grad_norm(model: &Decoder, params: &[Tensor], inp: &Inputs) -> (f64, f64) {
     for p in params {
         let mut g = p.grad();
         if g.defined() {

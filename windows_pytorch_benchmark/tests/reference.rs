@@ -1,17 +1,25 @@
-//! The tch Phi-3 against Hugging Face's implementation: logits of a fixed tiny checkpoint.
+//! The tch decoder against Hugging Face's implementations: logits of a fixed tiny checkpoint of
+//! each family (Phi-3, Llama 3, Qwen3).
 //!
 //! How the expected values were obtained: this test writes the tiny checkpoint (shape `tiny`,
 //! seed 7) with `shared::model::write_checkpoint`; with `FTB_REFERENCE_DIR=<dir>` it also leaves a
 //! copy there. `scripts/reference_logits.py <dir>` then loads that folder with
 //! `transformers.Phi3ForCausalLM` (transformers 4.57.x, torch 2.11.0, fp32, eager attention) and
 //! prints the values below for the same input ids. Recorded once on 2026-11-28.
+//!
+//! Llama 3 and Qwen3 (shapes `tiny-llama`, `tiny-qwen3`, seed 7): the test leaves
+//! `<dir>/tiny-llama` and `<dir>/tiny-qwen3`; `scripts/reference_logits_families.py <dir>` loads
+//! them with `transformers.AutoModelForCausalLM` (`LlamaForCausalLM`, `Qwen3ForCausalLM`;
+//! transformers 4.57.x, torch 2.11.0, fp32, eager attention) at positions 1000.. (so that every
+//! RoPE frequency, Llama 3's corrected ones included, turns far) and prints
+//! `common/reference_families.rs`. Recorded once on 2026-12-04.
 
 use std::collections::HashMap;
 
 use shared::data::batch::{MicroBatch, IGNORE_INDEX};
 use shared::model::{write_checkpoint, ModelShape, WeightSource};
 use tch::{Device, Kind, Tensor};
-use windows_pytorch_benchmark::phi3::{DType, Inputs, Phi3};
+use windows_pytorch_benchmark::decoder::{DType, Decoder, Inputs};
 
 pub const IDS: [i64; 15] = [
     1, 32010, 29871, 13, 500, 600, 700, 32007, 29871, 13, 32001, 29871, 13, 800, 900,
@@ -20,8 +28,11 @@ pub const IDS: [i64; 15] = [
 /// (position, vocabulary id, logit) from Hugging Face.
 const EXPECTED: [(usize, usize, f64); 6] = REFERENCE;
 include!("common/reference_values.rs");
+mod families {
+    include!("common/reference_families.rs");
+}
 
-fn load(dir: &std::path::Path) -> Phi3 {
+fn load(dir: &std::path::Path) -> Decoder {
     let shape = ModelShape::from_config_json(&dir.join("config.json")).unwrap();
     let mut map = HashMap::new();
     WeightSource::from_dir(dir)
@@ -35,7 +46,7 @@ fn load(dir: &std::path::Path) -> Phi3 {
             Ok(())
         })
         .unwrap();
-    Phi3::from_tensors(shape, DType::Float32, Device::Cpu, map, 1.0, 0).unwrap()
+    Decoder::from_tensors(shape, DType::Float32, Device::Cpu, map, 1.0, 0).unwrap()
 }
 
 fn batch(ids: &[i64]) -> MicroBatch {
@@ -99,4 +110,136 @@ fn packed_row_equals_separate_documents() {
     let sep = Tensor::cat(&[la, lb], 1);
     let diff = (packed - &sep).abs().max().double_value(&[]);
     assert!(diff < 1e-5, "max |packed - separate| = {diff}");
+}
+
+/// Logits of the tiny checkpoint of `preset` (seed 7) at `ids`, positions from 1000.
+fn family_logits(preset: shared::config::ModelPreset, dir_name: &str, ids: &[i64]) -> Tensor {
+    let shape = ModelShape::from_preset(preset);
+    let d = tempfile::tempdir().unwrap();
+    write_checkpoint(d.path(), &shape, 7).unwrap();
+    if let Some(keep) = std::env::var_os("FTB_REFERENCE_DIR") {
+        write_checkpoint(&std::path::Path::new(&keep).join(dir_name), &shape, 7).unwrap();
+    }
+    let model = load(d.path());
+    assert_eq!(
+        model.shape.family, shape.family,
+        "config.json names the family"
+    );
+    let mut mb = batch(ids);
+    mb.position_ids = (1000..1000 + ids.len() as i64).collect();
+    tch::no_grad(|| model.logits(&Inputs::new(&mb, Device::Cpu)))
+}
+
+/// Largest difference from Hugging Face's picks, row sums and row maxima.
+fn max_difference(
+    logits: &Tensor,
+    picks: &[(usize, usize, f64)],
+    row_sums: &[f64],
+    row_max_abs: &[f64],
+) -> f64 {
+    let mut worst = 0f64;
+    for &(pos, id, want) in picks {
+        let got = logits.double_value(&[0, pos as i64, id as i64]);
+        worst = worst.max((got - want).abs());
+    }
+    for (p, (&sum, &max)) in row_sums.iter().zip(row_max_abs).enumerate() {
+        let row = logits.get(0).get(p as i64).to_kind(Kind::Double);
+        // Row sums add up 128k-152k logits: their tolerance is 10x the single values'.
+        worst = worst.max((row.sum(Kind::Double).double_value(&[]) - sum).abs() / 10.0);
+        worst = worst.max((row.abs().max().double_value(&[]) - max).abs());
+    }
+    worst
+}
+
+/// Llama 3 (grouped-query attention, llama3 RoPE scaling, tied head) against
+/// `transformers.LlamaForCausalLM`. And the check has teeth: the same weights without the RoPE
+/// correction miss the reference.
+#[test]
+fn logits_match_hugging_face_llama3() {
+    use families::*;
+    let logits = family_logits(
+        shared::config::ModelPreset::TinyLlama,
+        "tiny-llama",
+        &TINY_LLAMA_IDS,
+    );
+    assert_eq!(logits.size(), vec![1, TINY_LLAMA_IDS.len() as i64, 128_256]);
+    let d = max_difference(
+        &logits,
+        &TINY_LLAMA,
+        &TINY_LLAMA_ROW_SUMS,
+        &TINY_LLAMA_ROW_MAX_ABS,
+    );
+    assert!(
+        d < 1e-4,
+        "Llama 3 logits differ from Hugging Face's by {d:.2e}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut plain = ModelShape::from_preset(shared::config::ModelPreset::TinyLlama);
+    plain.rope_scaling = None;
+    write_checkpoint(dir.path(), &plain, 7).unwrap();
+    let mut mb = batch(&TINY_LLAMA_IDS);
+    mb.position_ids = (1000..1000 + TINY_LLAMA_IDS.len() as i64).collect();
+    let wrong = tch::no_grad(|| load(dir.path()).logits(&Inputs::new(&mb, Device::Cpu)));
+    let d = max_difference(
+        &wrong,
+        &TINY_LLAMA,
+        &TINY_LLAMA_ROW_SUMS,
+        &TINY_LLAMA_ROW_MAX_ABS,
+    );
+    // (Random weights this small make attention nearly uniform, so RoPE moves the logits
+    // little: the miss is 1.8e-4, beyond the 1e-4 the check above allows.)
+    assert!(
+        d > 1e-4,
+        "without llama3 RoPE scaling the logits still match ({d:.2e})"
+    );
+    // The corrected inverse frequencies themselves, against transformers' `rotary_emb.inv_freq`.
+    check_inv_freq(
+        &ModelShape::from_preset(shared::config::ModelPreset::TinyLlama),
+        &TINY_LLAMA_INV_FREQ,
+    );
+}
+
+/// `theta^(-2j/D)` times `rope_frequency_scale` against transformers' inverse frequencies.
+fn check_inv_freq(shape: &ModelShape, want: &[f64]) {
+    let dim = shape.head_dim() as f64;
+    let scale = shape
+        .rope_frequency_scale()
+        .unwrap_or_else(|| vec![1.0; want.len()]);
+    assert_eq!(scale.len(), want.len());
+    for (j, (s, want)) in scale.iter().zip(want).enumerate() {
+        let got = s / shape.rope_theta.powf(2.0 * j as f64 / dim);
+        // transformers computes them in fp32.
+        assert!(
+            (got / want - 1.0).abs() < 1e-6,
+            "inv_freq[{j}] = {got}, transformers gives {want}"
+        );
+    }
+}
+
+/// Qwen3 (q/k RMSNorm per head, head_dim 32 at width 64, grouped-query attention, tied head)
+/// against `transformers.Qwen3ForCausalLM`.
+#[test]
+fn logits_match_hugging_face_qwen3() {
+    use families::*;
+    let logits = family_logits(
+        shared::config::ModelPreset::TinyQwen3,
+        "tiny-qwen3",
+        &TINY_QWEN3_IDS,
+    );
+    assert_eq!(logits.size(), vec![1, TINY_QWEN3_IDS.len() as i64, 151_936]);
+    let d = max_difference(
+        &logits,
+        &TINY_QWEN3,
+        &TINY_QWEN3_ROW_SUMS,
+        &TINY_QWEN3_ROW_MAX_ABS,
+    );
+    assert!(
+        d < 1e-4,
+        "Qwen3 logits differ from Hugging Face's by {d:.2e}"
+    );
+    check_inv_freq(
+        &ModelShape::from_preset(shared::config::ModelPreset::TinyQwen3),
+        &TINY_QWEN3_INV_FREQ,
+    );
 }
