@@ -44,7 +44,8 @@ pub enum StrategyKind {
     Lora,
 }
 
-/// The projections a LoRA adapter can wrap (Phi-3's fused names).
+/// The projections a LoRA adapter can wrap (Phi-3's fused names; on the split families of
+/// `shared::model` each adapts every projection it covers: `ModelShape::projections`).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum, PartialOrd, Ord,
 )]
@@ -59,16 +60,6 @@ pub enum LoraTarget {
 
 impl LoraTarget {
     pub const ALL: [LoraTarget; 4] = [Self::QkvProj, Self::OProj, Self::GateUpProj, Self::DownProj];
-
-    /// The module path inside a decoder block, as in the Hugging Face checkpoint.
-    pub fn module(self) -> &'static str {
-        match self {
-            Self::QkvProj => "self_attn.qkv_proj",
-            Self::OProj => "self_attn.o_proj",
-            Self::GateUpProj => "mlp.gate_up_proj",
-            Self::DownProj => "mlp.down_proj",
-        }
-    }
 }
 
 /// How a step's records are laid out in micro-batches.
@@ -482,11 +473,13 @@ pub struct CliArgs {
     pub lora_rank: Option<usize>,
     #[arg(long)]
     pub lora_alpha: Option<f64>,
-    /// Comma-separated: qkv_proj,o_proj,gate_up_proj,down_proj.
+    /// Comma-separated: qkv_proj,o_proj,gate_up_proj,down_proj (Phi-3's fused names; on Llama
+    /// and Qwen3 qkv_proj adapts q_proj, k_proj and v_proj, gate_up_proj gate_proj and up_proj).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub lora_targets: Option<Vec<LoraTarget>>,
-    /// Model: hub id or local folder with config.json (and safetensors for pretrained weights),
-    /// or a built-in shape: phi3-mini, tiny.
+    /// Model: hub id or local folder with config.json (and safetensors for pretrained weights) of
+    /// a Phi-3, Llama 3.x or Qwen3 model, or a built-in shape: phi3-mini, llama-3.2-1b,
+    /// llama-3.2-3b, qwen3-0.6b, qwen3-1.7b, qwen3-4b, tiny (Phi-3), tiny-llama, tiny-qwen3.
     #[arg(long)]
     pub model: Option<String>,
     #[arg(long, value_enum)]
@@ -1247,6 +1240,47 @@ mod tests {
         let f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
         std::fs::write(f.path(), text).unwrap();
         f
+    }
+
+    /// Issue 14: each built-in `--model` name selects its shape (and its hub id for pretrained
+    /// weights); a hub id of a built-in model with random weights resolves to the shape without
+    /// a download.
+    #[test]
+    fn model_names_and_hub_ids_resolve_to_their_shapes() {
+        let resolve = |argv: &[&str]| {
+            let c = Config::resolve(TuningMode::Fast, &parse(argv), Framework::Pytorch).unwrap();
+            crate::workload::resolve_model(&c).unwrap().0
+        };
+        for (name, hub, family) in [
+            ("qwen3-0.6b", "Qwen/Qwen3-0.6B", crate::model::Family::Qwen3),
+            (
+                "llama-3.2-3b",
+                "meta-llama/Llama-3.2-3B-Instruct",
+                crate::model::Family::Llama,
+            ),
+        ] {
+            let c = Config::resolve(
+                TuningMode::Fast,
+                &parse(&["--model", name]),
+                Framework::Pytorch,
+            )
+            .unwrap();
+            assert_eq!(
+                c.workload.model.source, hub,
+                "{name}: pretrained weights from its hub id"
+            );
+            let by_name = resolve(&["--model", name, "--weights", "random"]);
+            let by_id = resolve(&["--model", hub, "--weights", "random"]);
+            assert_eq!(by_name, by_id, "{name}");
+            assert_eq!(by_name.family, family);
+        }
+        let tiny = resolve(&["--preset", "tiny", "--model", "tiny-qwen3"]);
+        assert_eq!(tiny.head_dim(), 32);
+        assert!(tiny.tie_word_embeddings);
+        assert_eq!(
+            resolve(&["--preset", "tiny"]).family,
+            crate::model::Family::Phi3
+        );
     }
 
     #[test]
