@@ -106,35 +106,43 @@ fn max_rel_diff(a: &[f64], b: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Runs both binaries (CPU, fp32) with `extra`: the same workload and parameter counts, and
+/// per-step losses within 1e-3 (relative). Returns the PyTorch run's summary and its losses.
+fn assert_same_losses(torch: &Path, mlx: &Path, extra: &[&str]) -> shared::summary::Summary {
+    let what = extra.join(" ");
+    let (dt, dm) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let t = run(torch, dt.path(), extra);
+    let m = run(mlx, dm.path(), extra);
+    assert_eq!(t.workload.hash, m.workload.hash, "{what}: same workload");
+    assert_eq!(
+        t.workload.parameters, m.workload.parameters,
+        "{what}: parameter counts"
+    );
+    assert_eq!(
+        (t.backend.framework.as_str(), m.backend.framework.as_str()),
+        ("pytorch", "mlx")
+    );
+    let (lt, lm) = (&t.metrics.loss_curve, &m.metrics.loss_curve);
+    assert_eq!(lt.len(), 8);
+    let d = max_rel_diff(lt, lm);
+    eprintln!("{what}: max relative loss difference {d:.2e}");
+    assert!(
+        d < 1e-3,
+        "{what}: losses differ by {d:.2e}\n pytorch {lt:?}\n mlx     {lm:?}"
+    );
+    t
+}
+
 #[test]
 fn both_frameworks_compute_the_same_losses() {
     let Some(torch) = pytorch_bin() else { return };
     let mlx = mlx_bin();
     for strategy in ["last-n", "full", "lora"] {
         for plan in ["padded", "packed"] {
-            let (dt, dm) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-            let extra = ["--strategy", strategy, "--batch-plan", plan];
-            let t = run(&torch, dt.path(), &extra);
-            let m = run(&mlx, dm.path(), &extra);
-            assert_eq!(
-                t.workload.hash, m.workload.hash,
-                "{strategy}/{plan}: same workload"
-            );
-            assert_eq!(
-                t.workload.parameters, m.workload.parameters,
-                "{strategy}/{plan}: parameter counts"
-            );
-            assert_eq!(
-                (t.backend.framework.as_str(), m.backend.framework.as_str()),
-                ("pytorch", "mlx")
-            );
-            let (lt, lm) = (&t.metrics.loss_curve, &m.metrics.loss_curve);
-            assert_eq!(lt.len(), 8);
-            let d = max_rel_diff(lt, lm);
-            eprintln!("{strategy}/{plan}: max relative loss difference {d:.2e}");
-            assert!(
-                d < 1e-3,
-                "{strategy}/{plan}: losses differ by {d:.2e}\n pytorch {lt:?}\n mlx     {lm:?}"
+            assert_same_losses(
+                &torch,
+                &mlx,
+                &["--strategy", strategy, "--batch-plan", plan],
             );
         }
     }
@@ -154,7 +162,6 @@ fn every_family_computes_the_same_losses() {
             ("lora", "padded"),
             ("full", "packed"),
         ] {
-            let (dt, dm) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
             let extra = [
                 "--model",
                 model,
@@ -163,28 +170,17 @@ fn every_family_computes_the_same_losses() {
                 "--batch-plan",
                 plan,
             ];
-            let t = run(&torch, dt.path(), &extra);
-            let m = run(&mlx, dm.path(), &extra);
-            let what = format!("{model} {strategy}/{plan}");
-            assert_eq!(t.workload.hash, m.workload.hash, "{what}: same workload");
-            assert_eq!(
-                t.workload.parameters, m.workload.parameters,
-                "{what}: parameter counts"
-            );
+            let t = assert_same_losses(&torch, &mlx, &extra);
             let want = shared::model::ModelShape::from_preset(
                 <shared::config::ModelPreset as clap::ValueEnum>::from_str(model, true).unwrap(),
             );
-            assert_eq!(t.workload.model_shape, want, "{what}: the family's shape");
-            let (lt, lm) = (&t.metrics.loss_curve, &m.metrics.loss_curve);
-            assert_eq!(lt.len(), 8);
-            // The losses move: a model that did not train would agree trivially.
-            assert!(lt[7] < lt[0] - 0.05, "{what}: no training: {lt:?}");
-            let d = max_rel_diff(lt, lm);
-            eprintln!("{what}: max relative loss difference {d:.2e}");
-            assert!(
-                d < 1e-3,
-                "{what}: losses differ by {d:.2e}\n pytorch {lt:?}\n mlx     {lm:?}"
+            assert_eq!(
+                t.workload.model_shape, want,
+                "{extra:?}: the family's shape"
             );
+            // The losses move: a model that did not train would agree trivially.
+            let l = &t.metrics.loss_curve;
+            assert!(l[7] < l[0] - 0.05, "{extra:?}: no training: {l:?}");
         }
     }
 }

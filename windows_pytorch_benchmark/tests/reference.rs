@@ -112,13 +112,13 @@ fn packed_row_equals_separate_documents() {
     assert!(diff < 1e-5, "max |packed - separate| = {diff}");
 }
 
-/// Logits of the tiny checkpoint of `preset` (seed 7) at `ids`, positions from 1000.
-fn family_logits(preset: shared::config::ModelPreset, dir_name: &str, ids: &[i64]) -> Tensor {
-    let shape = ModelShape::from_preset(preset);
+/// Logits of a tiny checkpoint of `shape` (seed 7) at `ids`, positions from 1000. With
+/// `FTB_REFERENCE_DIR` set, the checkpoint is also left at `<dir>/<keep_as>` for the script.
+fn logits_at_1000(shape: &ModelShape, ids: &[i64], keep_as: Option<&str>) -> Tensor {
     let d = tempfile::tempdir().unwrap();
-    write_checkpoint(d.path(), &shape, 7).unwrap();
-    if let Some(keep) = std::env::var_os("FTB_REFERENCE_DIR") {
-        write_checkpoint(&std::path::Path::new(&keep).join(dir_name), &shape, 7).unwrap();
+    write_checkpoint(d.path(), shape, 7).unwrap();
+    if let (Some(keep), Some(name)) = (std::env::var_os("FTB_REFERENCE_DIR"), keep_as) {
+        write_checkpoint(&std::path::Path::new(&keep).join(name), shape, 7).unwrap();
     }
     let model = load(d.path());
     assert_eq!(
@@ -130,25 +130,59 @@ fn family_logits(preset: shared::config::ModelPreset, dir_name: &str, ids: &[i64
     tch::no_grad(|| model.logits(&Inputs::new(&mb, Device::Cpu)))
 }
 
-/// Largest difference from Hugging Face's picks, row sums and row maxima.
-fn max_difference(
-    logits: &Tensor,
-    picks: &[(usize, usize, f64)],
-    row_sums: &[f64],
-    row_max_abs: &[f64],
-) -> f64 {
-    let mut worst = 0f64;
-    for &(pos, id, want) in picks {
-        let got = logits.double_value(&[0, pos as i64, id as i64]);
-        worst = worst.max((got - want).abs());
+/// What `scripts/reference_logits_families.py` recorded for one family.
+struct Reference<'a> {
+    ids: &'a [i64],
+    picks: &'a [(usize, usize, f64)],
+    row_sums: &'a [f64],
+    row_max_abs: &'a [f64],
+    inv_freq: &'a [f64],
+}
+
+impl Reference<'_> {
+    /// Largest difference from the picks, row sums and row maxima.
+    fn max_difference(&self, logits: &Tensor) -> f64 {
+        let mut worst = 0f64;
+        for &(pos, id, want) in self.picks {
+            let got = logits.double_value(&[0, pos as i64, id as i64]);
+            worst = worst.max((got - want).abs());
+        }
+        for (p, (&sum, &max)) in self.row_sums.iter().zip(self.row_max_abs).enumerate() {
+            let row = logits.get(0).get(p as i64).to_kind(Kind::Double);
+            // Row sums add up 128k-152k logits: their tolerance is 10x the single values'.
+            worst = worst.max((row.sum(Kind::Double).double_value(&[]) - sum).abs() / 10.0);
+            worst = worst.max((row.abs().max().double_value(&[]) - max).abs());
+        }
+        worst
     }
-    for (p, (&sum, &max)) in row_sums.iter().zip(row_max_abs).enumerate() {
-        let row = logits.get(0).get(p as i64).to_kind(Kind::Double);
-        // Row sums add up 128k-152k logits: their tolerance is 10x the single values'.
-        worst = worst.max((row.sum(Kind::Double).double_value(&[]) - sum).abs() / 10.0);
-        worst = worst.max((row.abs().max().double_value(&[]) - max).abs());
+
+    /// The tiny checkpoint of `preset` gives transformers' logits within 1e-4, and
+    /// `theta^(-2j/D)` times `rope_frequency_scale` its inverse frequencies (fp32 there).
+    fn check(&self, preset: shared::config::ModelPreset, dir_name: &str) {
+        let shape = ModelShape::from_preset(preset);
+        let logits = logits_at_1000(&shape, self.ids, Some(dir_name));
+        assert_eq!(
+            logits.size(),
+            vec![1, self.ids.len() as i64, shape.vocab_size as i64]
+        );
+        let d = self.max_difference(&logits);
+        assert!(
+            d < 1e-4,
+            "{dir_name}: logits differ from transformers' by {d:.2e}"
+        );
+        let dim = shape.head_dim() as f64;
+        let scale = shape
+            .rope_frequency_scale()
+            .unwrap_or_else(|| vec![1.0; self.inv_freq.len()]);
+        assert_eq!(scale.len(), self.inv_freq.len());
+        for (j, (s, want)) in scale.iter().zip(self.inv_freq).enumerate() {
+            let got = s / shape.rope_theta.powf(2.0 * j as f64 / dim);
+            assert!(
+                (got / want - 1.0).abs() < 1e-6,
+                "{dir_name}: inv_freq[{j}] = {got}, transformers gives {want}"
+            );
+        }
     }
-    worst
 }
 
 /// Llama 3 (grouped-query attention, llama3 RoPE scaling, tied head) against
@@ -157,64 +191,23 @@ fn max_difference(
 #[test]
 fn logits_match_hugging_face_llama3() {
     use families::*;
-    let logits = family_logits(
-        shared::config::ModelPreset::TinyLlama,
-        "tiny-llama",
-        &TINY_LLAMA_IDS,
-    );
-    assert_eq!(logits.size(), vec![1, TINY_LLAMA_IDS.len() as i64, 128_256]);
-    let d = max_difference(
-        &logits,
-        &TINY_LLAMA,
-        &TINY_LLAMA_ROW_SUMS,
-        &TINY_LLAMA_ROW_MAX_ABS,
-    );
-    assert!(
-        d < 1e-4,
-        "Llama 3 logits differ from Hugging Face's by {d:.2e}"
-    );
-
-    let dir = tempfile::tempdir().unwrap();
+    let r = Reference {
+        ids: &TINY_LLAMA_IDS,
+        picks: &TINY_LLAMA,
+        row_sums: &TINY_LLAMA_ROW_SUMS,
+        row_max_abs: &TINY_LLAMA_ROW_MAX_ABS,
+        inv_freq: &TINY_LLAMA_INV_FREQ,
+    };
+    r.check(shared::config::ModelPreset::TinyLlama, "tiny-llama");
     let mut plain = ModelShape::from_preset(shared::config::ModelPreset::TinyLlama);
     plain.rope_scaling = None;
-    write_checkpoint(dir.path(), &plain, 7).unwrap();
-    let mut mb = batch(&TINY_LLAMA_IDS);
-    mb.position_ids = (1000..1000 + TINY_LLAMA_IDS.len() as i64).collect();
-    let wrong = tch::no_grad(|| load(dir.path()).logits(&Inputs::new(&mb, Device::Cpu)));
-    let d = max_difference(
-        &wrong,
-        &TINY_LLAMA,
-        &TINY_LLAMA_ROW_SUMS,
-        &TINY_LLAMA_ROW_MAX_ABS,
-    );
+    let d = r.max_difference(&logits_at_1000(&plain, r.ids, None));
     // (Random weights this small make attention nearly uniform, so RoPE moves the logits
-    // little: the miss is 1.8e-4, beyond the 1e-4 the check above allows.)
+    // little: the miss is 1.8e-4, beyond the 1e-4 the check allows.)
     assert!(
         d > 1e-4,
         "without llama3 RoPE scaling the logits still match ({d:.2e})"
     );
-    // The corrected inverse frequencies themselves, against transformers' `rotary_emb.inv_freq`.
-    check_inv_freq(
-        &ModelShape::from_preset(shared::config::ModelPreset::TinyLlama),
-        &TINY_LLAMA_INV_FREQ,
-    );
-}
-
-/// `theta^(-2j/D)` times `rope_frequency_scale` against transformers' inverse frequencies.
-fn check_inv_freq(shape: &ModelShape, want: &[f64]) {
-    let dim = shape.head_dim() as f64;
-    let scale = shape
-        .rope_frequency_scale()
-        .unwrap_or_else(|| vec![1.0; want.len()]);
-    assert_eq!(scale.len(), want.len());
-    for (j, (s, want)) in scale.iter().zip(want).enumerate() {
-        let got = s / shape.rope_theta.powf(2.0 * j as f64 / dim);
-        // transformers computes them in fp32.
-        assert!(
-            (got / want - 1.0).abs() < 1e-6,
-            "inv_freq[{j}] = {got}, transformers gives {want}"
-        );
-    }
 }
 
 /// Qwen3 (q/k RMSNorm per head, head_dim 32 at width 64, grouped-query attention, tied head)
@@ -222,24 +215,12 @@ fn check_inv_freq(shape: &ModelShape, want: &[f64]) {
 #[test]
 fn logits_match_hugging_face_qwen3() {
     use families::*;
-    let logits = family_logits(
-        shared::config::ModelPreset::TinyQwen3,
-        "tiny-qwen3",
-        &TINY_QWEN3_IDS,
-    );
-    assert_eq!(logits.size(), vec![1, TINY_QWEN3_IDS.len() as i64, 151_936]);
-    let d = max_difference(
-        &logits,
-        &TINY_QWEN3,
-        &TINY_QWEN3_ROW_SUMS,
-        &TINY_QWEN3_ROW_MAX_ABS,
-    );
-    assert!(
-        d < 1e-4,
-        "Qwen3 logits differ from Hugging Face's by {d:.2e}"
-    );
-    check_inv_freq(
-        &ModelShape::from_preset(shared::config::ModelPreset::TinyQwen3),
-        &TINY_QWEN3_INV_FREQ,
-    );
+    Reference {
+        ids: &TINY_QWEN3_IDS,
+        picks: &TINY_QWEN3,
+        row_sums: &TINY_QWEN3_ROW_SUMS,
+        row_max_abs: &TINY_QWEN3_ROW_MAX_ABS,
+        inv_freq: &TINY_QWEN3_INV_FREQ,
+    }
+    .check(shared::config::ModelPreset::TinyQwen3, "tiny-qwen3");
 }
