@@ -38,7 +38,7 @@ for t in .device/tests/*; do
   [[ -x $t && -z ${SKIP_TESTS:-} ]] || continue
   echo "=== test $t" | tee -a "$out/log.txt"
   # The GPU tests only (the rest run in CI): the parity test's GPU case, the device init check.
-  case $(basename "$t") in parity) filter=on_the_gpu ;; macos_mlx_benchmark) filter=device_values ;; *) filter= ;; esac
+  case $(basename "$t") in parity) filter=on_the_gpu ;; macos_mlx_benchmark) filter="device_values fused_matches" ;; *) filter= ;; esac
   timeout "${TEST_TIMEOUT:-300}" "$t" $filter --nocapture --test-threads 1 >>"$out/log.txt" 2>&1
   echo "exit $?" | tee -a "$out/log.txt"
   grep -E "^test |^test result|skipped|max rel" "$out/log.txt" | tail -12
@@ -49,6 +49,26 @@ while (($# >= 2)); do
   echo "=== $name: $flags" | tee -a "$out/log.txt"
   envs=(); read -ra words <<<"$flags"
   while ((${#words[@]})) && [[ ${words[0]} =~ ^[A-Z_][A-Z0-9_]*= ]]; do envs+=("${words[0]}"); words=("${words[@]:1}"); done
+  if [[ $name == ncu_* ]]; then
+    # GPU time of every kernel, graph nodes one by one (Nsight Compute; clocks left alone, as
+    # METHOD.md asks); benchmarks/kernel_profile.py sums it by category. ncu_pt_* is PyTorch.
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    [[ $name == ncu_pt_* ]] && bin=$FTB_PYTORCH_BIN
+    mkdir -p "$out/ncu"
+    timeout -s INT "${VARIANT_TIMEOUT:-240}" env "${envs[@]}" "$ncu" --clock-control none --graph-profiling node \
+      --metrics gpu__time_duration.sum --csv --page raw --log-file "$out/ncu/$name.csv" \
+      "$bin" "${words[@]}" --quiet --output-dir "$out/runs/$name" >>"$out/log.txt" 2>&1
+    echo "exit $?" | tee -a "$out/log.txt"
+    steps=$(python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['metrics']['steps'])" "$out/runs/$name/benchmark_summary.json" 2>/dev/null || echo 1)
+    python3 benchmarks/kernel_profile.py "$steps" "$out/ncu/$name.csv" | tee -a "$out/log.txt" "$out/ncu/$name.txt"
+    continue
+  fi
+  if [[ $name == stacks_* ]]; then
+    # Host-side samples of the MLX binary's main thread (benchmarks/host_stacks.sh).
+    timeout -s INT "${VARIANT_TIMEOUT:-240}" bash benchmarks/host_stacks.sh "$name" "$bin" "$out/stacks/$name" \
+      "${envs[@]}" -- "${words[@]}" | tee -a "$out/log.txt"
+    continue
+  fi
   timeout -s INT "${VARIANT_TIMEOUT:-240}" env "${envs[@]}" "$bin" "${words[@]}" --quiet --output-dir "$out/runs/$name" >>"$out/log.txt" 2>&1
   echo "exit $?" | tee -a "$out/log.txt"
   tar czf "$out/results.tar.gz" -C "$out" runs log.txt machine.txt # partial results survive a cut-off call
@@ -65,5 +85,5 @@ if [[ -n ${COMPARE:-} ]]; then
   done
 fi
 python3 benchmarks/summary_table.py "$out/runs" | tee "$out/table.txt"
-tar czf "$out/results.tar.gz" -C "$out" runs log.txt machine.txt table.txt $( [[ -d $out/report ]] && echo report)
-rm -rf "$out/runs" "$out/report" # only a few files come back: everything is in the tarball
+tar czf "$out/results.tar.gz" -C "$out" runs log.txt machine.txt table.txt $( [[ -d $out/report ]] && echo report) $( [[ -d $out/stacks ]] && echo stacks) $( [[ -d $out/ncu ]] && echo ncu)
+rm -rf "$out/runs" "$out/report" "$out/stacks" "$out/ncu" # only a few files come back: everything is in the tarball

@@ -649,6 +649,7 @@ impl MicroBatchArrays {
         seq_multiple: usize,
         fast_rope: bool,
         real_tokens: bool,
+        real_multiple: usize,
     ) -> Result<Self> {
         let (rows, t) = (mb.rows, mb.seq_len);
         let tp = t.div_ceil(seq_multiple.max(1)) * seq_multiple.max(1);
@@ -685,6 +686,17 @@ impl MicroBatchArrays {
                         targets.push(label as i32);
                     }
                 }
+            }
+            // Rows beyond the real tokens, up to a multiple of `real_multiple` (`Tuning`): token 0,
+            // reading the attention output of the first padding slot (or slot 0); no loss position
+            // and no gather reads them, so their gradient is exactly zero.
+            let spare = (0..rows)
+                .find(|&r| mb.row_lengths[r] < tp)
+                .map_or(0, |r| (r * tp + mb.row_lengths[r]) as i32);
+            let m = real_multiple.max(1);
+            while scatter.len() % m != 0 {
+                scatter.push(spare);
+                real_ids.push(0);
             }
             ids = real_ids;
             real = Some(RealTokens {
@@ -806,6 +818,7 @@ mod tests {
             multiple,
             fast_rope,
             false,
+            1,
         )
         .unwrap()
     }
@@ -868,6 +881,36 @@ mod tests {
     }
 
     #[test]
+    fn real_token_rows_round_up_to_spare_rows_that_nothing_reads() {
+        Device::set_default(&Device::cpu());
+        // Two right-padded rows of 3 with 2 and 1 real tokens: 3 real tokens, rounded to 4.
+        let mb = MicroBatch {
+            rows: 2,
+            seq_len: 3,
+            input_ids: vec![5, 6, 0, 8, 0, 0],
+            labels: vec![6, -100, -100, 9, -100, -100],
+            position_ids: vec![0, 1, 2, 0, 1, 2],
+            segment_ids: None,
+            row_lengths: vec![2, 1],
+            loss_tokens: 2,
+            input_tokens: 3,
+            padded_tokens: 6,
+        };
+        let freqs = rope_freqs(&ModelShape::tiny());
+        let a = MicroBatchArrays::new(&mb, &freqs, 1, true, true, 4).unwrap();
+        assert_eq!(a.ids.as_slice::<i32>(), &[5, 6, 8, 0]);
+        let r = a.real.as_ref().unwrap();
+        // The spare row reads slot 2, row 0's first padding slot; the gather never reads row 3.
+        assert_eq!(r.scatter.as_slice::<i32>(), &[0, 1, 3, 2]);
+        assert_eq!(r.gather.as_slice::<i32>(), &[0, 1, 0, 2, 0, 0]);
+        assert_eq!(a.positions.as_slice::<i32>(), &[0, 2]);
+        assert_eq!(a.dense_tokens, 4);
+        // A multiple of 1 adds nothing.
+        let b = MicroBatchArrays::new(&mb, &freqs, 1, true, true, 1).unwrap();
+        assert_eq!(b.ids.as_slice::<i32>(), &[5, 6, 8]);
+    }
+
+    #[test]
     fn rope_tables_restart_per_document() {
         Device::set_default(&Device::cpu());
         let shape = ModelShape::tiny();
@@ -911,7 +954,7 @@ mod tests {
             input_tokens: t as usize,
             padded_tokens: t as usize,
         };
-        let table = MicroBatchArrays::new(&mb, &freqs, 1, false, false)
+        let table = MicroBatchArrays::new(&mb, &freqs, 1, false, false, 1)
             .unwrap()
             .rope;
         let slow = table.apply(&x).unwrap();

@@ -12,10 +12,12 @@
 //! one fp32 ulp (`tests/gpu.rs` counts them on the GPU). CUDA only: Metal has no fp64, so a Mac
 //! generates on the host. `FTB_HOST_INIT=1` keeps the host path here too.
 
-use anyhow::{bail, Result};
-use mlx_rs::{Array, Dtype, Stream};
+use anyhow::Result;
+use mlx_rs::{Array, Dtype};
 use shared::model::{Init, ParamSpec};
 use shared::rng;
+
+use crate::cuda_kernel::CudaKernel;
 
 /// The kernel body (MLX wraps it in a `__global__` function with `params` and `out` arguments).
 /// `params` = [key, n, bits of the uniform bound, normal (1) or uniform (0)].
@@ -76,66 +78,9 @@ pub fn init_on_cuda(spec: &ParamSpec, seed: u64) -> Result<Array> {
 
 /// One launch of the kernel: `grid` threads, 256 per block, output `[dims]` fp32.
 fn apply(params: &Array, dims: &[i32], grid: i32) -> Result<Array> {
-    use std::ffi::CString;
-    let name = CString::new("ftb_init_values")?;
-    let source = CString::new(SOURCE)?;
-    let header = CString::new(HEADER)?;
-    let input = CString::new("params")?;
-    let output = CString::new("out")?;
-    // SAFETY: every mlx-c object made here is freed before returning; the arrays passed in
-    // outlive the calls; the output handle is moved into an owned `Array`.
-    unsafe {
-        let inputs_names = mlx_sys::mlx_vector_string_new();
-        let output_names = mlx_sys::mlx_vector_string_new();
-        mlx_sys::mlx_vector_string_append_value(inputs_names, input.as_ptr());
-        mlx_sys::mlx_vector_string_append_value(output_names, output.as_ptr());
-        let kernel = mlx_sys::mlx_fast_cuda_kernel_new(
-            name.as_ptr(),
-            inputs_names,
-            output_names,
-            source.as_ptr(),
-            header.as_ptr(),
-            true,
-            0,
-        );
-        let config = mlx_sys::mlx_fast_cuda_kernel_config_new();
-        mlx_sys::mlx_fast_cuda_kernel_config_add_output_arg(
-            config,
-            dims.as_ptr(),
-            dims.len(),
-            mlx_sys::mlx_dtype__MLX_FLOAT32,
-        );
-        mlx_sys::mlx_fast_cuda_kernel_config_set_grid(config, grid, 1, 1);
-        mlx_sys::mlx_fast_cuda_kernel_config_set_thread_group(config, 256, 1, 1);
-        let inputs = mlx_sys::mlx_vector_array_new();
-        mlx_sys::mlx_vector_array_append_value(inputs, params.as_ptr());
-        let mut outputs = mlx_sys::mlx_vector_array_new();
-        let stream = Stream::gpu();
-        let status = mlx_sys::mlx_fast_cuda_kernel_apply(
-            &mut outputs,
-            kernel,
-            inputs,
-            config,
-            stream.as_ptr(),
-        );
-        let mut out = mlx_sys::mlx_array_new();
-        let got = status == 0
-            && mlx_sys::mlx_vector_array_size(outputs) == 1
-            && mlx_sys::mlx_vector_array_get(&mut out, outputs, 0) == 0;
-        mlx_sys::mlx_vector_array_free(outputs);
-        mlx_sys::mlx_vector_array_free(inputs);
-        mlx_sys::mlx_fast_cuda_kernel_config_free(config);
-        mlx_sys::mlx_fast_cuda_kernel_free(kernel);
-        mlx_sys::mlx_vector_string_free(output_names);
-        mlx_sys::mlx_vector_string_free(inputs_names);
-        if !got {
-            mlx_sys::mlx_array_free(out);
-            bail!("MLX's custom CUDA kernel for the initial values failed (status {status})");
-        }
-        let out = Array::from_ptr(out);
-        debug_assert_eq!(out.dtype(), Dtype::Float32);
-        Ok(out)
-    }
+    let kernel = CudaKernel::new("ftb_init_values", &["params"], &["out"], SOURCE, HEADER)?;
+    let mut out = kernel.apply(&[params], &[(dims, Dtype::Float32)], &[], grid, 256)?;
+    Ok(out.remove(0))
 }
 
 #[cfg(test)]

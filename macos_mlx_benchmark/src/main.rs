@@ -5,8 +5,41 @@
 /// the default; the command line (`--mode`, `--samples`) overrides it.
 const TUNING_MODE: TuningMode = TuningMode::Fast;
 
+#[cfg(not(target_os = "macos"))]
+mod cuda_kernel;
 mod decoder;
 mod device;
+#[cfg(not(target_os = "macos"))]
+mod fused_adamw;
+/// Metal has no fused AdamW kernel yet (`Tuning::fused_adamw` is CUDA-only).
+#[cfg(target_os = "macos")]
+mod fused_adamw {
+    use anyhow::Result;
+    use mlx_rs::Array;
+
+    #[derive(Debug)]
+    pub enum FusedAdamW {}
+
+    impl FusedAdamW {
+        pub fn new() -> Result<Self> {
+            anyhow::bail!("the fused AdamW kernel is CUDA-only")
+        }
+        pub fn apply(
+            &self,
+            _: &Array,
+            _: &Array,
+            _: &Array,
+            _: &Array,
+            _: &Array,
+        ) -> Result<[Array; 3]> {
+            match *self {}
+        }
+    }
+
+    pub fn pack_scalars(_: &[f32; 8], _: &Array) -> Result<Array> {
+        anyhow::bail!("the fused AdamW kernel is CUDA-only")
+    }
+}
 #[cfg(not(target_os = "macos"))]
 mod init;
 mod memory;
@@ -85,5 +118,6 @@ fn preflight(cfg: &Config) -> anyhow::Result<DeviceFacts> {
         // With real tokens only attention sees the padded rows (`decoder::RealTokens`).
         drops_padding: tuning.real_tokens,
         seq_multiple: tuning.seq_multiple,
+        queued_work_bytes: tuning.queued_work_bytes(mlx_device),
     })
 }

@@ -14,12 +14,26 @@ const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 /// The highest active + cache reading since [`start_of_run`], in bytes.
 static PEAK_HELD: AtomicUsize = AtomicUsize::new(0);
 
+/// The highest allocated peak of the windows that [`close_peak_window`] closed since
+/// [`start_of_run`], in bytes (MLX's counter restarts at each window).
+static PEAK_CLOSED: AtomicUsize = AtomicUsize::new(0);
+
+/// `FTB_PROFILE`'s memory per phase: MLX's allocated peak since the last call (or the start of
+/// the run), after which MLX's counter restarts; the run's peak stays the highest of all windows.
+pub fn close_peak_window() -> usize {
+    let peak = mlx_rs::memory::peak_memory().unwrap_or(0);
+    PEAK_CLOSED.fetch_max(peak, Ordering::Relaxed);
+    let _ = mlx_rs::memory::reset_peak_memory();
+    peak
+}
+
 /// A new measurement window: the buffer cache returned (a previous repeat's buffers would count
 /// in this one), the peak-memory counter and the held-memory peak restarted.
 pub fn start_of_run() -> Result<()> {
     mlx_rs::memory::clear_cache().context("clearing MLX's buffer cache")?;
     mlx_rs::memory::reset_peak_memory().context("resetting MLX's peak-memory counter")?;
     PEAK_HELD.store(0, Ordering::Relaxed);
+    PEAK_CLOSED.store(0, Ordering::Relaxed);
     sample_held();
     Ok(())
 }
@@ -45,7 +59,7 @@ pub fn reading(on_gpu: bool) -> MemoryReading {
     };
     let (allocated_gib, allocated_source) = match mlx_rs::memory::peak_memory() {
         Ok(b) => (
-            Some(b as f64 / GIB),
+            Some(b.max(PEAK_CLOSED.load(Ordering::Relaxed)) as f64 / GIB),
             format!("MLX peak_memory: peak bytes of live MLX arrays {place} since the backend was built"),
         ),
         Err(e) => (None, format!("MLX peak_memory failed: {e}")),

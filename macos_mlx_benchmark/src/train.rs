@@ -25,6 +25,7 @@ use crate::decoder::{
     rope_freqs, CausalLM, Compiled, Kernels, MicroBatchArrays, Precision, SwiGlu,
 };
 use crate::device::{self, MlxDevice};
+use crate::fused_adamw::FusedAdamW;
 use crate::tuning::Tuning;
 
 /// The MLX library version: from mlx-sys's build metadata where it is a direct dependency
@@ -56,6 +57,8 @@ pub struct MlxBackend {
     freqs: Array,
     /// [`adamw_update`] compiled into one kernel per tensor (`Tuning::compile`).
     adamw_kernel: Option<Compiled>,
+    /// The update and clipping as one hand-written CUDA kernel per tensor (`Tuning::fused_adamw`).
+    fused_adamw: Option<FusedAdamW>,
     /// Positions computed in the last step by attention (padding columns of
     /// `Tuning::seq_multiple` included) and by everything else (real tokens only with
     /// `Tuning::real_tokens`).
@@ -68,6 +71,12 @@ pub struct MlxBackend {
     /// when an evaluation starts, so these say where the host's time goes: building the graph,
     /// encoding it (`async_eval`), and the step's final evaluation (encoding the rest and waiting).
     profile: Option<std::collections::BTreeMap<&'static str, f64>>,
+    /// With `profile`: the highest MLX allocated peak within each phase over the run, in bytes
+    /// (`backend.details.profile_peak_by_phase_gib`). MLX allocates a kernel's outputs when the
+    /// host encodes it and frees them when the GPU has run it (its CUDA backend keeps every
+    /// input of a recorded graph until the graph completes), so the window of a phase is where its
+    /// memory was asked for, with what the GPU still held from before.
+    profile_peaks: std::collections::BTreeMap<&'static str, usize>,
     /// Seconds spent building the model: making the initial values on the host, and putting them
     /// on the device (the summary's `backend.details.load_breakdown_s`).
     load_host_s: f64,
@@ -232,10 +241,16 @@ impl MlxBackend {
                 let weight_decay = cfg.workload.train.weight_decay != 0.0;
                 Compiled::new(move |x: &[Array]| adamw_update(weight_decay, x))
             }),
+            fused_adamw: if tuning.fused_adamw {
+                Some(FusedAdamW::new()?)
+            } else {
+                None
+            },
             attention_tokens: 0,
             dense_tokens: 0,
             libmlx: device::loaded_libmlx(),
             profile: shared::hooks::flag("FTB_PROFILE")?.then(Default::default),
+            profile_peaks: Default::default(),
             load_host_s,
             load_device_s,
         })
@@ -257,8 +272,8 @@ fn adamw(
     p: &Array,
     g: &Array,
     scalars: &AdamScalars,
-    kernel: Option<&Compiled>,
-) -> Result<Array, Exception> {
+    how: Update<'_>,
+) -> Result<Array> {
     let state_dtype = p.dtype();
     let st = match state.entry(key.clone()) {
         Entry::Occupied(o) => o.into_mut(),
@@ -272,23 +287,43 @@ fn adamw(
         }
     };
     if st.steps + 1 != scalars.t {
-        return Err(Exception::from(
-            "internal: AdamW's bias correction was made for another update count",
-        ));
+        bail!("internal: AdamW's bias correction was made for another update count");
     }
-    let mut x = vec![p.clone(), g.clone(), st.m.clone(), st.v.clone()];
-    x.extend(scalars.arrays.iter().cloned());
-    let out = match kernel {
-        Some(k) => k.call(&x)?,
-        None => adamw_update(scalars.weight_decay, &x)?,
+    let [new_p, m, v]: [Array; 3] = match how {
+        Update::Fused(k) => {
+            let packed = scalars
+                .packed
+                .as_ref()
+                .context("internal: the fused AdamW update without its packed scalars")?;
+            k.apply(p, g, &st.m, &st.v, packed)?
+        }
+        Update::Compiled(_) | Update::Ops => {
+            let mut x = vec![p.clone(), g.clone(), st.m.clone(), st.v.clone()];
+            x.extend(scalars.arrays.iter().cloned());
+            let out = match how {
+                Update::Compiled(k) => k.call(&x)?,
+                _ => adamw_update(scalars.weight_decay, &x)?,
+            };
+            out.try_into().map_err(|_| {
+                anyhow::anyhow!("internal: the AdamW update returned the wrong arity")
+            })?
+        }
     };
-    let [new_p, m, v]: [Array; 3] = out
-        .try_into()
-        .map_err(|_| Exception::from("internal: the AdamW update returned the wrong arity"))?;
     st.m = m;
     st.v = v;
     st.steps += 1;
     Ok(new_p)
+}
+
+/// How a tensor's AdamW update is computed.
+#[derive(Clone, Copy)]
+enum Update<'a> {
+    /// MLX operations ([`adamw_update`]).
+    Ops,
+    /// The same operations, compiled into one kernel (`Tuning::compile`).
+    Compiled(&'a Compiled),
+    /// One hand-written CUDA kernel, clipping included (`Tuning::fused_adamw`).
+    Fused(&'a FusedAdamW),
 }
 
 /// AdamW's scalars for one step, as fp32 arrays made once per step and shared by every tensor's
@@ -300,10 +335,14 @@ struct AdamScalars {
     t: u64,
     weight_decay: bool,
     arrays: Vec<Array>,
+    /// For the fused kernel: the eight in one fp32 array, then the clipping coefficient.
+    packed: Option<Array>,
 }
 
 impl AdamScalars {
-    fn new(tc: &TrainConfig, lr: f64, t: u64) -> Result<Self, Exception> {
+    /// `clip`: the fused kernel's clipping coefficient (a `[]` array on the device), which also
+    /// asks for the packed form.
+    fn new(tc: &TrainConfig, lr: f64, t: u64, clip: Option<&Array>) -> Result<Self> {
         let ti = t as i32;
         let v = [
             1.0 - lr * tc.weight_decay,
@@ -315,12 +354,24 @@ impl AdamScalars {
             1.0 - tc.beta2,
             tc.eps,
         ];
-        let arrays: Vec<Array> = v.iter().map(|&x| Array::from_f32(x as f32)).collect();
-        eval(arrays.iter())?;
+        let eight = v.map(|x| x as f32);
+        let (arrays, packed) = match clip {
+            // The fused kernel reads the packed form only.
+            Some(c) => (
+                Vec::new(),
+                Some(crate::fused_adamw::pack_scalars(&eight, c)?),
+            ),
+            None => {
+                let a: Vec<Array> = eight.iter().map(|&x| Array::from_f32(x)).collect();
+                eval(a.iter())?;
+                (a, None)
+            }
+        };
         Ok(Self {
             t,
             weight_decay: tc.weight_decay != 0.0,
             arrays,
+            packed,
         })
     }
 }
@@ -328,7 +379,7 @@ impl AdamScalars {
 /// `[p, g, m, v, decay, step_size, 1/sqrt(1 - b2^t), b1, 1 - b1, b2, 1 - b2, eps]` ->
 /// `[p', m', v']` in fp32 arithmetic, rounded to the parameter's and the state's dtypes (see
 /// [`adamw`]).
-fn adamw_update(weight_decay: bool, x: &[Array]) -> Result<Vec<Array>, Exception> {
+pub(crate) fn adamw_update(weight_decay: bool, x: &[Array]) -> Result<Vec<Array>, Exception> {
     let f32 = Dtype::Float32;
     let (p, g, m, v) = (&x[0], &x[1], &x[2], &x[3]);
     let (decay, step_size, inv_bc2_sqrt) = (&x[4], &x[5], &x[6]);
@@ -378,7 +429,10 @@ impl MlxBackend {
         if let Some(p) = &mut self.profile {
             let now = Instant::now();
             *p.entry(phase).or_default() += now.duration_since(*mark).as_secs_f64();
-            *mark = now;
+            let peak = crate::memory::close_peak_window();
+            let e = self.profile_peaks.entry(phase).or_default();
+            *e = (*e).max(peak);
+            *mark = Instant::now();
         }
     }
 
@@ -406,6 +460,7 @@ impl MlxBackend {
                 t.seq_multiple,
                 t.fast_kernels,
                 t.real_tokens,
+                t.real_multiple,
             )?;
             self.attention_tokens += arrays.attention_tokens;
             self.dense_tokens += arrays.dense_tokens;
@@ -465,6 +520,12 @@ impl MlxBackend {
                 .collect::<Result<_, Exception>>()?,
         };
         let loss = loss.unwrap_or_else(|| Array::from_f32(0.0));
+        if self.profile.is_some() {
+            // Profiling only: the last micro-batch encoded on its own, not inside the first
+            // tensor's update, so that its time and memory are its own phase.
+            async_eval(grads.values().chain(std::iter::once(&loss)))?;
+            self.charge("eval_last_micro_batch", &mut mark);
+        }
 
         // Global gradient norm (fp32), then clipping: coef = max / (norm + 1e-6), applied if < 1.
         let mut sq = Array::from_f32(0.0);
@@ -472,22 +533,37 @@ impl MlxBackend {
             sq = sq.add(g.as_dtype(Dtype::Float32)?.square()?.sum(None)?)?;
         }
         let grad_norm = sq.sqrt()?;
-        if self.train.max_grad_norm > 0.0 {
+        let coef = if self.train.max_grad_norm > 0.0 {
             let coef = Array::from_f32(self.train.max_grad_norm as f32)
                 .divide(grad_norm.add(Array::from_f32(1e-6))?)?;
-            let coef = ops::minimum(&coef, Array::from_f32(1.0))?;
+            Some(ops::minimum(&coef, Array::from_f32(1.0))?)
+        } else {
+            None
+        };
+        // The fused kernel multiplies by the coefficient itself (1 without clipping).
+        let fused_clip = match (&self.fused_adamw, &coef) {
+            (None, _) => None,
+            (Some(_), Some(c)) => Some(c.clone()),
+            (Some(_), None) => Some(Array::from_f32(1.0)),
+        };
+        if let (None, Some(coef)) = (&self.fused_adamw, &coef) {
             for g in grads.values_mut() {
                 // In fp32, rounded back to the gradient's dtype.
                 *g = g
                     .as_dtype(Dtype::Float32)?
-                    .multiply(&coef)?
+                    .multiply(coef)?
                     .as_dtype(g.dtype())?;
             }
         }
 
         // AdamW over the trainable tensors, then write the new values into the model.
         let t = self.optimizer.values().next().map_or(1, |s| s.steps + 1);
-        let scalars = AdamScalars::new(&self.train, lr, t)?;
+        let scalars = AdamScalars::new(&self.train, lr, t, fused_clip.as_ref())?;
+        let how = match (&self.fused_adamw, &self.adamw_kernel) {
+            (Some(k), _) => Update::Fused(k),
+            (None, Some(k)) => Update::Compiled(k),
+            (None, None) => Update::Ops,
+        };
         let mut updated: Vec<(Rc<str>, Array)> = Vec::with_capacity(grads.len());
         {
             let params = self.model.parameters().flatten();
@@ -498,14 +574,7 @@ impl MlxBackend {
                     .get(k)
                     .with_context(|| format!("internal: gradient for unknown parameter {k}"))?;
                 let p = (*p).clone();
-                let new_p = adamw(
-                    &mut self.optimizer,
-                    k,
-                    &p,
-                    &grads[k],
-                    &scalars,
-                    self.adamw_kernel.as_ref(),
-                )?;
+                let new_p = adamw(&mut self.optimizer, k, &p, &grads[k], &scalars, how)?;
                 // One tensor at a time: the update's fp32 temporaries (parameter, gradient, both
                 // moments) then exist for one tensor, not for every trainable tensor at once. Not
                 // a sync: the host goes on to the next tensor.
@@ -578,6 +647,15 @@ impl Backend for MlxBackend {
             details.insert(
                 "profile_by_phase_total_s".into(),
                 serde_json::to_value(p).unwrap_or_default(),
+            );
+            let gib: std::collections::BTreeMap<_, f64> = self
+                .profile_peaks
+                .iter()
+                .map(|(k, v)| (*k, *v as f64 / (1u64 << 30) as f64))
+                .collect();
+            details.insert(
+                "profile_peak_by_phase_gib".into(),
+                serde_json::to_value(gib).unwrap_or_default(),
             );
         }
         details.insert(

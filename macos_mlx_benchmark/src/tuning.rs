@@ -43,31 +43,51 @@ pub struct Tuning {
     /// (two gathers per layer against 25-40 % fewer positions in the products); off on the CPU,
     /// where the plan's padding is small and the parity reference keeps the plain layout.
     pub real_tokens: bool,
+    /// With `real_tokens`: the `[N, width]` matrices get spare rows up to a multiple of this (rows
+    /// that nothing reads, so their gradient is zero). Fewer distinct shapes: MLX's CUDA allocator
+    /// reuses a cached buffer only within 32 KiB of the size asked for, and its CUDA-graph cache
+    /// keys graphs by their kernels' shapes.
+    pub real_multiple: usize,
     /// MLX's CUDA backend records its kernels into CUDA graphs (its default) or launches them one
     /// by one (`MLX_USE_CUDA_GRAPHS=0`, which the binary then sets before MLX starts). CUDA only.
-    /// Measured on the H200 (4,096 records, MLX 0.32.2): with graphs, LoRA (about twice the
-    /// kernels per step of full fine-tuning: the adapters' small products) outgrows the graph
-    /// cache, which raised "Cache thrashing" at MLX's 400 graphs and failed in
-    /// `cudaGraphInstantiate` with out of memory at 4,000 (step 40); without graphs it completes
-    /// (14,894 input tokens/s). Full fine-tuning is the reverse: with graphs it completes (10,805,
-    /// 86.9 GiB), without them the host runs ahead and it ran out of memory at 133 GiB.
+    /// Graphs bound what queued work holds (`queue_mb`); without them MLX queues up to 1,000
+    /// operations whatever their size. Measured on the H200 (MLX 0.32.2): full fine-tuning
+    /// without graphs ran out of memory at 133 GiB; LoRA (512 records) held 86.9 GiB without
+    /// graphs against 45.5 with them, for 17 % more speed (10,495 against 8,951 input tokens/s).
+    /// Before `real_multiple` and the fused AdamW, LoRA with graphs outgrew the graph cache
+    /// ("Cache thrashing" at MLX's 400 graphs; `cudaGraphInstantiate` out of memory at 4,000,
+    /// step 40 of 64), and its default was no graphs.
     pub cuda_graphs: bool,
+    /// The AdamW update and gradient clipping as one hand-written CUDA kernel per tensor
+    /// (`fused_adamw.rs`) instead of about 21 MLX operations, each a kernel with an fp32
+    /// temporary of the tensor's size. The same arithmetic, rounding for rounding. CUDA only.
+    pub fused_adamw: bool,
+    /// With `cuda_graphs`: MLX's CUDA backend ends a graph once its kernels' inputs pass this many
+    /// MiB (`MLX_MAX_MB_PER_BUFFER`; MLX's default on an H100/H200 is 1000) and keeps every input
+    /// of a graph allocated until the GPU has run it, with up to 10 graphs queued before the host
+    /// waits. So queued work holds up to about 11 x this beyond the live tensors. Measured on the
+    /// H200 (last-n, 512 records): 250 held 18.3 GiB against 23.8 at 1000, at the same speed
+    /// (19,233 against 18,623 input tokens/s). CUDA only.
+    pub queue_mb: usize,
 }
 
 impl Tuning {
-    pub fn default_for(device: MlxDevice, strategy: StrategyKind) -> Self {
+    pub fn default_for(device: MlxDevice, _strategy: StrategyKind) -> Self {
         match device {
             MlxDevice::Cuda => Tuning {
                 seq_multiple: 128,
                 fast_kernels: true,
+                queue_mb: 250,
                 // Measured on the H200 (MLX 0.32.2): no steady gain (18,778 against 18,715 input
                 // tokens/s, last-n) for 30 s of run-time compilation in the first step.
                 compile: false,
-                // Without CUDA graphs (LoRA) the host already runs ahead of the GPU; overlapping
-                // micro-batches on top only holds more activations at once.
-                overlap: strategy != StrategyKind::Lora,
+                overlap: true,
                 real_tokens: true,
-                cuda_graphs: strategy != StrategyKind::Lora,
+                // Measured on the H200 (last-n, 512 records): 20,206 input tokens/s at 1024,
+                // 19,045 at 128, 18,623 at 1 (no spare rows).
+                real_multiple: 1024,
+                cuda_graphs: true,
+                fused_adamw: true,
             },
             MlxDevice::Metal => Tuning {
                 seq_multiple: 32,
@@ -75,7 +95,10 @@ impl Tuning {
                 compile: true,
                 overlap: true,
                 real_tokens: true,
+                real_multiple: 1,
                 cuda_graphs: true,
+                fused_adamw: false,
+                queue_mb: 0,
             },
             MlxDevice::Cpu => Tuning {
                 seq_multiple: 1,
@@ -83,13 +106,16 @@ impl Tuning {
                 compile: false,
                 overlap: false,
                 real_tokens: false,
+                real_multiple: 1,
                 cuda_graphs: true,
+                fused_adamw: false,
+                queue_mb: 0,
             },
         }
     }
 
     /// The defaults for `device`, with any `FTB_MLX_SEQ_MULTIPLE`, `FTB_MLX_FAST_KERNELS`,
-    /// `FTB_MLX_COMPILE`, `FTB_MLX_OVERLAP`, `FTB_MLX_REAL_TOKENS` applied. A value that does not parse is a usage error.
+    /// `FTB_MLX_COMPILE`, `FTB_MLX_OVERLAP`, `FTB_MLX_REAL_TOKENS`, `FTB_MLX_FUSED_ADAMW` applied. A value that does not parse is a usage error.
     pub fn for_device(device: MlxDevice, strategy: StrategyKind) -> Result<Self, ConfigError> {
         Self::with_env(device, strategy, |k| std::env::var(k).ok())
     }
@@ -128,13 +154,51 @@ impl Tuning {
                     )
                 })?;
         }
+        if let Some(v) = var("FTB_MLX_REAL_MULTIPLE") {
+            t.real_multiple = v
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|m| (1..=65536).contains(m))
+                .ok_or_else(|| {
+                    bad(
+                        "FTB_MLX_REAL_MULTIPLE",
+                        &v,
+                        "use a whole number from 1 to 65536, or unset it",
+                    )
+                })?;
+        }
         flag("FTB_MLX_FAST_KERNELS", &mut t.fast_kernels)?;
         flag("FTB_MLX_COMPILE", &mut t.compile)?;
         flag("FTB_MLX_OVERLAP", &mut t.overlap)?;
         flag("FTB_MLX_REAL_TOKENS", &mut t.real_tokens)?;
+        flag("FTB_MLX_FUSED_ADAMW", &mut t.fused_adamw)?;
+        if t.fused_adamw && device != MlxDevice::Cuda {
+            return Err(bad(
+                "FTB_MLX_FUSED_ADAMW",
+                var("FTB_MLX_FUSED_ADAMW").as_deref().unwrap_or_default(),
+                "the fused AdamW kernel is written for MLX's CUDA backend only: unset it or set it to 0 on this device",
+            ));
+        }
         // MLX's own switch wins over the default ("0" = off, as MLX reads it).
         if let Some(v) = var("MLX_USE_CUDA_GRAPHS") {
             t.cuda_graphs = v.trim() != "0";
+        }
+        if device == MlxDevice::Cuda {
+            if let Some(v) = var("MLX_MAX_MB_PER_BUFFER") {
+                t.queue_mb = v
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|m| *m >= 1)
+                    .ok_or_else(|| {
+                        bad(
+                            "MLX_MAX_MB_PER_BUFFER",
+                            &v,
+                            "use a whole number of MiB, 1 or more, or unset it",
+                        )
+                    })?;
+            }
         }
         Ok(t)
     }
@@ -145,6 +209,21 @@ impl Tuning {
         if device == MlxDevice::Cuda && !self.cuda_graphs {
             std::env::set_var("MLX_USE_CUDA_GRAPHS", "0");
         }
+        if device == MlxDevice::Cuda && std::env::var_os("MLX_MAX_MB_PER_BUFFER").is_none() {
+            std::env::set_var("MLX_MAX_MB_PER_BUFFER", self.queue_mb.to_string());
+        }
+    }
+
+    /// What queued GPU work can hold beyond the live tensors, in bytes: with CUDA graphs, 10
+    /// queued graphs and the one being recorded, each up to `queue_mb` of inputs (see
+    /// `queue_mb`). Without graphs MLX bounds the queue by operations only (100 a batch); the same
+    /// figure is then a floor: LoRA without graphs measured 86.9 GiB against 45.5 with them.
+    pub fn queued_work_bytes(self, device: MlxDevice) -> u64 {
+        if device == MlxDevice::Cuda {
+            11 * self.queue_mb as u64 * (1 << 20)
+        } else {
+            0
+        }
     }
 
     pub fn to_json(self) -> serde_json::Value {
@@ -154,7 +233,10 @@ impl Tuning {
             "compile": self.compile,
             "overlap": self.overlap,
             "real_tokens": self.real_tokens,
+            "real_multiple": self.real_multiple,
             "cuda_graphs": self.cuda_graphs,
+            "fused_adamw": self.fused_adamw,
+            "queue_mb": self.queue_mb,
         })
     }
 }
@@ -181,7 +263,13 @@ mod tests {
         assert!(!d(MlxDevice::Cuda).compile);
         assert!(d(MlxDevice::Cuda).cuda_graphs);
         let lora = Tuning::default_for(MlxDevice::Cuda, StrategyKind::Lora);
-        assert!(!lora.cuda_graphs && !lora.overlap);
+        assert!(lora.cuda_graphs && lora.overlap);
+        // Queued work: 11 graphs of 250 MiB on CUDA, nothing counted elsewhere.
+        assert_eq!(
+            d(MlxDevice::Cuda).queued_work_bytes(MlxDevice::Cuda),
+            (11 * 250) << 20
+        );
+        assert_eq!(d(MlxDevice::Cpu).queued_work_bytes(MlxDevice::Cpu), 0);
     }
 
     #[test]
@@ -203,11 +291,31 @@ mod tests {
             ("FTB_MLX_SEQ_MULTIPLE", "abc"),
             ("FTB_MLX_FAST_KERNELS", "yes please"),
             ("FTB_MLX_OVERLAP", "2"),
+            ("FTB_MLX_REAL_MULTIPLE", "0"),
         ] {
             let e = Tuning::with_env(MlxDevice::Cuda, StrategyKind::Full, env(&[(k, v)]))
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(k) && e.contains(v), "{e}");
         }
+        // The fused AdamW kernel is CUDA's: on by default there, refused elsewhere.
+        assert!(Tuning::default_for(MlxDevice::Cuda, StrategyKind::LastN).fused_adamw);
+        let off = Tuning::with_env(
+            MlxDevice::Cuda,
+            StrategyKind::LastN,
+            env(&[("FTB_MLX_FUSED_ADAMW", "0")]),
+        );
+        assert!(!off.unwrap().fused_adamw);
+        let e = Tuning::with_env(
+            MlxDevice::Cpu,
+            StrategyKind::LastN,
+            env(&[("FTB_MLX_FUSED_ADAMW", "1")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("FTB_MLX_FUSED_ADAMW") && e.contains("CUDA"),
+            "{e}"
+        );
     }
 }

@@ -170,6 +170,10 @@ pub struct DeviceFacts {
     /// The backend rounds every micro-batch's sequence length up to a multiple of this (1: no
     /// rounding), adding padding columns the estimate must count (MLX on CUDA: 128).
     pub seq_multiple: usize,
+    /// What the backend's queued, not yet run GPU work can hold beyond the live tensors (MLX on
+    /// CUDA keeps every input of a queued graph until it has run); it must be free too, but is no
+    /// part of the live-tensor peak the estimate is compared with. 0 for PyTorch.
+    pub queued_work_bytes: u64,
 }
 
 /// The preflight a binary gets when it names none: the device from `--device` (`auto`: CUDA
@@ -194,6 +198,7 @@ pub fn default_device_facts(cfg: &Config) -> Result<DeviceFacts> {
         precision: Precision::resolve(cfg.run.dtype, device.is_gpu()),
         drops_padding: false,
         seq_multiple: 1,
+        queued_work_bytes: 0,
     })
 }
 
@@ -351,6 +356,7 @@ pub fn main_with_preflight<B: Backend>(
             &p.steps
         },
     );
+    let estimate = estimate.with_queued_work(facts.queued_work_bytes);
     if args.plan {
         print_plan(&cfg, p, &facts, &estimate);
         warn_if_it_will_not_fit(framework, &cfg, p, &facts, &estimate);

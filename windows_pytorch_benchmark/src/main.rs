@@ -108,5 +108,6 @@ fn preflight(cfg: &shared::config::Config) -> anyhow::Result<DeviceFacts> {
         precision,
         drops_padding: attention == train::AttentionMode::Varlen,
         seq_multiple: 1,
+        queued_work_bytes: 0,
     })
 }

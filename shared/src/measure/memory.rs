@@ -150,6 +150,10 @@ pub struct MemoryEstimate {
     pub attention_mask_bytes: u64,
     /// CUDA context and library workspaces (assumed); 0 elsewhere. Not in `peak_bytes`.
     pub runtime_bytes: u64,
+    /// Inputs of queued GPU work the framework keeps until it has run (MLX on CUDA; see
+    /// `runner::DeviceFacts::queued_work_bytes`); 0 elsewhere. Not in `peak_bytes`.
+    #[serde(default)]
+    pub queued_work_bytes: u64,
     /// Blocks whose activations are kept for backward.
     pub blocks_with_grad: usize,
     /// The micro-batch the per-micro-batch figures are for: padded tokens (rows × length).
@@ -164,11 +168,18 @@ impl MemoryEstimate {
         self.peak_bytes as f64 / GIB
     }
 
+    /// The same estimate with `bytes` of queued work added to what must be free.
+    pub fn with_queued_work(mut self, bytes: u64) -> Self {
+        self.required_free_bytes = self.required_free_bytes - self.queued_work_bytes + bytes;
+        self.queued_work_bytes = bytes;
+        self
+    }
+
     /// One line per component, for `--plan` and the first lines of a run.
     pub fn lines(&self) -> Vec<String> {
         let g = |b: u64| format!("{:.2} GiB", b as f64 / GIB);
         let mut v = vec![format!(
-            "memory estimate ({}): peak allocated {} = weights {} (LoRA adapters {}) + gradients {} + AdamW moments {} + activations {} + LM head/loss {} + weight casts {} + transient {} + attention masks {}; needs {} free with the runtime's {}",
+            "memory estimate ({}): peak allocated {} = weights {} (LoRA adapters {}) + gradients {} + AdamW moments {} + activations {} + LM head/loss {} + weight casts {} + transient {} + attention masks {}; needs {} free with the runtime's {}{}",
             self.dtype,
             g(self.peak_bytes),
             g(self.weights_bytes),
@@ -182,6 +193,11 @@ impl MemoryEstimate {
             g(self.attention_mask_bytes),
             g(self.required_free_bytes),
             g(self.runtime_bytes),
+            if self.queued_work_bytes > 0 {
+                format!(" and queued GPU work's {}", g(self.queued_work_bytes))
+            } else {
+                String::new()
+            },
         )];
         v.push(format!(
             "  worst micro-batch: {} rows x {} tokens = {} padded tokens, {} loss tokens; activations kept in {} blocks",
@@ -501,6 +517,7 @@ pub fn estimate_for(
         transient_bytes: transient,
         attention_mask_bytes: masks,
         runtime_bytes: runtime,
+        queued_work_bytes: 0,
         blocks_with_grad: g,
         micro_batch_padded_tokens: worst_mb.map_or(0, |m| m.rows * m.seq_len),
         micro_batch_loss_tokens: worst_mb.map_or(0, |m| m.loss_tokens),
@@ -844,6 +861,29 @@ mod tests {
         );
         assert_eq!(half.activations_bytes * 2, bf16.activations_bytes);
         assert_eq!(half.head_bytes * 2, bf16.head_bytes);
+    }
+
+    #[test]
+    fn queued_work_counts_in_what_must_be_free_not_in_the_peak() {
+        let shape = ModelShape::tiny();
+        let s = strategy(StrategyKind::Full);
+        let steps = one_micro_batch(2, 16, 20);
+        let e = estimate_for(
+            Framework::Mlx,
+            &shape,
+            &s,
+            Precision::Bf16,
+            DeviceKind::Cuda(0),
+            &steps,
+        );
+        let q = e.clone().with_queued_work(1000);
+        assert_eq!(q.peak_bytes, e.peak_bytes);
+        assert_eq!(q.required_free_bytes, e.required_free_bytes + 1000);
+        // Applying it again replaces, never adds twice.
+        let q2 = q.clone().with_queued_work(10);
+        assert_eq!(q2.required_free_bytes, e.required_free_bytes + 10);
+        assert!(q.lines()[0].contains("queued GPU work"));
+        assert!(!e.lines()[0].contains("queued GPU work"));
     }
 
     #[test]
