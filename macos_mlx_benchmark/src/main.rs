@@ -7,6 +7,7 @@ const TUNING_MODE: TuningMode = TuningMode::Fast;
 
 #[cfg(not(target_os = "macos"))]
 mod cuda_kernel;
+mod decoder;
 mod device;
 #[cfg(not(target_os = "macos"))]
 mod fused_adamw;
@@ -44,7 +45,6 @@ mod init;
 mod memory;
 #[cfg(target_os = "linux")]
 mod openblas;
-mod phi3;
 mod train;
 mod tuning;
 
@@ -115,7 +115,7 @@ fn preflight(cfg: &Config) -> anyhow::Result<DeviceFacts> {
     Ok(DeviceFacts {
         device,
         precision: Precision::resolve(cfg.run.dtype, device.is_gpu()),
-        // With real tokens only attention sees the padded rows (`phi3::RealTokens`).
+        // With real tokens only attention sees the padded rows (`decoder::RealTokens`).
         drops_padding: tuning.real_tokens,
         seq_multiple: tuning.seq_multiple,
         queued_work_bytes: tuning.queued_work_bytes(mlx_device),

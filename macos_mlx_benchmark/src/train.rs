@@ -21,11 +21,11 @@ use shared::runner::{Backend, Calibration, MemoryReading, StepReport};
 use shared::summary::BackendInfo;
 use shared::workload::Prepared;
 
+use crate::decoder::{
+    rope_freqs, CausalLM, Compiled, Kernels, MicroBatchArrays, Precision, SwiGlu,
+};
 use crate::device::{self, MlxDevice};
 use crate::fused_adamw::FusedAdamW;
-use crate::phi3::{
-    rope_freqs, Compiled, Kernels, MicroBatchArrays, Phi3ForCausalLM, Precision, SwiGlu,
-};
 use crate::tuning::Tuning;
 
 /// The MLX library version: from mlx-sys's build metadata where it is a direct dependency
@@ -45,7 +45,7 @@ struct AdamState {
 }
 
 pub struct MlxBackend {
-    model: Phi3ForCausalLM,
+    model: CausalLM,
     precision: Precision,
     device: MlxDevice,
     device_name: String,
@@ -53,7 +53,7 @@ pub struct MlxBackend {
     optimizer: HashMap<Rc<str>, AdamState>,
     counts: ParamCounts,
     tuning: Tuning,
-    /// RoPE wavelengths on the device (`phi3::rope_freqs`).
+    /// RoPE wavelengths on the device (`decoder::rope_freqs`).
     freqs: Array,
     /// [`adamw_update`] compiled into one kernel per tensor (`Tuning::compile`).
     adamw_kernel: Option<Compiled>,
@@ -175,7 +175,7 @@ impl MlxBackend {
             fast_norm: tuning.fast_kernels,
             swiglu: SwiGlu::new(tuning.compile),
         };
-        let model = Phi3ForCausalLM::from_tensors(&shape, strategy, kernels, tensors)?;
+        let model = CausalLM::from_tensors(&shape, strategy, kernels, tensors)?;
 
         // The counts the summary reports come from shared; check them against the arrays.
         let counts = shape.parameter_counts(strategy);
@@ -465,7 +465,7 @@ impl MlxBackend {
             )?;
             self.attention_tokens += arrays.attention_tokens;
             self.dense_tokens += arrays.dense_tokens;
-            let loss_fn = |model: &mut Phi3ForCausalLM,
+            let loss_fn = |model: &mut CausalLM,
                            (a, denom): (&MicroBatchArrays, &Array)|
              -> Result<Array, Exception> {
                 let logits = model.forward(&a.forward_inputs())?;

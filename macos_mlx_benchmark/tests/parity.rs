@@ -106,35 +106,122 @@ fn max_rel_diff(a: &[f64], b: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Runs both binaries (CPU, fp32) with `extra`: the same workload and parameter counts, and
+/// per-step losses within 1e-3 (relative). Returns the PyTorch run's summary and its losses.
+fn assert_same_losses(torch: &Path, mlx: &Path, extra: &[&str]) -> shared::summary::Summary {
+    let what = extra.join(" ");
+    let (dt, dm) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let t = run(torch, dt.path(), extra);
+    let m = run(mlx, dm.path(), extra);
+    assert_eq!(t.workload.hash, m.workload.hash, "{what}: same workload");
+    assert_eq!(
+        t.workload.parameters, m.workload.parameters,
+        "{what}: parameter counts"
+    );
+    assert_eq!(
+        (t.backend.framework.as_str(), m.backend.framework.as_str()),
+        ("pytorch", "mlx")
+    );
+    let (lt, lm) = (&t.metrics.loss_curve, &m.metrics.loss_curve);
+    assert_eq!(lt.len(), 8);
+    let d = max_rel_diff(lt, lm);
+    eprintln!("{what}: max relative loss difference {d:.2e}");
+    assert!(
+        d < 1e-3,
+        "{what}: losses differ by {d:.2e}\n pytorch {lt:?}\n mlx     {lm:?}"
+    );
+    t
+}
+
 #[test]
 fn both_frameworks_compute_the_same_losses() {
     let Some(torch) = pytorch_bin() else { return };
     let mlx = mlx_bin();
     for strategy in ["last-n", "full", "lora"] {
         for plan in ["padded", "packed"] {
-            let (dt, dm) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-            let extra = ["--strategy", strategy, "--batch-plan", plan];
-            let t = run(&torch, dt.path(), &extra);
-            let m = run(&mlx, dm.path(), &extra);
-            assert_eq!(
-                t.workload.hash, m.workload.hash,
-                "{strategy}/{plan}: same workload"
+            assert_same_losses(
+                &torch,
+                &mlx,
+                &["--strategy", strategy, "--batch-plan", plan],
+            );
+        }
+    }
+}
+
+/// The same for every other family (tiny shapes: grouped-query attention, tied heads, Llama 3's
+/// RoPE frequencies, Qwen3's q/k norm and head width): every strategy on padded rows, and packed
+/// rows (RoPE from tables at restarting positions, document masks) for full fine-tuning.
+#[test]
+fn every_family_computes_the_same_losses() {
+    let Some(torch) = pytorch_bin() else { return };
+    let mlx = mlx_bin();
+    for model in ["tiny-llama", "tiny-qwen3"] {
+        for (strategy, plan) in [
+            ("last-n", "padded"),
+            ("full", "padded"),
+            ("lora", "padded"),
+            ("full", "packed"),
+        ] {
+            let extra = [
+                "--model",
+                model,
+                "--strategy",
+                strategy,
+                "--batch-plan",
+                plan,
+            ];
+            let t = assert_same_losses(&torch, &mlx, &extra);
+            let want = shared::model::ModelShape::from_preset(
+                <shared::config::ModelPreset as clap::ValueEnum>::from_str(model, true).unwrap(),
             );
             assert_eq!(
-                t.workload.parameters, m.workload.parameters,
-                "{strategy}/{plan}: parameter counts"
+                t.workload.model_shape, want,
+                "{extra:?}: the family's shape"
             );
-            assert_eq!(
-                (t.backend.framework.as_str(), m.backend.framework.as_str()),
-                ("pytorch", "mlx")
+            // The losses move: a model that did not train would agree trivially.
+            let l = &t.metrics.loss_curve;
+            assert!(l[7] < l[0] - 0.05, "{extra:?}: no training: {l:?}");
+        }
+    }
+}
+
+/// Safetensors checkpoints of each new family load by name in both binaries: a tiny Llama 3 and
+/// Qwen3 checkpoint written from seed 7 (`shared::model::write_checkpoint`, Hugging Face names,
+/// tied heads without `lm_head.weight`) trains exactly as the random initialisation from seed 7
+/// does, in each binary.
+#[test]
+fn checkpoints_of_each_family_load_by_name() {
+    let Some(torch) = pytorch_bin() else { return };
+    let mlx = mlx_bin();
+    for (model, preset) in [
+        ("tiny-llama", shared::config::ModelPreset::TinyLlama),
+        ("tiny-qwen3", shared::config::ModelPreset::TinyQwen3),
+    ] {
+        let ckpt = tempfile::tempdir().unwrap();
+        let shape = shared::model::ModelShape::from_preset(preset);
+        shared::model::write_checkpoint(ckpt.path(), &shape, 7).unwrap();
+        let dir = ckpt.path().to_str().unwrap();
+        for bin in [&torch, &mlx] {
+            let (dr, dc) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let random = run(bin, dr.path(), &["--model", model, "--strategy", "full"]);
+            let loaded = run(
+                bin,
+                dc.path(),
+                &[
+                    "--model",
+                    dir,
+                    "--weights",
+                    "pretrained",
+                    "--strategy",
+                    "full",
+                ],
             );
-            let (lt, lm) = (&t.metrics.loss_curve, &m.metrics.loss_curve);
-            assert_eq!(lt.len(), 8);
-            let d = max_rel_diff(lt, lm);
-            eprintln!("{strategy}/{plan}: max relative loss difference {d:.2e}");
+            assert_eq!(loaded.workload.parameters, random.workload.parameters);
+            let d = max_rel_diff(&random.metrics.loss_curve, &loaded.metrics.loss_curve);
             assert!(
-                d < 1e-3,
-                "{strategy}/{plan}: losses differ by {d:.2e}\n pytorch {lt:?}\n mlx     {lm:?}"
+                d < 1e-6,
+                "{model} via {}: the checkpoint trains differently ({d:.2e})",
+                bin.display()
             );
         }
     }
@@ -186,23 +273,34 @@ fn both_frameworks_compute_the_same_losses_on_the_gpu() {
         );
         return;
     }
-    for strategy in ["last-n", "full", "lora"] {
-        for plan in ["padded", "packed"] {
-            let (dt, dm) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-            let extra = ["--strategy", strategy, "--batch-plan", plan];
-            let t = run_on(&torch, dt.path(), "cuda", &extra);
-            let m = run_on(&mlx, dm.path(), "gpu", &extra);
-            assert_eq!(t.workload.hash, m.workload.hash, "{strategy}/{plan}");
-            assert!(t.backend.device.starts_with("cuda"), "{}", t.backend.device);
-            assert_eq!(m.backend.device, "cuda:0", "MLX on its CUDA backend");
-            let (lt, lm) = (&t.metrics.loss_curve, &m.metrics.loss_curve);
-            assert_eq!(lt.len(), 8);
-            let d = max_rel_diff(lt, lm);
-            eprintln!("gpu {strategy}/{plan}: max relative loss difference {d:.2e}");
-            assert!(
-                d < 1e-5,
-                "gpu {strategy}/{plan}: losses differ by {d:.2e}\n pytorch {lt:?}\n mlx     {lm:?}"
-            );
+    // Every family (tiny shapes) through both GPU paths.
+    for model in ["tiny", "tiny-llama", "tiny-qwen3"] {
+        for strategy in ["last-n", "full", "lora"] {
+            for plan in ["padded", "packed"] {
+                let (dt, dm) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+                let extra = [
+                    "--model",
+                    model,
+                    "--strategy",
+                    strategy,
+                    "--batch-plan",
+                    plan,
+                ];
+                let t = run_on(&torch, dt.path(), "cuda", &extra);
+                let m = run_on(&mlx, dm.path(), "gpu", &extra);
+                let what = format!("gpu {model} {strategy}/{plan}");
+                assert_eq!(t.workload.hash, m.workload.hash, "{what}");
+                assert!(t.backend.device.starts_with("cuda"), "{}", t.backend.device);
+                assert_eq!(m.backend.device, "cuda:0", "MLX on its CUDA backend");
+                let (lt, lm) = (&t.metrics.loss_curve, &m.metrics.loss_curve);
+                assert_eq!(lt.len(), 8);
+                let d = max_rel_diff(lt, lm);
+                eprintln!("{what}: max relative loss difference {d:.2e}");
+                assert!(
+                    d < 1e-5,
+                    "{what}: losses differ by {d:.2e}\n pytorch {lt:?}\n mlx     {lm:?}"
+                );
+            }
         }
     }
 }
@@ -226,19 +324,34 @@ fn the_gpu_layout_computes_the_same_losses() {
         ("FTB_MLX_REAL_TOKENS", "0"),
         ("FTB_MLX_FAST_KERNELS", "0"),
     ];
-    for strategy in ["full", "lora"] {
+    // Phi-3 with both strategies that touch every projection; the other families (split
+    // projections, q/k norm over the real tokens, fused RoPE with Llama 3's frequencies) full.
+    let cases = [
+        ("tiny", "full"),
+        ("tiny", "lora"),
+        ("tiny-llama", "full"),
+        ("tiny-qwen3", "full"),
+    ];
+    for (model, strategy) in cases {
         for plan in ["padded", "packed"] {
             let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-            let extra = ["--strategy", strategy, "--batch-plan", plan];
+            let extra = [
+                "--model",
+                model,
+                "--strategy",
+                strategy,
+                "--batch-plan",
+                plan,
+            ];
             let a = run_env(&mlx, da.path(), "cpu", &extra, &plain);
             let b = run_env(&mlx, db.path(), "cpu", &extra, &gpu_layout);
             assert_eq!(b.backend.details["tuning"]["real_tokens"], true);
             assert_eq!(b.backend.details["tuning"]["spread_padding"], true);
             let d = max_rel_diff(&a.metrics.loss_curve, &b.metrics.loss_curve);
-            eprintln!("layout {strategy}/{plan}: max relative loss difference {d:.2e}");
+            eprintln!("layout {model} {strategy}/{plan}: max relative loss difference {d:.2e}");
             assert!(
                 d < 1e-5,
-                "{strategy}/{plan}: {d:.2e}\n plain {:?}\n gpu   {:?}",
+                "{model} {strategy}/{plan}: {d:.2e}\n plain {:?}\n gpu   {:?}",
                 a.metrics.loss_curve,
                 b.metrics.loss_curve
             );

@@ -44,7 +44,8 @@ pub enum StrategyKind {
     Lora,
 }
 
-/// The projections a LoRA adapter can wrap (Phi-3's fused names).
+/// The projections a LoRA adapter can wrap (Phi-3's fused names; on the split families of
+/// `shared::model` each adapts every projection it covers: `ModelShape::projections`).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum, PartialOrd, Ord,
 )]
@@ -59,16 +60,6 @@ pub enum LoraTarget {
 
 impl LoraTarget {
     pub const ALL: [LoraTarget; 4] = [Self::QkvProj, Self::OProj, Self::GateUpProj, Self::DownProj];
-
-    /// The module path inside a decoder block, as in the Hugging Face checkpoint.
-    pub fn module(self) -> &'static str {
-        match self {
-            Self::QkvProj => "self_attn.qkv_proj",
-            Self::OProj => "self_attn.o_proj",
-            Self::GateUpProj => "mlp.gate_up_proj",
-            Self::DownProj => "mlp.down_proj",
-        }
-    }
 }
 
 /// How a step's records are laid out in micro-batches.
@@ -93,7 +84,8 @@ pub enum WeightsKind {
     Random,
 }
 
-/// Built-in model shapes.
+/// Built-in model shapes (`shared::model::ModelShape::from_preset`; the hub ids that resolve to
+/// each: `shared::model::BUILT_INS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum ModelPreset {
@@ -101,6 +93,38 @@ pub enum ModelPreset {
     Phi3Mini,
     /// Two Phi-3 blocks, width 64, the real 32,064 vocabulary: runs in seconds on a CPU.
     Tiny,
+    /// meta-llama/Llama-3.2-1B-Instruct: 1.24 B parameters (tied head).
+    #[serde(rename = "llama-3.2-1b")]
+    #[value(name = "llama-3.2-1b")]
+    Llama32_1b,
+    /// meta-llama/Llama-3.2-3B-Instruct: 3.21 B parameters (tied head).
+    #[serde(rename = "llama-3.2-3b")]
+    #[value(name = "llama-3.2-3b")]
+    Llama32_3b,
+    /// Qwen/Qwen3-0.6B: 0.60 B parameters (tied head).
+    #[serde(rename = "qwen3-0.6b")]
+    #[value(name = "qwen3-0.6b")]
+    Qwen3_0_6b,
+    /// Qwen/Qwen3-1.7B: 1.72 B parameters (tied head).
+    #[serde(rename = "qwen3-1.7b")]
+    #[value(name = "qwen3-1.7b")]
+    Qwen3_1_7b,
+    /// Qwen/Qwen3-4B: 4.02 B parameters (tied head).
+    #[serde(rename = "qwen3-4b")]
+    #[value(name = "qwen3-4b")]
+    Qwen3_4b,
+    /// Two Llama 3 blocks, width 64, grouped-query attention, llama3 RoPE, tied head, the real
+    /// 128,256 vocabulary.
+    TinyLlama,
+    /// Two Qwen3 blocks, width 64, head_dim 32, q/k norm, tied head, the real 151,936 vocabulary.
+    TinyQwen3,
+}
+
+impl ModelPreset {
+    /// The test shapes: no published weights, no tokenizer.
+    pub fn is_tiny(self) -> bool {
+        matches!(self, Self::Tiny | Self::TinyLlama | Self::TinyQwen3)
+    }
 }
 
 /// Whole-run presets.
@@ -449,11 +473,13 @@ pub struct CliArgs {
     pub lora_rank: Option<usize>,
     #[arg(long)]
     pub lora_alpha: Option<f64>,
-    /// Comma-separated: qkv_proj,o_proj,gate_up_proj,down_proj.
+    /// Comma-separated: qkv_proj,o_proj,gate_up_proj,down_proj (Phi-3's fused names; on Llama
+    /// and Qwen3 qkv_proj adapts q_proj, k_proj and v_proj, gate_up_proj gate_proj and up_proj).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub lora_targets: Option<Vec<LoraTarget>>,
-    /// Model: hub id or local folder with config.json (and safetensors for pretrained weights),
-    /// or a built-in shape: phi3-mini, tiny.
+    /// Model: hub id or local folder with config.json (and safetensors for pretrained weights) of
+    /// a Phi-3, Llama 3.x or Qwen3 model, or a built-in shape: phi3-mini, llama-3.2-1b,
+    /// llama-3.2-3b, qwen3-0.6b, qwen3-1.7b, qwen3-4b, tiny (Phi-3), tiny-llama, tiny-qwen3.
     #[arg(long)]
     pub model: Option<String>,
     #[arg(long, value_enum)]
@@ -697,8 +723,8 @@ impl Config {
             match ModelPreset::from_str(m, true) {
                 Ok(p) => {
                     w.model.preset = Some(p);
-                    if p == ModelPreset::Phi3Mini {
-                        w.model.source = PHI3_MINI_HUB_ID.into();
+                    if let Some(id) = crate::model::hub_id_for_preset(p) {
+                        w.model.source = id.into();
                     }
                 }
                 Err(_) => {
@@ -1214,6 +1240,47 @@ mod tests {
         let f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
         std::fs::write(f.path(), text).unwrap();
         f
+    }
+
+    /// Issue 14: each built-in `--model` name selects its shape (and its hub id for pretrained
+    /// weights); a hub id of a built-in model with random weights resolves to the shape without
+    /// a download.
+    #[test]
+    fn model_names_and_hub_ids_resolve_to_their_shapes() {
+        let resolve = |argv: &[&str]| {
+            let c = Config::resolve(TuningMode::Fast, &parse(argv), Framework::Pytorch).unwrap();
+            crate::workload::resolve_model(&c).unwrap().0
+        };
+        for (name, hub, family) in [
+            ("qwen3-0.6b", "Qwen/Qwen3-0.6B", crate::model::Family::Qwen3),
+            (
+                "llama-3.2-3b",
+                "meta-llama/Llama-3.2-3B-Instruct",
+                crate::model::Family::Llama,
+            ),
+        ] {
+            let c = Config::resolve(
+                TuningMode::Fast,
+                &parse(&["--model", name]),
+                Framework::Pytorch,
+            )
+            .unwrap();
+            assert_eq!(
+                c.workload.model.source, hub,
+                "{name}: pretrained weights from its hub id"
+            );
+            let by_name = resolve(&["--model", name, "--weights", "random"]);
+            let by_id = resolve(&["--model", hub, "--weights", "random"]);
+            assert_eq!(by_name, by_id, "{name}");
+            assert_eq!(by_name.family, family);
+        }
+        let tiny = resolve(&["--preset", "tiny", "--model", "tiny-qwen3"]);
+        assert_eq!(tiny.head_dim(), 32);
+        assert!(tiny.tie_word_embeddings);
+        assert_eq!(
+            resolve(&["--preset", "tiny"]).family,
+            crate::model::Family::Phi3
+        );
     }
 
     #[test]

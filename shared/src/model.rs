@@ -1,4 +1,8 @@
-//! The Phi-3 shape, its parameter names (as in the Hugging Face checkpoint), the deterministic
+//! The model families this benchmark trains (Phi-3, Llama 3.x, Qwen3): one description per
+//! family of which tensors exist (their Hugging Face names and shapes), how attention is built
+//! (grouped-query, q/k RMSNorm per head, head width independent of the model's width), the RoPE
+//! variant and whether the LM head is tied to the embedding. Both binaries, the FLOP count, the
+//! memory estimate and the parameter counts read this one description. Also: the deterministic
 //! random initialisation both binaries use, and checkpoint reading/writing in safetensors.
 
 use std::collections::BTreeMap;
@@ -23,9 +27,90 @@ pub mod shape_limits {
     pub const MAX_LAYERS: usize = 1 << 9;
     pub const MAX_HEADS: usize = 1 << 8;
     pub const MAX_POSITIONS: usize = 1 << 20;
+    /// Qwen3 and Gemma use 128-256; 1024 keeps the RoPE tables small.
+    pub const MAX_HEAD_DIM: usize = 1 << 10;
 }
 
-/// The architecture numbers of a Phi-3 decoder.
+/// A decoder family: what differs between Phi-3, Llama 3.x and Qwen3 (all pre-norm RMSNorm
+/// decoders with SwiGLU MLPs, RoPE and no biases).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, PartialOrd, Ord,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// `model_type` "phi3": fused `qkv_proj` and `gate_up_proj`, untied head.
+    #[default]
+    Phi3,
+    /// `model_type` "llama": split q/k/v and gate/up, grouped-query attention, `rope_scaling`
+    /// type "llama3", tied head in the 1B and 3B models.
+    Llama,
+    /// `model_type` "qwen3": as Llama plus RMSNorm on q and k per head (`q_norm`, `k_norm`) and a
+    /// `head_dim` independent of the width; tied head up to 4B.
+    Qwen3,
+}
+
+impl Family {
+    pub const ALL: [Family; 3] = [Family::Phi3, Family::Llama, Family::Qwen3];
+
+    /// `config.json`'s `model_type`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Phi3 => "phi3",
+            Family::Llama => "llama",
+            Family::Qwen3 => "qwen3",
+        }
+    }
+
+    /// `config.json`'s `architectures[0]` (the transformers class).
+    pub fn architecture(self) -> &'static str {
+        match self {
+            Family::Phi3 => "Phi3ForCausalLM",
+            Family::Llama => "LlamaForCausalLM",
+            Family::Qwen3 => "Qwen3ForCausalLM",
+        }
+    }
+
+    pub fn from_model_type(t: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.model_type() == t)
+    }
+
+    /// The supported `model_type`s, for messages.
+    pub fn supported() -> String {
+        Self::ALL
+            .iter()
+            .map(|f| format!("{:?}", f.model_type()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Whether the checkpoint fuses q|k|v into `qkv_proj` and gate|up into `gate_up_proj`.
+    pub fn fused_projections(self) -> bool {
+        self == Family::Phi3
+    }
+
+    /// Whether q and k pass through an RMSNorm per head (weight `[head_dim]`) before RoPE.
+    pub fn qk_norm(self) -> bool {
+        self == Family::Qwen3
+    }
+}
+
+/// Llama 3's `rope_scaling` (`rope_type` "llama3"): long wavelengths divided by `factor`, short
+/// ones kept, a smooth blend between (`_compute_llama3_parameters` in transformers).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Llama3Rope {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// The architecture numbers of a decoder of one [`Family`]. The fields after
+/// `max_position_embeddings` are left out of the JSON when they have Phi-3's values, so Phi-3's
+/// summaries and workload hashes read as before and old summaries load.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelShape {
     pub name: String,
@@ -38,15 +123,26 @@ pub struct ModelShape {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub max_position_embeddings: usize,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub family: Family,
+    /// A head width other than `hidden_size / num_heads` (Qwen3: 128 at every width).
+    #[serde(default, rename = "head_dim", skip_serializing_if = "Option::is_none")]
+    pub explicit_head_dim: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<Llama3Rope>,
+    /// The LM head is the embedding matrix (no `lm_head.weight` tensor).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub tie_word_embeddings: bool,
 }
 
-/// The subset of a Hugging Face `config.json` that defines a Phi-3 model.
+/// The subset of a Hugging Face `config.json` that defines a model of a supported family.
 #[derive(Debug, Deserialize)]
 struct HfConfig {
     hidden_size: usize,
     num_hidden_layers: usize,
     num_attention_heads: usize,
     num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
     intermediate_size: usize,
     vocab_size: usize,
     rms_norm_eps: f64,
@@ -55,7 +151,85 @@ struct HfConfig {
     rope_scaling: Option<serde_json::Value>,
     tie_word_embeddings: Option<bool>,
     model_type: Option<String>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    hidden_act: Option<String>,
 }
+
+/// One linear layer of a block, as the checkpoint names it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Projection {
+    /// The module path inside a block (`self_attn.q_proj`).
+    pub module: &'static str,
+    pub out_features: usize,
+    pub in_features: usize,
+    /// The LoRA target that adapts it (`qkv_proj` adapts q, k and v of split families,
+    /// `gate_up_proj` gate and up).
+    pub target: LoraTarget,
+}
+
+/// A built-in shape: its preset, the hub ids that resolve to it, its numbers.
+pub struct BuiltIn {
+    pub preset: ModelPreset,
+    /// The hub ids (instruct first, then the base model) whose `config.json` this shape is.
+    pub hub_ids: &'static [&'static str],
+}
+
+pub const BUILT_INS: &[BuiltIn] = &[
+    BuiltIn {
+        preset: ModelPreset::Phi3Mini,
+        hub_ids: &["microsoft/Phi-3-mini-4k-instruct"],
+    },
+    BuiltIn {
+        preset: ModelPreset::Llama32_1b,
+        hub_ids: &[
+            "meta-llama/Llama-3.2-1B-Instruct",
+            "meta-llama/Llama-3.2-1B",
+        ],
+    },
+    BuiltIn {
+        preset: ModelPreset::Llama32_3b,
+        hub_ids: &[
+            "meta-llama/Llama-3.2-3B-Instruct",
+            "meta-llama/Llama-3.2-3B",
+        ],
+    },
+    BuiltIn {
+        preset: ModelPreset::Qwen3_0_6b,
+        hub_ids: &["Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B-Base"],
+    },
+    BuiltIn {
+        preset: ModelPreset::Qwen3_1_7b,
+        hub_ids: &["Qwen/Qwen3-1.7B", "Qwen/Qwen3-1.7B-Base"],
+    },
+    BuiltIn {
+        preset: ModelPreset::Qwen3_4b,
+        hub_ids: &["Qwen/Qwen3-4B", "Qwen/Qwen3-4B-Base"],
+    },
+];
+
+/// The built-in preset a hub id names (case-insensitive), if any.
+pub fn preset_for_hub_id(id: &str) -> Option<ModelPreset> {
+    BUILT_INS
+        .iter()
+        .find(|b| b.hub_ids.iter().any(|h| h.eq_ignore_ascii_case(id)))
+        .map(|b| b.preset)
+}
+
+/// The hub id a built-in preset downloads (its instruct model), if it has one.
+pub fn hub_id_for_preset(p: ModelPreset) -> Option<&'static str> {
+    BUILT_INS
+        .iter()
+        .find(|b| b.preset == p)
+        .map(|b| b.hub_ids[0])
+}
+
+const LLAMA_3_2_ROPE: Llama3Rope = Llama3Rope {
+    factor: 32.0,
+    low_freq_factor: 1.0,
+    high_freq_factor: 4.0,
+    original_max_position_embeddings: 8192,
+};
 
 impl ModelShape {
     /// microsoft/phi-3-mini-4k-instruct.
@@ -71,6 +245,10 @@ impl ModelShape {
             rms_norm_eps: 1e-5,
             rope_theta: 10_000.0,
             max_position_embeddings: 4096,
+            family: Family::Phi3,
+            explicit_head_dim: None,
+            rope_scaling: None,
+            tie_word_embeddings: false,
         }
     }
 
@@ -84,9 +262,47 @@ impl ModelShape {
             num_kv_heads: 4,
             intermediate_size: 128,
             vocab_size: 32_064,
+            ..Self::phi3_mini()
+        }
+    }
+
+    /// A Llama 3.2 shape (`config.json` of meta-llama/Llama-3.2-*-Instruct).
+    fn llama_3_2(name: &str, hidden: usize, layers: usize, heads: usize) -> Self {
+        Self {
+            name: name.into(),
+            hidden_size: hidden,
+            num_layers: layers,
+            num_heads: heads,
+            num_kv_heads: 8,
+            intermediate_size: 8192,
+            vocab_size: 128_256,
             rms_norm_eps: 1e-5,
-            rope_theta: 10_000.0,
-            max_position_embeddings: 4096,
+            rope_theta: 500_000.0,
+            max_position_embeddings: 131_072,
+            family: Family::Llama,
+            explicit_head_dim: Some(hidden / heads),
+            rope_scaling: Some(LLAMA_3_2_ROPE),
+            tie_word_embeddings: true,
+        }
+    }
+
+    /// A Qwen3 shape (`config.json` of Qwen/Qwen3-*): head_dim 128 at every width, 8 kv heads.
+    fn qwen3(name: &str, hidden: usize, layers: usize, heads: usize, inter: usize) -> Self {
+        Self {
+            name: name.into(),
+            hidden_size: hidden,
+            num_layers: layers,
+            num_heads: heads,
+            num_kv_heads: 8,
+            intermediate_size: inter,
+            vocab_size: 151_936,
+            rms_norm_eps: 1e-6,
+            rope_theta: 1_000_000.0,
+            max_position_embeddings: 40_960,
+            family: Family::Qwen3,
+            explicit_head_dim: Some(128),
+            rope_scaling: None,
+            tie_word_embeddings: true,
         }
     }
 
@@ -94,46 +310,121 @@ impl ModelShape {
         match p {
             ModelPreset::Phi3Mini => Self::phi3_mini(),
             ModelPreset::Tiny => Self::tiny(),
+            ModelPreset::Llama32_1b => Self::llama_3_2("llama-3.2-1b", 2048, 16, 32),
+            ModelPreset::Llama32_3b => Self::llama_3_2("llama-3.2-3b", 3072, 28, 24),
+            ModelPreset::Qwen3_0_6b => Self::qwen3("qwen3-0.6b", 1024, 28, 16, 3072),
+            ModelPreset::Qwen3_1_7b => Self::qwen3("qwen3-1.7b", 2048, 28, 16, 6144),
+            ModelPreset::Qwen3_4b => Self::qwen3("qwen3-4b", 2560, 36, 32, 9728),
+            // Tiny shapes of the other families: two blocks of width 64, grouped-query attention
+            // (4 heads, 2 kv heads), the family's real vocabulary (so its special ids exist).
+            ModelPreset::TinyLlama => Self {
+                name: "llama-tiny".into(),
+                hidden_size: 64,
+                num_layers: 2,
+                num_heads: 4,
+                num_kv_heads: 2,
+                intermediate_size: 128,
+                explicit_head_dim: Some(16),
+                ..Self::llama_3_2("", 2048, 16, 32)
+            },
+            ModelPreset::TinyQwen3 => Self {
+                name: "qwen3-tiny".into(),
+                hidden_size: 64,
+                num_layers: 2,
+                num_heads: 4,
+                num_kv_heads: 2,
+                intermediate_size: 128,
+                // Wider than 64 / 4: the head width is independent of the model's, as in Qwen3.
+                explicit_head_dim: Some(32),
+                ..Self::qwen3("", 1024, 28, 16, 3072)
+            },
         }
     }
 
-    /// Reads a Hugging Face `config.json`. Every problem (unreadable, not JSON, another model
-    /// type, a long-context variant, an impossible or absurd shape) is a usage error naming the
+    /// Reads a Hugging Face `config.json`. Every problem (unreadable, not JSON, an unsupported
+    /// model type or RoPE variant, an impossible or absurd shape) is a usage error naming the
     /// file, found before any data or weights are read.
     pub fn from_config_json(path: &Path) -> Result<Self, ConfigError> {
-        let fix = "point --model at a Phi-3 checkpoint folder (config.json of microsoft/Phi-3-mini-4k-instruct), or use --model phi3-mini --weights random";
-        let refuse = |problem: String| ConfigError::input(path, problem, fix);
+        let fix = format!(
+            "point --model at a checkpoint folder of a supported family (model_type {}), or use a built-in shape such as --model phi3-mini --weights random",
+            Family::supported()
+        );
+        let refuse = |problem: String| ConfigError::input(path, problem, &fix);
         let text = crate::files::read_text(path).map_err(refuse)?;
         let c: HfConfig = serde_json::from_str(&text).map_err(|e| {
             refuse(format!(
-                "is not a Phi-3 config.json ({e}; it needs hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, vocab_size, rms_norm_eps, max_position_embeddings)"
+                "is not a model config.json ({e}; it needs hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, vocab_size, rms_norm_eps, max_position_embeddings)"
             ))
         })?;
-        if let Some(t) = &c.model_type {
-            if t != "phi3" {
-                return Err(refuse(format!(
-                    "model_type is {t:?}; this benchmark implements Phi-3 (model_type \"phi3\")"
-                )));
-            }
-        }
-        if c.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(ConfigError::input(
-                path,
-                "rope_scaling is set (a long-context Phi-3 variant); only the 4k models with plain RoPE are supported",
-                "use microsoft/Phi-3-mini-4k-instruct or another checkpoint without rope_scaling",
-            ));
-        }
-        if c.tie_word_embeddings == Some(true) {
+        // A config without model_type is taken as Phi-3's (the benchmark's first family).
+        let family = match c.model_type.as_deref() {
+            None => Family::Phi3,
+            Some(t) => Family::from_model_type(t).ok_or_else(|| {
+                refuse(format!(
+                    "model_type is {t:?}; this benchmark implements model_type {}",
+                    Family::supported()
+                ))
+            })?,
+        };
+        if c.attention_bias == Some(true) || c.mlp_bias == Some(true) {
             return Err(refuse(
-                "tie_word_embeddings is true; Phi-3 unties its embedding and LM head".into(),
+                "attention_bias or mlp_bias is true; the benchmark's decoders have no biases"
+                    .into(),
             ));
         }
+        if let Some(act) = c.hidden_act.as_deref().filter(|a| *a != "silu") {
+            return Err(refuse(format!(
+                "hidden_act is {act:?}; the benchmark's decoders use SwiGLU (\"silu\")"
+            )));
+        }
+        let rope_scaling = match c.rope_scaling.as_ref().filter(|v| !v.is_null()) {
+            None => None,
+            Some(v) => {
+                let kind = v
+                    .get("rope_type")
+                    .or_else(|| v.get("type"))
+                    .and_then(|t| t.as_str())
+                    .unwrap_or("");
+                if family != Family::Llama || kind != "llama3" {
+                    return Err(ConfigError::input(
+                        path,
+                        format!("rope_scaling is set (type {kind:?}); the benchmark implements plain RoPE and Llama 3's \"llama3\" scaling (model_type \"llama\") only"),
+                        "use a checkpoint without rope_scaling (e.g. microsoft/Phi-3-mini-4k-instruct) or a Llama 3.x checkpoint",
+                    ));
+                }
+                let num = |k: &str| v.get(k).and_then(|x| x.as_f64());
+                match (
+                    num("factor"),
+                    num("low_freq_factor"),
+                    num("high_freq_factor"),
+                    num("original_max_position_embeddings"),
+                ) {
+                    (Some(f), Some(lo), Some(hi), Some(orig))
+                        if f >= 1.0 && lo > 0.0 && hi > lo && orig >= 1.0 && f.is_finite() && hi.is_finite() && orig < 1e9 =>
+                    {
+                        Some(Llama3Rope {
+                            factor: f,
+                            low_freq_factor: lo,
+                            high_freq_factor: hi,
+                            original_max_position_embeddings: orig as usize,
+                        })
+                    }
+                    _ => {
+                        return Err(refuse(format!(
+                            "rope_scaling {v} needs factor >= 1, 0 < low_freq_factor < high_freq_factor and original_max_position_embeddings >= 1"
+                        )))
+                    }
+                }
+            }
+        };
+        let tie = c.tie_word_embeddings.unwrap_or(false);
+        let width_head = c.hidden_size.checked_div(c.num_attention_heads);
         let shape = Self {
             name: path
                 .parent()
                 .and_then(|p| p.file_name())
                 .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "phi3".into()),
+                .unwrap_or_else(|| family.model_type().into()),
             hidden_size: c.hidden_size,
             num_layers: c.num_hidden_layers,
             num_heads: c.num_attention_heads,
@@ -143,6 +434,15 @@ impl ModelShape {
             rms_norm_eps: c.rms_norm_eps,
             rope_theta: c.rope_theta.unwrap_or(10_000.0),
             max_position_embeddings: c.max_position_embeddings,
+            family,
+            // Phi-3 has no head_dim key; a head_dim equal to width / heads is kept only where
+            // the family writes it (Llama), so Phi-3's shape reads as before.
+            explicit_head_dim: match (family, c.head_dim) {
+                (Family::Phi3, Some(d)) if Some(d) == width_head => None,
+                (_, d) => d,
+            },
+            rope_scaling,
+            tie_word_embeddings: tie,
         };
         shape.check().map_err(refuse)?;
         Ok(shape)
@@ -150,9 +450,9 @@ impl ModelShape {
 
     /// The `config.json` a Hugging Face loader accepts for this shape.
     pub fn to_config_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "architectures": ["Phi3ForCausalLM"],
-            "model_type": "phi3",
+        let mut c = serde_json::json!({
+            "architectures": [self.family.architecture()],
+            "model_type": self.family.model_type(),
             "hidden_size": self.hidden_size,
             "num_hidden_layers": self.num_layers,
             "num_attention_heads": self.num_heads,
@@ -162,23 +462,51 @@ impl ModelShape {
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
             "max_position_embeddings": self.max_position_embeddings,
-            "original_max_position_embeddings": self.max_position_embeddings,
             "hidden_act": "silu",
             "rope_scaling": null,
-            "tie_word_embeddings": false,
-            "bos_token_id": 1,
-            "eos_token_id": 32000,
-            "pad_token_id": 32000,
+            "tie_word_embeddings": self.tie_word_embeddings,
             "attention_bias": false,
             "torch_dtype": "float32",
-        })
+        });
+        match self.family {
+            Family::Phi3 => {
+                c["original_max_position_embeddings"] = self.max_position_embeddings.into();
+                c["bos_token_id"] = 1.into();
+                c["eos_token_id"] = 32000.into();
+                c["pad_token_id"] = 32000.into();
+            }
+            Family::Llama => {
+                c["head_dim"] = self.head_dim().into();
+                c["mlp_bias"] = false.into();
+                c["bos_token_id"] = 128_000.into();
+                c["eos_token_id"] = 128_009.into();
+                if let Some(r) = &self.rope_scaling {
+                    c["rope_scaling"] = serde_json::json!({
+                        "rope_type": "llama3",
+                        "factor": r.factor,
+                        "low_freq_factor": r.low_freq_factor,
+                        "high_freq_factor": r.high_freq_factor,
+                        "original_max_position_embeddings": r.original_max_position_embeddings,
+                    });
+                }
+            }
+            Family::Qwen3 => {
+                c["head_dim"] = self.head_dim().into();
+                c["bos_token_id"] = 151_643.into();
+                c["eos_token_id"] = 151_645.into();
+                c["use_sliding_window"] = false.into();
+                c["max_window_layers"] = self.num_layers.into();
+            }
+        }
+        c
     }
 
     /// Whether the numbers describe a model this benchmark can build, and the problem in words
     /// (with the `config.json` key) when not: every dimension at least 1 and at most the bounds in
-    /// [`shape_limits`], heads that divide the width, an even head dimension for RoPE, a positive
-    /// finite `rms_norm_eps` and `rope_theta`. Caught here, these would otherwise reach the
-    /// framework as a reshape of 0 elements, or as a NaN loss blamed on the learning rate.
+    /// [`shape_limits`], heads that divide the width (unless `head_dim` is given), kv heads that
+    /// divide the heads, an even head dimension for RoPE, a positive finite `rms_norm_eps` and
+    /// `rope_theta`. Caught here, these would otherwise reach the framework as a reshape of 0
+    /// elements, or as a NaN loss blamed on the learning rate.
     pub fn check(&self) -> std::result::Result<(), String> {
         use shape_limits::*;
         for (key, v, max) in [
@@ -197,6 +525,11 @@ impl ModelShape {
                 self.max_position_embeddings,
                 MAX_POSITIONS,
             ),
+            (
+                "head_dim",
+                self.explicit_head_dim.unwrap_or(1),
+                MAX_HEAD_DIM,
+            ),
         ] {
             if v == 0 {
                 return Err(format!("{key} is 0; it must be at least 1"));
@@ -207,9 +540,9 @@ impl ModelShape {
                 ));
             }
         }
-        if !self.hidden_size.is_multiple_of(self.num_heads) {
+        if self.explicit_head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_heads) {
             return Err(format!(
-                "hidden_size {} is not a multiple of num_attention_heads {}",
+                "hidden_size {} is not a multiple of num_attention_heads {} (and no head_dim is given)",
                 self.hidden_size, self.num_heads
             ));
         }
@@ -221,7 +554,7 @@ impl ModelShape {
         }
         if !self.head_dim().is_multiple_of(2) {
             return Err(format!(
-                "the head dimension (hidden_size / num_attention_heads = {}) must be even for RoPE",
+                "the head dimension ({}) must be even for RoPE",
                 self.head_dim()
             ));
         }
@@ -240,23 +573,73 @@ impl ModelShape {
         Ok(())
     }
 
+    /// The width of one attention head: `head_dim` where the config gives it, else
+    /// `hidden_size / num_heads`.
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_heads
+        self.explicit_head_dim
+            .unwrap_or(self.hidden_size / self.num_heads.max(1))
     }
 
-    /// Output width of the fused q|k|v projection.
+    /// Output width of q|k|v together (fused in Phi-3's `qkv_proj`, three projections elsewhere).
     pub fn qkv_out(&self) -> usize {
         (self.num_heads + 2 * self.num_kv_heads) * self.head_dim()
     }
 
-    /// Every base parameter, in checkpoint order, with its shape.
+    /// Width of the attention output (the input of `o_proj`).
+    pub fn attention_width(&self) -> usize {
+        self.num_heads * self.head_dim()
+    }
+
+    /// The checkpoint name of the LM head's matrix: `lm_head.weight`, or the embedding's when
+    /// the head is tied to it.
+    pub fn head_weight_name(&self) -> &'static str {
+        if self.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        }
+    }
+
+    /// The linear layers of one block in checkpoint order, as the family names them.
+    pub fn projections(&self) -> Vec<Projection> {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let (q, kv) = (self.attention_width(), self.num_kv_heads * self.head_dim());
+        let p = |module, out_features, in_features, target| Projection {
+            module,
+            out_features,
+            in_features,
+            target,
+        };
+        if self.family.fused_projections() {
+            vec![
+                p("self_attn.qkv_proj", self.qkv_out(), h, LoraTarget::QkvProj),
+                p("self_attn.o_proj", h, q, LoraTarget::OProj),
+                p("mlp.gate_up_proj", 2 * i, h, LoraTarget::GateUpProj),
+                p("mlp.down_proj", h, i, LoraTarget::DownProj),
+            ]
+        } else {
+            vec![
+                p("self_attn.q_proj", q, h, LoraTarget::QkvProj),
+                p("self_attn.k_proj", kv, h, LoraTarget::QkvProj),
+                p("self_attn.v_proj", kv, h, LoraTarget::QkvProj),
+                p("self_attn.o_proj", h, q, LoraTarget::OProj),
+                p("mlp.gate_proj", i, h, LoraTarget::GateUpProj),
+                p("mlp.up_proj", i, h, LoraTarget::GateUpProj),
+                p("mlp.down_proj", h, i, LoraTarget::DownProj),
+            ]
+        }
+    }
+
+    /// Every base parameter, in checkpoint order, with its shape. A tied head has no tensor of
+    /// its own (the embedding is the head).
     pub fn parameters(&self) -> Vec<ParamSpec> {
-        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let (h, v) = (self.hidden_size, self.vocab_size);
         let mut out = vec![ParamSpec::new(
             "model.embed_tokens.weight",
             &[v, h],
             Init::Normal,
         )];
+        let projections = self.projections();
         for l in 0..self.num_layers {
             let p = |s: &str| format!("model.layers.{l}.{s}");
             out.push(ParamSpec::new(
@@ -264,49 +647,73 @@ impl ModelShape {
                 &[h],
                 Init::Ones,
             ));
-            out.push(ParamSpec::new(
-                &p("self_attn.qkv_proj.weight"),
-                &[self.qkv_out(), h],
-                Init::Normal,
-            ));
-            out.push(ParamSpec::new(
-                &p("self_attn.o_proj.weight"),
-                &[h, self.num_heads * self.head_dim()],
-                Init::Normal,
-            ));
+            for pr in projections
+                .iter()
+                .filter(|x| x.module.starts_with("self_attn."))
+            {
+                out.push(ParamSpec::new(
+                    &p(&format!("{}.weight", pr.module)),
+                    &[pr.out_features, pr.in_features],
+                    Init::Normal,
+                ));
+            }
+            if self.family.qk_norm() {
+                for n in ["self_attn.q_norm.weight", "self_attn.k_norm.weight"] {
+                    out.push(ParamSpec::new(&p(n), &[self.head_dim()], Init::Ones));
+                }
+            }
             out.push(ParamSpec::new(
                 &p("post_attention_layernorm.weight"),
                 &[h],
                 Init::Ones,
             ));
-            out.push(ParamSpec::new(
-                &p("mlp.gate_up_proj.weight"),
-                &[2 * i, h],
-                Init::Normal,
-            ));
-            out.push(ParamSpec::new(
-                &p("mlp.down_proj.weight"),
-                &[h, i],
-                Init::Normal,
-            ));
+            for pr in projections.iter().filter(|x| x.module.starts_with("mlp.")) {
+                out.push(ParamSpec::new(
+                    &p(&format!("{}.weight", pr.module)),
+                    &[pr.out_features, pr.in_features],
+                    Init::Normal,
+                ));
+            }
         }
         out.push(ParamSpec::new("model.norm.weight", &[h], Init::Ones));
-        out.push(ParamSpec::new("lm_head.weight", &[v, h], Init::Normal));
+        if !self.tie_word_embeddings {
+            out.push(ParamSpec::new("lm_head.weight", &[v, h], Init::Normal));
+        }
         out
     }
 
-    /// The (out, in) shape of a LoRA-wrappable projection.
-    pub fn projection_shape(&self, t: LoraTarget) -> (usize, usize) {
-        let (h, i) = (self.hidden_size, self.intermediate_size);
-        match t {
-            LoraTarget::QkvProj => (self.qkv_out(), h),
-            LoraTarget::OProj => (h, self.num_heads * self.head_dim()),
-            LoraTarget::GateUpProj => (2 * i, h),
-            LoraTarget::DownProj => (h, i),
-        }
+    /// The multiplier of each RoPE inverse frequency `theta^(-2j/D)`, j < D/2, under the
+    /// shape's `rope_scaling`; `None` for plain RoPE (the binaries then use their tables
+    /// unchanged). Llama 3 (transformers' `_compute_llama3_parameters`): a wavelength
+    /// `2π / inv_freq` above `original_max / low_freq_factor` is divided by `factor`, one below
+    /// `original_max / high_freq_factor` is kept, and between them the two are blended with
+    /// `s = (original_max / wavelength - low) / (high - low)`: `(1 - s) / factor + s`.
+    pub fn rope_frequency_scale(&self) -> Option<Vec<f64>> {
+        let r = self.rope_scaling.as_ref()?;
+        let d = self.head_dim();
+        let old = r.original_max_position_embeddings as f64;
+        let (low_wavelen, high_wavelen) = (old / r.low_freq_factor, old / r.high_freq_factor);
+        Some(
+            (0..d / 2)
+                .map(|j| {
+                    let inv_freq = 1.0 / self.rope_theta.powf((2 * j) as f64 / d as f64);
+                    let wavelen = std::f64::consts::TAU / inv_freq;
+                    if wavelen < high_wavelen {
+                        1.0
+                    } else if wavelen > low_wavelen {
+                        1.0 / r.factor
+                    } else {
+                        let s = (old / wavelen - r.low_freq_factor)
+                            / (r.high_freq_factor - r.low_freq_factor);
+                        (1.0 - s) / r.factor + s
+                    }
+                })
+                .collect(),
+        )
     }
 
-    /// LoRA adapter parameters (peft's names without the `base_model.model.` prefix).
+    /// LoRA adapter parameters (peft's names without the `base_model.model.` prefix), for every
+    /// projection a target adapts (in target order, then checkpoint order).
     /// A: [rank, in], uniform(-1/sqrt(in), 1/sqrt(in)) as peft's kaiming-uniform(a=sqrt 5) gives;
     /// B: [out, rank], zeros, so the adapted model starts equal to the base model.
     pub fn lora_parameters(&self, s: &StrategyConfig) -> Vec<ParamSpec> {
@@ -316,34 +723,41 @@ impl ModelShape {
         let mut targets = s.lora_targets.clone();
         targets.sort();
         targets.dedup();
+        let projections = self.projections();
         let mut out = Vec::new();
         for l in 0..self.num_layers {
             for t in &targets {
-                let (o, i) = self.projection_shape(*t);
-                let base = format!("model.layers.{l}.{}", t.module());
-                let bound = 1.0 / (i as f64).sqrt();
-                out.push(ParamSpec::new(
-                    &format!("{base}.lora_A.weight"),
-                    &[s.lora_rank, i],
-                    Init::Uniform(bound),
-                ));
-                out.push(ParamSpec::new(
-                    &format!("{base}.lora_B.weight"),
-                    &[o, s.lora_rank],
-                    Init::Zeros,
-                ));
+                for pr in projections.iter().filter(|p| p.target == *t) {
+                    let base = format!("model.layers.{l}.{}", pr.module);
+                    let bound = 1.0 / (pr.in_features as f64).sqrt();
+                    out.push(ParamSpec::new(
+                        &format!("{base}.lora_A.weight"),
+                        &[s.lora_rank, pr.in_features],
+                        Init::Uniform(bound),
+                    ));
+                    out.push(ParamSpec::new(
+                        &format!("{base}.lora_B.weight"),
+                        &[pr.out_features, s.lora_rank],
+                        Init::Zeros,
+                    ));
+                }
             }
         }
         out
     }
 
-    /// Whether a base parameter trains under the strategy (LoRA adapters always train).
+    /// Whether a base parameter trains under the strategy (LoRA adapters always train). Under
+    /// `last-n` the head trains; a tied head is the embedding, which then trains as the head
+    /// only (see [`ModelShape::embedding_lookup_trains`]).
     pub fn is_trainable(&self, name: &str, s: &StrategyConfig) -> bool {
         match s.kind {
             StrategyKind::Full => true,
             StrategyKind::Lora => name.contains(".lora_A.") || name.contains(".lora_B."),
             StrategyKind::LastN => {
-                if name == "lm_head.weight" || name == "model.norm.weight" {
+                if name == "lm_head.weight"
+                    || name == "model.norm.weight"
+                    || name == self.head_weight_name()
+                {
                     return true;
                 }
                 match layer_index(name) {
@@ -354,7 +768,15 @@ impl ModelShape {
         }
     }
 
-    /// Total and trainable parameter counts (scalars) under a strategy.
+    /// Whether the gradient of the embedding lookup is taken. Only under `full`: under `last-n`
+    /// with a tied head the embedding trains through the head alone (its lookup sits before the
+    /// frozen prefix, which runs without gradients, so the step costs what an untied last-n
+    /// step costs); under LoRA the embedding is frozen.
+    pub fn embedding_lookup_trains(&self, s: &StrategyConfig) -> bool {
+        s.kind == StrategyKind::Full
+    }
+
+    /// Total and trainable parameter counts (scalars) under a strategy; a tied head counts once.
     pub fn parameter_counts(&self, s: &StrategyConfig) -> ParamCounts {
         let mut c = ParamCounts::default();
         for p in self
@@ -368,6 +790,16 @@ impl ModelShape {
             }
         }
         c
+    }
+
+    /// What the summary says about the trainable set beyond the strategy's name.
+    pub fn strategy_note(&self, s: &StrategyConfig) -> Option<String> {
+        (s.kind == StrategyKind::LastN && self.tie_word_embeddings).then(|| {
+            format!(
+                "strategy: last-n with a tied head trains the last {} blocks, the final norm and the tied embedding matrix as the LM head (its gradient through the head only; the lookup at the input is not differentiated)",
+                s.last_n.min(self.num_layers)
+            )
+        })
     }
 }
 
@@ -620,7 +1052,7 @@ impl WeightSource {
                         .iter()
                         .find_map(|(p, t)| t.tensor(&s.name).ok().map(|v| (p, v)));
                     let Some((path, view)) = found else {
-                        bail!("checkpoint lacks tensor {} (looked in {} file(s)); is this a Phi-3 checkpoint?", s.name, files.len());
+                        bail!("checkpoint lacks tensor {} (looked in {} file(s)); does its config.json name the right model_type?", s.name, files.len());
                     };
                     if view.shape() != s.shape.as_slice() {
                         bail!(
@@ -739,6 +1171,7 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, WeightData>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ModelPreset;
 
     #[test]
     fn phi3_mini_has_3_82_billion_parameters() {
@@ -813,5 +1246,217 @@ mod tests {
         })
         .unwrap();
         assert_eq!(n, shape.parameters().len());
+    }
+    fn full() -> StrategyConfig {
+        StrategyConfig {
+            kind: StrategyKind::Full,
+            ..Default::default()
+        }
+    }
+
+    /// The counts (tied heads counted once), one test per built-in shape.
+    fn count(p: ModelPreset) -> usize {
+        let c = ModelShape::from_preset(p).parameter_counts(&full());
+        assert_eq!(c.trainable, c.total);
+        c.total
+    }
+
+    #[test]
+    fn llama_3_2_1b_has_1_24_billion_parameters() {
+        assert_eq!(count(ModelPreset::Llama32_1b), 1_235_814_400);
+    }
+
+    #[test]
+    fn llama_3_2_3b_has_3_21_billion_parameters() {
+        assert_eq!(count(ModelPreset::Llama32_3b), 3_212_749_824);
+    }
+
+    #[test]
+    fn qwen3_0_6b_has_596_million_parameters() {
+        assert_eq!(count(ModelPreset::Qwen3_0_6b), 596_049_920);
+    }
+
+    #[test]
+    fn qwen3_1_7b_has_1_72_billion_parameters() {
+        assert_eq!(count(ModelPreset::Qwen3_1_7b), 1_720_574_976);
+    }
+
+    #[test]
+    fn qwen3_4b_has_4_02_billion_parameters() {
+        assert_eq!(count(ModelPreset::Qwen3_4b), 4_022_468_096);
+    }
+
+    #[test]
+    fn families_name_their_tensors_as_their_checkpoints() {
+        let names = |p| -> Vec<String> {
+            ModelShape::from_preset(p)
+                .parameters()
+                .into_iter()
+                .filter(|s| layer_index(&s.name) == Some(0) || layer_index(&s.name).is_none())
+                .map(|s| format!("{} {:?}", s.name, s.shape))
+                .collect()
+        };
+        assert_eq!(
+            names(ModelPreset::TinyQwen3),
+            [
+                "model.embed_tokens.weight [151936, 64]",
+                "model.layers.0.input_layernorm.weight [64]",
+                "model.layers.0.self_attn.q_proj.weight [128, 64]",
+                "model.layers.0.self_attn.k_proj.weight [64, 64]",
+                "model.layers.0.self_attn.v_proj.weight [64, 64]",
+                "model.layers.0.self_attn.o_proj.weight [64, 128]",
+                "model.layers.0.self_attn.q_norm.weight [32]",
+                "model.layers.0.self_attn.k_norm.weight [32]",
+                "model.layers.0.post_attention_layernorm.weight [64]",
+                "model.layers.0.mlp.gate_proj.weight [128, 64]",
+                "model.layers.0.mlp.up_proj.weight [128, 64]",
+                "model.layers.0.mlp.down_proj.weight [64, 128]",
+                "model.norm.weight [64]",
+            ]
+        );
+        let llama = names(ModelPreset::TinyLlama);
+        assert!(llama.contains(&"model.layers.0.self_attn.k_proj.weight [32, 64]".to_string()));
+        assert!(!llama
+            .iter()
+            .any(|n| n.contains("q_norm") || n.contains("lm_head")));
+        let phi = names(ModelPreset::Tiny);
+        assert!(phi.contains(&"model.layers.0.self_attn.qkv_proj.weight [192, 64]".to_string()));
+        assert!(phi.contains(&"lm_head.weight [32064, 64]".to_string()));
+    }
+
+    #[test]
+    fn last_n_with_a_tied_head_trains_the_embedding_as_the_head() {
+        let shape = ModelShape::from_preset(ModelPreset::Llama32_1b);
+        let s = StrategyConfig {
+            kind: StrategyKind::LastN,
+            last_n: 2,
+            ..Default::default()
+        };
+        assert!(shape.is_trainable("model.embed_tokens.weight", &s));
+        assert!(!shape.embedding_lookup_trains(&s));
+        assert!(shape.embedding_lookup_trains(&full()));
+        let per_block = 60_821_504; // 2048·(2048 + 512 + 512 + 2048) + 3·2048·8192 + 2·2048
+        let c = shape.parameter_counts(&s);
+        assert_eq!(c.trainable, 2 * per_block + 2048 + 128_256 * 2048);
+        assert!(shape.strategy_note(&s).unwrap().contains("tied embedding"));
+        assert!(ModelShape::tiny().strategy_note(&s).is_none());
+    }
+
+    #[test]
+    fn lora_targets_adapt_every_split_projection() {
+        let shape = ModelShape::from_preset(ModelPreset::TinyQwen3);
+        let s = StrategyConfig {
+            kind: StrategyKind::Lora,
+            lora_rank: 4,
+            lora_targets: vec![LoraTarget::QkvProj, LoraTarget::GateUpProj],
+            ..Default::default()
+        };
+        let names: Vec<String> = shape
+            .lora_parameters(&s)
+            .into_iter()
+            .filter(|p| layer_index(&p.name) == Some(1))
+            .map(|p| format!("{} {:?}", p.name, p.shape))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "model.layers.1.self_attn.q_proj.lora_A.weight [4, 64]",
+                "model.layers.1.self_attn.q_proj.lora_B.weight [128, 4]",
+                "model.layers.1.self_attn.k_proj.lora_A.weight [4, 64]",
+                "model.layers.1.self_attn.k_proj.lora_B.weight [64, 4]",
+                "model.layers.1.self_attn.v_proj.lora_A.weight [4, 64]",
+                "model.layers.1.self_attn.v_proj.lora_B.weight [64, 4]",
+                "model.layers.1.mlp.gate_proj.lora_A.weight [4, 64]",
+                "model.layers.1.mlp.gate_proj.lora_B.weight [128, 4]",
+                "model.layers.1.mlp.up_proj.lora_A.weight [4, 64]",
+                "model.layers.1.mlp.up_proj.lora_B.weight [128, 4]",
+            ]
+        );
+    }
+
+    #[test]
+    fn every_family_round_trips_through_config_json() {
+        for p in [
+            ModelPreset::Tiny,
+            ModelPreset::TinyLlama,
+            ModelPreset::TinyQwen3,
+            ModelPreset::Llama32_3b,
+            ModelPreset::Qwen3_4b,
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let shape = ModelShape::from_preset(p);
+            let path = dir.path().join("config.json");
+            std::fs::write(&path, shape.to_config_json().to_string()).unwrap();
+            let mut back = ModelShape::from_config_json(&path).unwrap();
+            back.name = shape.name.clone();
+            assert_eq!(back, shape, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_model_type_is_refused_naming_the_supported_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let mut c = ModelShape::from_preset(ModelPreset::TinyLlama).to_config_json();
+        c["model_type"] = "mistral".into();
+        std::fs::write(&path, c.to_string()).unwrap();
+        let e = ModelShape::from_config_json(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("\"mistral\"") && e.contains("\"phi3\", \"llama\", \"qwen3\""),
+            "{e}"
+        );
+        // Another RoPE scaling than llama3 is refused too.
+        let mut c = ModelShape::from_preset(ModelPreset::TinyLlama).to_config_json();
+        c["rope_scaling"]["rope_type"] = "yarn".into();
+        std::fs::write(&path, c.to_string()).unwrap();
+        let e = ModelShape::from_config_json(&path).unwrap_err().to_string();
+        assert!(e.contains("yarn"), "{e}");
+    }
+
+    /// Llama 3's frequency correction in its three regimes, each against the rule written out
+    /// again here for tiny-llama (head_dim 16, theta 500,000, factor 32, low 1, high 4, 8,192
+    /// original positions: wavelengths 2π·500000^(j/8)).
+    #[test]
+    fn llama3_rope_scales_long_wavelengths_and_blends_the_middle() {
+        let shape = ModelShape::from_preset(ModelPreset::TinyLlama);
+        let s = shape.rope_frequency_scale().unwrap();
+        assert_eq!(s.len(), 8);
+        let wavelen = |j: usize| std::f64::consts::TAU * 500_000f64.powf(j as f64 / 8.0);
+        // j <= 3: wavelength below 8192/4 = 2048: kept.
+        assert!(wavelen(3) < 2048.0 && s[..4].iter().all(|&x| x == 1.0));
+        // j = 4: between 2048 and 8192: blended.
+        assert!(wavelen(4) > 2048.0 && wavelen(4) < 8192.0);
+        let smooth = (8192.0 / wavelen(4) - 1.0) / 3.0;
+        assert!((s[4] - ((1.0 - smooth) / 32.0 + smooth)).abs() < 1e-15);
+        assert!(s[4] > 1.0 / 32.0 && s[4] < 1.0);
+        // j >= 5: above 8192: divided by 32.
+        assert!(wavelen(5) > 8192.0 && s[5..].iter().all(|&x| x == 1.0 / 32.0));
+        assert!(ModelShape::tiny().rope_frequency_scale().is_none());
+    }
+
+    #[test]
+    fn hub_ids_resolve_to_their_shapes() {
+        assert_eq!(
+            preset_for_hub_id("qwen/qwen3-0.6b"),
+            Some(ModelPreset::Qwen3_0_6b)
+        );
+        assert_eq!(
+            preset_for_hub_id("meta-llama/Llama-3.2-3B"),
+            Some(ModelPreset::Llama32_3b)
+        );
+        assert_eq!(preset_for_hub_id("Qwen/Qwen2.5-0.5B"), None);
+        for b in BUILT_INS {
+            assert_eq!(hub_id_for_preset(b.preset), Some(b.hub_ids[0]));
+        }
+        assert_eq!(hub_id_for_preset(ModelPreset::TinyQwen3), None);
+    }
+
+    /// Phi-3's shape serialises as before the families existed (summaries, workload hashes).
+    #[test]
+    fn phi3_shape_json_has_no_new_keys() {
+        let v = serde_json::to_value(ModelShape::phi3_mini()).unwrap();
+        assert_eq!(v.as_object().unwrap().len(), 10, "{v}");
+        let back: ModelShape = serde_json::from_value(v).unwrap();
+        assert_eq!(back, ModelShape::phi3_mini());
     }
 }

@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::config::{Config, ModelPreset, OverlongPolicy, WeightsKind};
+use crate::config::{Config, OverlongPolicy, WeightsKind};
 use crate::data::batch::{plan_steps, Step};
 use crate::data::records::{self, DatasetSource};
 use crate::data::{chat, synthetic, DataStats, Sample};
@@ -49,9 +49,11 @@ pub fn resolve_model(cfg: &Config) -> Result<(ModelShape, WeightSource, Vec<Stri
     };
     // Random weights for the default hub model need no download: the built-in shape is the
     // published config.json's.
-    let preset = m.preset.or((m.weights == WeightsKind::Random
-        && m.source == crate::config::PHI3_MINI_HUB_ID)
-        .then_some(ModelPreset::Phi3Mini));
+    let preset = m.preset.or_else(|| {
+        (m.weights == WeightsKind::Random)
+            .then(|| crate::model::preset_for_hub_id(&m.source))
+            .flatten()
+    });
     if let Some(p) = preset {
         let shape = ModelShape::from_preset(p);
         return match (m.weights, p) {
@@ -59,7 +61,7 @@ pub fn resolve_model(cfg: &Config) -> Result<(ModelShape, WeightSource, Vec<Stri
                 notes.push(format!("weights: random initialisation of the {} architecture from seed {} (no pretrained weights were loaded)", shape.name, cfg.workload.seed));
                 Ok((shape, random, notes))
             }
-            (WeightsKind::Pretrained, ModelPreset::Tiny) => Err(ConfigError::Value {
+            (WeightsKind::Pretrained, p) if p.is_tiny() => Err(ConfigError::Value {
                 key: "weights".into(),
                 value: "pretrained".into(),
                 reason: "the tiny preset is a test architecture with no published weights".into(),
@@ -67,7 +69,7 @@ pub fn resolve_model(cfg: &Config) -> Result<(ModelShape, WeightSource, Vec<Stri
                     .into(),
             }
             .into()),
-            (WeightsKind::Pretrained, ModelPreset::Phi3Mini) => {
+            (WeightsKind::Pretrained, _) => {
                 let dir = model_dir(&m.source, &m.revision, true)?;
                 let shape = ModelShape::from_config_json(&dir.join("config.json"))?;
                 Ok((shape, WeightSource::from_dir(&dir)?, notes))
@@ -176,7 +178,7 @@ fn load_tokenizer(cfg: &Config, shape: &ModelShape) -> Result<chat::ChatTokenize
     let w = &cfg.workload;
     let tok_spec = match (&w.data.tokenizer, w.model.preset) {
         (Some(t), _) => t.clone(),
-        (None, Some(ModelPreset::Tiny)) => return Err(ConfigError::Value {
+        (None, Some(p)) if p.is_tiny() => return Err(ConfigError::Value {
             key: "tokenizer".into(),
             value: "(none)".into(),
             reason: "real records need a tokenizer and the tiny preset has none".into(),
@@ -218,16 +220,18 @@ pub fn prepare(cfg: &Config) -> Result<Prepared> {
     };
     let mut samples: Vec<Sample> = match &src {
         DatasetSource::Synthetic => {
-            if shape.vocab_size < synthetic::VOCAB_NEEDED {
+            let needed = synthetic::chat_ids(shape.family).vocab_needed();
+            if shape.vocab_size < needed {
                 return Err(ConfigError::Value {
                     key: "dataset".into(),
                     value: crate::config::SYNTHETIC.into(),
                     reason: format!(
-                        "synthetic records use Phi-3's token ids (up to {}), and the model's vocabulary (vocab_size) has only {} ids",
-                        synthetic::VOCAB_NEEDED - 1,
+                        "synthetic records use the {:?} family's token ids (up to {}), and the model's vocabulary (vocab_size) has only {} ids",
+                        shape.family,
+                        needed - 1,
                         shape.vocab_size
                     ),
-                    fix: "use a model with Phi-3's vocabulary (32,064 ids), or real records with the model's tokenizer (--dataset FILE --tokenizer DIR)".into(),
+                    fix: "use a model with its family's full vocabulary, or real records with the model's tokenizer (--dataset FILE --tokenizer DIR)".into(),
                 }
                 .into());
             }
@@ -238,10 +242,11 @@ pub fn prepare(cfg: &Config) -> Result<Prepared> {
                 ));
             }
             notes.push(format!(
-                "data: synthetic dolly-shaped records (lengths exp(N(ln 200, 0.75)) clipped to [24, 1024], dolly's category mix, Phi-3 chat structure) from seed {}; no tokenizer or dataset was read",
+                "data: synthetic dolly-shaped records (lengths exp(N(ln 200, 0.75)) clipped to [24, 1024] in Phi-3's template, dolly's category mix, {:?} chat structure) from seed {}; no tokenizer or dataset was read",
+                shape.family,
                 w.seed
             ));
-            synthetic::generate(n, w.seed)
+            synthetic::generate_for(shape.family, n, w.seed)
                 .into_iter()
                 .map(|(s, _)| s)
                 .collect()
@@ -411,6 +416,7 @@ pub fn prepare(cfg: &Config) -> Result<Prepared> {
     }
     let hash = workload_hash(cfg, &shape, weights.digest()?.as_deref(), &samples, &steps)?;
     notes.extend(cfg.run.batch_note.clone());
+    notes.extend(shape.strategy_note(&w.strategy));
     Ok(Prepared {
         shape,
         weights,

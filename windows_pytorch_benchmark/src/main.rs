@@ -10,7 +10,7 @@ use shared::config::{CliArgs, Framework, TuningMode};
 use shared::measure::memory::{DeviceKind, Precision};
 use shared::runner::DeviceFacts;
 
-use windows_pytorch_benchmark::phi3::DType;
+use windows_pytorch_benchmark::decoder::DType;
 use windows_pytorch_benchmark::train;
 
 /// `Fast` trains on the first 100 records, `Full` on all 15,011 of dolly-15k. Edit to change the

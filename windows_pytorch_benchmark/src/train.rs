@@ -1,4 +1,4 @@
-//! The PyTorch backend: builds Phi-3 from the shared weights, and runs one optimizer step the way
+//! The PyTorch backend: builds the decoder from the shared weights, and runs one optimizer step the way
 //! Hugging Face's Trainer does (accumulate micro-batch gradients, clip the global norm, AdamW at the
 //! scheduled learning rate), written by hand over libtorch.
 
@@ -17,7 +17,7 @@ use tch::{COptimizer, Device, Kind, Tensor};
 
 use crate::ext::FusedAdamW;
 
-use crate::phi3::{DType, Inputs, Phi3};
+use crate::decoder::{DType, Decoder, Inputs};
 
 /// The AdamW implementation in use.
 enum Optimizer {
@@ -53,7 +53,7 @@ impl Optimizer {
 }
 
 pub struct TorchBackend {
-    model: Phi3,
+    model: Decoder,
     /// Trainable tensors, in checkpoint order.
     trainable: Vec<Tensor>,
     opt: Optimizer,
@@ -307,8 +307,10 @@ impl TorchBackend {
             _ => 0,
         };
         let lora_scale = strategy.lora_alpha / strategy.lora_rank.max(1) as f64;
-        let model =
-            Phi3::from_tensors(shape, dtype, device, tensors, lora_scale, first_grad_layer)?;
+        let lookup_grad = shape.embedding_lookup_trains(strategy);
+        let mut model =
+            Decoder::from_tensors(shape, dtype, device, tensors, lora_scale, first_grad_layer)?;
+        model.lookup_grad = lookup_grad;
         let t = &cfg.workload.train;
         // AdamW: ATen's fused multi-tensor kernel (torch.optim.AdamW(fused=True)) where it
         // exists; libtorch's per-parameter torch::optim::AdamW on MPS. Same update (tested).

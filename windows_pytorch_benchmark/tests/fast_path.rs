@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use shared::data::batch::{MicroBatch, IGNORE_INDEX};
 use shared::model::{ModelShape, WeightSource};
 use tch::{Device, Kind, Tensor};
-use windows_pytorch_benchmark::phi3::{Attention, DType, Inputs, Phi3};
+use windows_pytorch_benchmark::decoder::{Attention, DType, Decoder, Inputs};
 
 /// Documents as one micro-batch: `packed` puts them end to end in one row (segment ids),
 /// otherwise one per row, right-padded to the longest. Every position but a document's last
@@ -110,8 +110,7 @@ fn varlen_inputs_keep_real_tokens_and_document_bounds() {
     }
 }
 
-fn tiny_model(device: Device, dtype: DType) -> (Phi3, Vec<Tensor>) {
-    let shape = ModelShape::tiny();
+fn tiny_model(shape: ModelShape, device: Device, dtype: DType) -> (Decoder, Vec<Tensor>) {
     let mut map = HashMap::new();
     let mut trainable = Vec::new();
     WeightSource::Random { seed: 11 }
@@ -127,11 +126,11 @@ fn tiny_model(device: Device, dtype: DType) -> (Phi3, Vec<Tensor>) {
             Ok(())
         })
         .unwrap();
-    let model = Phi3::from_tensors(shape, dtype, device, map, 1.0, 0).unwrap();
+    let model = Decoder::from_tensors(shape, dtype, device, map, 1.0, 0).unwrap();
     (model, trainable)
 }
 
-fn loss_and_grad_norm(model: &Phi3, params: &[Tensor], inp: &Inputs) -> (f64, f64) {
+fn loss_and_grad_norm(model: &Decoder, params: &[Tensor], inp: &Inputs) -> (f64, f64) {
     for p in params {
         let mut g = p.grad();
         if g.defined() {
@@ -155,8 +154,19 @@ fn varlen_flash_matches_sdpa_on_cuda() {
         return;
     }
     let dev = Device::Cuda(0);
-    for dtype in [DType::Bf16, DType::MixedBf16] {
-        let (model, params) = tiny_model(dev, dtype);
+    // Every family: Phi-3's fused projections, Llama's grouped-query attention and tied head,
+    // Qwen3's q/k norm and head_dim 32 at width 64.
+    let shapes = [
+        ModelShape::tiny(),
+        ModelShape::from_preset(shared::config::ModelPreset::TinyLlama),
+        ModelShape::from_preset(shared::config::ModelPreset::TinyQwen3),
+    ];
+    for (shape, dtype) in shapes
+        .iter()
+        .flat_map(|s| [DType::Bf16, DType::MixedBf16].map(|d| (s.clone(), d)))
+    {
+        let family = shape.family;
+        let (model, params) = tiny_model(shape, dev, dtype);
         for packed in [false, true] {
             let mb = micro_batch(&docs(), packed);
             let (l0, g0) = loss_and_grad_norm(&model, &params, &Inputs::new(&mb, dev));
@@ -164,7 +174,7 @@ fn varlen_flash_matches_sdpa_on_cuda() {
             let rl = (l1 - l0).abs() / l0.abs();
             let rg = (g1 - g0).abs() / g0.abs();
             eprintln!(
-                "{} packed={packed}: loss {l0:.5} vs {l1:.5} ({rl:.1e}), grad norm {g0:.5} vs {g1:.5} ({rg:.1e})",
+                "{family:?} {} packed={packed}: loss {l0:.5} vs {l1:.5} ({rl:.1e}), grad norm {g0:.5} vs {g1:.5} ({rg:.1e})",
                 dtype.name()
             );
             // bf16 rounding differs between the two kernels; a wrong mask or layout would be

@@ -170,9 +170,17 @@ impl ChatTokenizer {
         self.tokenizer.get_vocab_size(true)
     }
 
-    /// Renders messages with the chat template.
-    pub fn render(&self, messages: &[(&str, &str)]) -> Result<String> {
+    /// Renders messages with the chat template: the prompt alone with `add_generation_prompt`
+    /// (it ends where the response starts), the whole conversation without (Qwen3's template
+    /// would otherwise open another assistant turn after the response). Python's string methods
+    /// (`startswith`, `split`, `strip`, ...) that Qwen3's template calls are minijinja-contrib's
+    /// `pycompat`. `enable_thinking` is false: Qwen3's template then writes the empty
+    /// `<think>\n\n</think>\n\n` block into the prompt, so the response (the loss) is the
+    /// record's answer alone; other templates ignore it. No `strftime_now`: Llama 3's template
+    /// then writes its own fixed date ("26 Jul 2024"), so the tokens do not change with the day.
+    pub fn render(&self, messages: &[(&str, &str)], add_generation_prompt: bool) -> Result<String> {
         let mut env = minijinja::Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_template("chat", &self.template)
             .context("parsing the chat template")?;
         let msgs: Vec<_> = messages
@@ -184,7 +192,8 @@ impl ChatTokenizer {
                 messages => msgs,
                 bos_token => self.bos,
                 eos_token => self.eos,
-                add_generation_prompt => true,
+                add_generation_prompt => add_generation_prompt,
+                enable_thinking => false,
             })
             .context("rendering the chat template")
     }
@@ -196,8 +205,8 @@ impl ChatTokenizer {
         } else {
             format!("{}\n\n{}", r.instruction, r.context)
         };
-        let prompt = self.render(&[("user", &user)])?;
-        let full = self.render(&[("user", &user), ("assistant", &r.response)])?;
+        let prompt = self.render(&[("user", &user)], true)?;
+        let full = self.render(&[("user", &user), ("assistant", &r.response)], false)?;
         if !full.starts_with(&prompt) {
             bail!("the chat template does not render the prompt as a prefix of the conversation; prompt masking needs that");
         }
@@ -271,6 +280,71 @@ mod tests {
             &s.ids[s.prompt_len..],
             "response tokens unchanged by context"
         );
+    }
+
+    fn family_tokenizer(name: &str) -> Option<ChatTokenizer> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/tokenizers")
+            .join(name);
+        if !dir.join("tokenizer.json").exists() {
+            eprintln!("skipped: no tokenizer at {}", dir.display());
+            return None;
+        }
+        let (t, c, o) = locate(dir.to_str().unwrap(), "main").unwrap();
+        Some(ChatTokenizer::load(&t, &c, o).unwrap())
+    }
+
+    /// Llama 3.2's and Qwen3's own templates (from their `tokenizer_config.json`) through
+    /// minijinja give the ids Hugging Face gives, and the synthetic generator lays out the same
+    /// structure. Expected ids: transformers 4.57 `apply_chat_template` on the same folders
+    /// (Llama: `date_string="26 Jul 2024"`, the date the template falls back to; Qwen3:
+    /// `enable_thinking=False`), then the tokenizer without added special tokens.
+    #[test]
+    fn llama3_and_qwen3_templates_format_mask_and_match_the_synthetic_structure() {
+        use crate::model::Family;
+        let r = Record {
+            instruction: "What is a llama?".into(),
+            context: String::new(),
+            response: "An animal of the Andes.".into(),
+            category: "open_qa".into(),
+        };
+        let cases: [(&str, Family, &[u32], usize); 2] = [
+            (
+                "llama-3",
+                Family::Llama,
+                &[
+                    128000, 128006, 9125, 128007, 271, 38766, 1303, 33025, 2696, 25, 6790, 220,
+                    2366, 18, 198, 15724, 2696, 25, 220, 1627, 10263, 220, 2366, 19, 271, 128009,
+                    128006, 882, 128007, 271, 3923, 374, 264, 94776, 30, 128009, 128006, 78191,
+                    128007, 271, 2127, 10065, 315, 279, 1628, 288, 13, 128009,
+                ],
+                40,
+            ),
+            (
+                "qwen3",
+                Family::Qwen3,
+                &[
+                    151644, 872, 198, 3838, 374, 264, 93676, 30, 151645, 198, 151644, 77091, 198,
+                    151667, 271, 151668, 271, 2082, 9864, 315, 279, 1597, 288, 13, 151645, 198,
+                ],
+                17,
+            ),
+        ];
+        for (dir, family, want, prompt_len) in cases {
+            let Some(tok) = family_tokenizer(dir) else {
+                continue;
+            };
+            let s = tok.encode(&r).unwrap();
+            assert_eq!(s.ids, want, "{dir}");
+            assert_eq!(s.prompt_len, prompt_len, "{dir}");
+            let chat = super::super::synthetic::chat_ids(family);
+            let prompt = &s.ids[chat.before_prompt.len()..prompt_len - chat.before_response.len()];
+            let response = &s.ids[prompt_len..s.ids.len() - chat.after_response.len()];
+            let syn = super::super::synthetic::chat_sample_for(&chat, prompt, response);
+            assert_eq!(syn, s, "{dir}: synthetic structure");
+            // Every id a synthetic record uses exists in the real vocabulary.
+            assert!(chat.vocab_needed() <= tok.vocab_size(), "{dir}");
+        }
     }
 
     #[test]

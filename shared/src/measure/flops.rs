@@ -31,34 +31,35 @@ pub fn flops_per_token(
     strategy: &StrategyConfig,
     seq_len: usize,
 ) -> FlopsBreakdown {
-    let (h, i, v, l) = (
+    let (h, v, l) = (
         shape.hidden_size as f64,
-        shape.intermediate_size as f64,
         shape.vocab_size as f64,
         shape.num_layers,
     );
-    let qkv = h * shape.qkv_out() as f64; // fused q|k|v projection weights
-    let o = (shape.num_heads * shape.head_dim()) as f64 * h; // attention output projection
-    let gate_up = h * 2.0 * i; // fused gate|up projection
-    let down = i * h; // MLP down projection
-    let block_weights = qkv + o + gate_up + down;
+    // Every projection of a block (q|k|v fused or split, the same weights either way; with
+    // grouped-query attention k and v are num_kv_heads x head_dim wide): in x out weights.
+    let block_weights: f64 = shape
+        .projections()
+        .iter()
+        .map(|p| (p.in_features * p.out_features) as f64)
+        .sum();
     // Forward matmul FLOPs per token: 2 per weight (multiply + add).
     let block_fwd = 2.0 * block_weights;
     let head_fwd = 2.0 * h * v;
     // Attention scores QK^T and the weighted sum AV: 2·T·d each per layer for a token that sees
     // T keys, i.e. 4·T·d per layer. With causal masking a token sees on average (T+1)/2 keys, so we
     // count the causal half: 4·d·(T+1)/2 per layer (the work a flash kernel actually does).
-    let d_attn = (shape.num_heads * shape.head_dim()) as f64;
+    let d_attn = shape.attention_width() as f64;
     let attn_fwd = 4.0 * d_attn * (seq_len as f64 + 1.0) / 2.0;
 
     let lora_fwd = |rank: usize, targets: &[LoraTarget]| -> f64 {
         // Each adapter: x·Aᵀ (in→r) then ·Bᵀ (r→out): 2·r·(in + out) per token.
-        targets
+        // Split families adapt q, k and v (gate and up) each with its own adapter.
+        shape
+            .projections()
             .iter()
-            .map(|t| {
-                let (out, inp) = shape.projection_shape(*t);
-                2.0 * rank as f64 * (inp + out) as f64
-            })
+            .filter(|p| targets.contains(&p.target))
+            .map(|p| 2.0 * rank as f64 * (p.in_features + p.out_features) as f64)
             .sum()
     };
 
@@ -197,5 +198,56 @@ mod tests {
         // Ten fewer loss tokens: ten fewer head applications (2·64·32064 forward, 3x in all).
         let g = step_flops(&shape, &s, &[10, 20], 20);
         assert!((f - g - 10.0 * 3.0 * 2.0 * 64.0 * 32_064.0).abs() < 1.0);
+    }
+    /// Grouped-query attention and a tied head, counted by hand. tiny-llama: h=64, 4 heads of
+    /// 16, 2 kv heads (k and v 32 wide), I=128, V=128,256, 2 blocks. Weights per block: q 64·64 +
+    /// k 64·32 + v 64·32 + o 64·64 + gate 64·128 + up 64·128 + down 128·64 = 36,864. At T=9:
+    /// attention 4·64·(9+1)/2 = 1,280 per block; head 2·64·128,256 = 16,416,768 (the tied
+    /// embedding is the head's matrix: the same product). Forward = 2·(2·36,864 + 1,280) +
+    /// 16,416,768 = 16,566,784.
+    #[test]
+    fn hand_count_grouped_query_attention_and_a_tied_head() {
+        use crate::config::ModelPreset;
+        let shape = ModelShape::from_preset(ModelPreset::TinyLlama);
+        let full = StrategyConfig {
+            kind: StrategyKind::Full,
+            ..Default::default()
+        };
+        let f = flops_per_token(&shape, &full, 9);
+        assert_eq!(f.forward, 16_566_784.0);
+        assert_eq!(f.backward, 2.0 * 16_566_784.0);
+        // last-n, N=1: the tied head trains as an untied one would (weight and input gradients:
+        // 2 x its forward); the frozen block's forward only; the trained block 2 x forward.
+        let last1 = StrategyConfig {
+            kind: StrategyKind::LastN,
+            last_n: 1,
+            ..Default::default()
+        };
+        let f = flops_per_token(&shape, &last1, 9);
+        assert_eq!(f.forward, 16_566_784.0);
+        assert_eq!(
+            f.backward,
+            2.0 * 73_728.0 + 2.0 * 1_280.0 + 2.0 * 16_416_768.0
+        );
+        // tiny-qwen3: head_dim 32 (attention 128 wide at width 64), 2 kv heads (64 wide), LoRA
+        // rank 4 on q, k, v, o, gate, up, down, one adapter each. Weights per block: q 64·128 + k
+        // 64·64 + v 64·64 + o 128·64 + 3·64·128 = 49,152; attention 4·128·5 = 2,560; adapters
+        // 2·4·(192 + 128 + 128 + 192 + 192 + 192 + 192) = 9,728; head 2·64·151,936 = 19,447,808.
+        let shape = ModelShape::from_preset(ModelPreset::TinyQwen3);
+        let lora = StrategyConfig {
+            kind: StrategyKind::Lora,
+            lora_rank: 4,
+            ..Default::default()
+        };
+        let f = flops_per_token(&shape, &lora, 9);
+        assert_eq!(
+            f.forward,
+            2.0 * (98_304.0 + 2_560.0 + 9_728.0) + 19_447_808.0
+        );
+        // Frozen weights: input gradients (1x); attention and adapters 2x; head input gradient.
+        assert_eq!(
+            f.backward,
+            2.0 * (98_304.0 + 2.0 * 2_560.0 + 2.0 * 9_728.0) + 19_447_808.0
+        );
     }
 }

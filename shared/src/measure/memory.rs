@@ -253,17 +253,26 @@ pub fn saved_bytes_per_token_per_block(
     // MLP: gate|up input, the fused gate|up output (SiLU keeps gate, the product keeps up: both
     // views of it), SiLU's output, and the product that feeds down_proj.
     let mlp = input(LoraTarget::GateUpProj, h) + 2 * i * a + i * a + input(LoraTarget::DownProj, i);
-    // LoRA: each adapter keeps x·Aᵀ (rank values) for B's gradient.
+    // LoRA: each adapter keeps x·Aᵀ (rank values) for B's gradient; a target of a split family
+    // (Llama, Qwen3) has one adapter per projection it covers.
     let lora = match s.kind {
         StrategyKind::Lora => {
-            let mut t = s.lora_targets.clone();
-            t.sort();
-            t.dedup();
-            t.len() as u64 * s.lora_rank as u64 * a
+            let adapters = shape
+                .projections()
+                .iter()
+                .filter(|p| s.lora_targets.contains(&p.target))
+                .count();
+            adapters as u64 * s.lora_rank as u64 * a
         }
         _ => 0,
     };
-    norms + qkv + rope + sdpa + o + mlp + lora
+    // Qwen3's q/k RMSNorm per head keeps its input and the fp32 reciprocal RMS per head.
+    let qk_norm = if shape.family.qk_norm() {
+        (nh + nkv) * (hd * a + 4)
+    } else {
+        0
+    };
+    norms + qkv + rope + sdpa + o + mlp + lora + qk_norm
 }
 
 /// Blocks whose activations autograd keeps.
@@ -963,5 +972,36 @@ mod tests {
             1
         )
         .is_empty());
+    }
+    /// Issue 14: a split family keeps one x·Aᵀ per adapted projection (q, k, v, o, gate, up,
+    /// down: 7, against Phi-3's 4 fused ones), and Qwen3's q/k norm its input and fp32 RMS.
+    #[test]
+    fn split_families_count_each_adapter_and_the_qk_norm() {
+        use crate::config::ModelPreset;
+        let p = Precision::Float32;
+        let lora = |rank| StrategyConfig {
+            kind: StrategyKind::Lora,
+            lora_rank: rank,
+            ..Default::default()
+        };
+        let per_rank = |shape: &ModelShape| {
+            saved_bytes_per_token_per_block(shape, &lora(8), p)
+                - saved_bytes_per_token_per_block(shape, &lora(4), p)
+        };
+        let qwen = ModelShape::from_preset(ModelPreset::TinyQwen3);
+        assert_eq!(per_rank(&qwen), 7 * 4 * 4);
+        assert_eq!(per_rank(&ModelShape::tiny()), 4 * 4 * 4);
+        // The same shape without the q/k norm: 4 + 2 heads of 32, fp32 input + fp32 RMS each.
+        let mut no_norm = qwen.clone();
+        no_norm.family = crate::model::Family::Llama;
+        let full = StrategyConfig {
+            kind: StrategyKind::Full,
+            ..Default::default()
+        };
+        assert_eq!(
+            saved_bytes_per_token_per_block(&qwen, &full, p)
+                - saved_bytes_per_token_per_block(&no_norm, &full, p),
+            6 * (32 * 4 + 4)
+        );
     }
 }

@@ -1,4 +1,8 @@
-//! Phi-3 in tch, parameter names as in the Hugging Face checkpoint (`modeling_phi3.py`).
+//! One decoder in tch for every family of `shared::model` (Phi-3, Llama 3.x, Qwen3), parameter
+//! names as in the Hugging Face checkpoints (`modeling_phi3.py`, `modeling_llama.py`,
+//! `modeling_qwen3.py`): Phi-3's fused `qkv_proj`/`gate_up_proj` or the split q/k/v and gate/up
+//! projections, grouped-query attention, Qwen3's RMSNorm on q and k per head, Llama 3's RoPE
+//! frequency correction and a tied LM head all come from the shape; nothing is per family here.
 //!
 //! Precision follows `DType`: `float32` everywhere; `bf16` weights and activations (RMSNorm
 //! statistics, softmax inside SDPA and the loss in fp32); `mixed-bf16` keeps fp32 master weights
@@ -106,23 +110,43 @@ impl Linear {
     }
 }
 
+/// q, k and v: one fused projection (Phi-3) or three (Llama, Qwen3).
+pub enum QkvProj {
+    Fused(Linear),
+    Split { q: Linear, k: Linear, v: Linear },
+}
+
+/// gate and up: one fused projection (Phi-3) or two.
+pub enum GateUpProj {
+    Fused(Linear),
+    Split { gate: Linear, up: Linear },
+}
+
 pub struct Block {
     pub input_layernorm: Tensor,
-    pub qkv_proj: Linear,
+    pub qkv: QkvProj,
+    /// Qwen3: RMSNorm weights `[head_dim]` on q and k per head, before RoPE.
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
     pub o_proj: Linear,
     pub post_attention_layernorm: Tensor,
-    pub gate_up_proj: Linear,
+    pub gate_up: GateUpProj,
     pub down_proj: Linear,
 }
 
-pub struct Phi3 {
+pub struct Decoder {
     pub shape: ModelShape,
     pub dtype: DType,
     pub device: Device,
     pub embed_tokens: Tensor,
     pub layers: Vec<Block>,
     pub norm: Tensor,
+    /// The LM head's matrix; with a tied head the embedding itself (the same leaf tensor, so
+    /// both uses add into one gradient).
     pub lm_head: Tensor,
+    /// Whether the embedding lookup is differentiated (`ModelShape::embedding_lookup_trains`):
+    /// under last-n a tied embedding trains through the head only.
+    pub lookup_grad: bool,
     /// RoPE tables [max_positions, head_dim] in fp32; the sine with its first half negated.
     cos: Tensor,
     sin_signed: Tensor,
@@ -272,7 +296,7 @@ impl Rope {
     }
 }
 
-impl Phi3 {
+impl Decoder {
     /// Builds the model from named tensors (already on the device and in the parameter kind).
     pub fn from_tensors(
         shape: ModelShape,
@@ -305,23 +329,53 @@ impl Phi3 {
                 })
             };
             let input_layernorm = take(&p("input_layernorm.weight"))?;
-            let qkv_proj = lin("self_attn.qkv_proj", &mut take)?;
+            let (qkv, gate_up) = if shape.family.fused_projections() {
+                (
+                    QkvProj::Fused(lin("self_attn.qkv_proj", &mut take)?),
+                    GateUpProj::Fused(lin("mlp.gate_up_proj", &mut take)?),
+                )
+            } else {
+                (
+                    QkvProj::Split {
+                        q: lin("self_attn.q_proj", &mut take)?,
+                        k: lin("self_attn.k_proj", &mut take)?,
+                        v: lin("self_attn.v_proj", &mut take)?,
+                    },
+                    GateUpProj::Split {
+                        gate: lin("mlp.gate_proj", &mut take)?,
+                        up: lin("mlp.up_proj", &mut take)?,
+                    },
+                )
+            };
+            let (q_norm, k_norm) = if shape.family.qk_norm() {
+                (
+                    Some(take(&p("self_attn.q_norm.weight"))?),
+                    Some(take(&p("self_attn.k_norm.weight"))?),
+                )
+            } else {
+                (None, None)
+            };
             let o_proj = lin("self_attn.o_proj", &mut take)?;
             let post_attention_layernorm = take(&p("post_attention_layernorm.weight"))?;
-            let gate_up_proj = lin("mlp.gate_up_proj", &mut take)?;
             let down_proj = lin("mlp.down_proj", &mut take)?;
             layers.push(Block {
                 input_layernorm,
-                qkv_proj,
+                qkv,
+                q_norm,
+                k_norm,
                 o_proj,
                 post_attention_layernorm,
-                gate_up_proj,
+                gate_up,
                 down_proj,
             });
         }
         let embed_tokens = take("model.embed_tokens.weight")?;
         let norm = take("model.norm.weight")?;
-        let lm_head = take("lm_head.weight")?;
+        let lm_head = if shape.tie_word_embeddings {
+            embed_tokens.shallow_clone()
+        } else {
+            take("lm_head.weight")?
+        };
         // RoPE tables, fp32, as HF's Phi3RotaryEmbedding: inv_freq[j] = theta^(-2j/D).
         let d = shape.head_dim() as i64;
         let inv_freq =
@@ -331,6 +385,14 @@ impl Phi3 {
             .to_kind(Kind::Float)
             .pow(&inv_freq)
             .reciprocal();
+        // Llama 3's `rope_scaling`: each inverse frequency times its factor (plain RoPE: none).
+        let inv_freq = match shape.rope_frequency_scale() {
+            Some(scale) => {
+                let scale: Vec<f32> = scale.iter().map(|&x| x as f32).collect();
+                inv_freq * Tensor::from_slice(&scale).to_device(device)
+            }
+            None => inv_freq,
+        };
         let pos = Tensor::arange(shape.max_position_embeddings as i64, (Kind::Float, device));
         let freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0);
         let emb = Tensor::cat(&[&freqs, &freqs], 1);
@@ -345,6 +407,7 @@ impl Phi3 {
             layers,
             norm,
             lm_head,
+            lookup_grad: true,
             first_grad_layer,
         })
     }
@@ -357,14 +420,33 @@ impl Phi3 {
             s.num_kv_heads as i64,
             s.head_dim() as i64,
         );
-        // q and k in one contiguous product (RoPE on both in one pass), v in another.
-        let mut parts = b
-            .qkv_proj
-            .forward_split(x, &[(nh + nkv) * hd, nkv * hd], self.dtype);
-        let v = parts.pop().expect("v").view([bsz, t, nkv, hd]);
-        let qk = rope.apply(&parts.pop().expect("qk").view([bsz, t, nh + nkv, hd]));
-        let q = qk.narrow(2, 0, nh);
-        let k = qk.narrow(2, nh, nkv);
+        let (q, k, v) = match &b.qkv {
+            QkvProj::Fused(qkv_proj) => {
+                // q and k in one contiguous product (RoPE on both in one pass), v in another.
+                let mut parts = qkv_proj.forward_split(x, &[(nh + nkv) * hd, nkv * hd], self.dtype);
+                let v = parts.pop().expect("v").view([bsz, t, nkv, hd]);
+                let qk = rope.apply(&parts.pop().expect("qk").view([bsz, t, nh + nkv, hd]));
+                (qk.narrow(2, 0, nh), qk.narrow(2, nh, nkv), v)
+            }
+            QkvProj::Split { q, k, v } => {
+                let heads = |l: &Linear, n: i64, norm: &Option<Tensor>| {
+                    let y = l.forward(x, self.dtype).view([bsz, t, n, hd]);
+                    let y = match norm {
+                        // Qwen3: RMSNorm over each head's width (statistics in fp32), back in
+                        // the compute dtype for RoPE and attention.
+                        Some(w) => rms_norm(&y, w, s.rms_norm_eps, self.dtype)
+                            .to_kind(self.dtype.compute_kind()),
+                        None => y,
+                    };
+                    rope.apply(&y)
+                };
+                (
+                    heads(q, nh, &b.q_norm),
+                    heads(k, nkv, &b.k_norm),
+                    v.forward(x, self.dtype).view([bsz, t, nkv, hd]),
+                )
+            }
+        };
         let gqa = nkv != nh;
         let y = match attn {
             Attention::Varlen {
@@ -410,11 +492,16 @@ impl Phi3 {
         let x = x + self.attention(b, &h, rope, attn);
         let h = rms_norm(&x, &b.post_attention_layernorm, eps, self.dtype);
         let inter = self.shape.intermediate_size as i64;
-        let mut gu = b
-            .gate_up_proj
-            .forward_split(&h, &[inter, inter], self.dtype);
-        let up = gu.pop().expect("up");
-        let gate = gu.pop().expect("gate");
+        let (gate, up) = match &b.gate_up {
+            GateUpProj::Fused(gate_up_proj) => {
+                let mut gu = gate_up_proj.forward_split(&h, &[inter, inter], self.dtype);
+                let up = gu.pop().expect("up");
+                (gu.pop().expect("gate"), up)
+            }
+            GateUpProj::Split { gate, up } => {
+                (gate.forward(&h, self.dtype), up.forward(&h, self.dtype))
+            }
+        };
         x + b.down_proj.forward(&(up * gate.silu()), self.dtype)
     }
 
@@ -433,7 +520,12 @@ impl Phi3 {
             cos: at_positions(&self.cos),
             sin_signed: at_positions(&self.sin_signed),
         };
-        let emb = Tensor::embedding(&self.embed_tokens, &inp.input_ids, -1, false, false);
+        let lookup = || Tensor::embedding(&self.embed_tokens, &inp.input_ids, -1, false, false);
+        let emb = if self.lookup_grad {
+            lookup()
+        } else {
+            tch::no_grad(lookup)
+        };
         let mut x = match self.dtype {
             DType::MixedBf16 => emb, // fp32 residual stream
             _ => emb.to_kind(self.dtype.param_kind()),

@@ -1,15 +1,21 @@
-//! Phi-3 in mlx-rs: the whole decoder in one file, with the Hugging Face checkpoint's parameter
-//! names (`model.layers.{i}.self_attn.qkv_proj.weight`, ...) so that real safetensors load
-//! unchanged and the PyTorch binary's tensors line up name for name.
+//! One decoder in mlx-rs for every family of `shared::model` (Phi-3, Llama 3.x, Qwen3), with the
+//! Hugging Face checkpoints' parameter names (`model.layers.{i}.self_attn.qkv_proj.weight` for
+//! Phi-3, `...self_attn.q_proj.weight` for Llama and Qwen3, ...) so that real safetensors load
+//! unchanged and the PyTorch binary's tensors line up name for name. What differs between the
+//! families (fused or split projections, grouped-query attention, Qwen3's q/k norm, Llama 3's RoPE
+//! frequencies, a tied head) comes from the shape; nothing here is per family.
 //!
 //! The struct tree mirrors the checkpoint: `ModuleParameters` flattens field names with dots, so
-//! `Phi3ForCausalLM.model.layers[0].self_attn.qkv_proj.lora_A.weight` is the key
-//! `model.layers.0.self_attn.qkv_proj.lora_A.weight` (peft's adapter name).
+//! `CausalLM.model.layers[0].self_attn.qkv_proj.lora_A.weight` is the key
+//! `model.layers.0.self_attn.qkv_proj.lora_A.weight` (peft's adapter name); a module the family
+//! lacks is `None` and has no key.
 //!
-//! Numerics follow Hugging Face's `modeling_phi3.py` (and peft's LoRA):
+//! Numerics follow Hugging Face's `modeling_phi3.py`, `modeling_llama.py`, `modeling_qwen3.py`
+//! (and peft's LoRA):
 //! - RMSNorm statistics in fp32, the normalised value cast back to the activation dtype, then
-//!   multiplied by the weight (`Phi3RMSNorm`);
-//! - the fused `qkv_proj` is split q | k | v, the fused `gate_up_proj` gate | up;
+//!   multiplied by the weight (`Phi3RMSNorm`); Qwen3's q/k norm the same over each head's width,
+//!   its output in the projection's dtype;
+//! - Phi-3's fused `qkv_proj` is split q | k | v, the fused `gate_up_proj` gate | up;
 //! - RoPE in the non-interleaved ("rotate_half") form with per-token positions, so that packed
 //!   documents restart at position 0;
 //! - attention softmax in fp32 (`fast::scaled_dot_product_attention` with a causal or a
@@ -133,8 +139,21 @@ impl RmsNorm {
 
 #[derive(Debug, ModuleParameters)]
 pub struct Attention {
+    /// Phi-3: q | k | v in one projection.
     #[param]
-    pub qkv_proj: Projection,
+    pub qkv_proj: Option<Projection>,
+    /// Llama, Qwen3: one projection each.
+    #[param]
+    pub q_proj: Option<Projection>,
+    #[param]
+    pub k_proj: Option<Projection>,
+    #[param]
+    pub v_proj: Option<Projection>,
+    /// Qwen3: RMSNorm over each head's width on q and k, before RoPE.
+    #[param]
+    pub q_norm: Option<RmsNorm>,
+    #[param]
+    pub k_norm: Option<RmsNorm>,
     #[param]
     pub o_proj: Projection,
     pub num_heads: i32,
@@ -160,12 +179,23 @@ impl Attention {
         x: &Array,
         inp: &ForwardInputs<'_>,
         p: Precision,
+        fast_norm: bool,
     ) -> Result<Array, Exception> {
         let (b, t) = (inp.rows, inp.seq);
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let qkv = self.qkv_proj.forward(x, p)?;
-        // q = the first h*d columns, k = the next kv*d, v = the rest.
-        let parts = qkv.split_at_indices(&[h * d, (h + kv) * d], -1)?;
+        let parts = match &self.qkv_proj {
+            Some(qkv_proj) => {
+                // q = the first h*d columns, k = the next kv*d, v = the rest.
+                qkv_proj
+                    .forward(x, p)?
+                    .split_at_indices(&[h * d, (h + kv) * d], -1)?
+            }
+            None => vec![
+                present(&self.q_proj, "q_proj")?.forward(x, p)?,
+                present(&self.k_proj, "k_proj")?.forward(x, p)?,
+                present(&self.v_proj, "v_proj")?.forward(x, p)?,
+            ],
+        };
         // [B, T, heads, D] -> [B, heads, T, D]; real-token rows are first laid out in the
         // micro-batch's padded rows (see `RealTokens`).
         let heads = |a: &Array, n: i32| -> Result<Array, Exception> {
@@ -175,8 +205,17 @@ impl Attention {
             };
             a.reshape(&[b, t, n, d])?.transpose_axes(&[0, 2, 1, 3])
         };
-        let q = inp.rope.apply(&heads(&parts[0], h)?)?;
-        let k = inp.rope.apply(&heads(&parts[1], kv)?)?;
+        // Qwen3's per-head norm (over the last axis, D), in the projection's dtype.
+        let norm = |a: Array, n: &Option<RmsNorm>| -> Result<Array, Exception> {
+            match n {
+                Some(n) => n.forward(&a, fast_norm)?.as_dtype(a.dtype()),
+                None => Ok(a),
+            }
+        };
+        let q = inp.rope.apply(&norm(heads(&parts[0], h)?, &self.q_norm)?)?;
+        let k = inp
+            .rope
+            .apply(&norm(heads(&parts[1], kv)?, &self.k_norm)?)?;
         let v = heads(&parts[2], kv)?;
         let mask = match inp.mask {
             Some(m) => ScaledDotProductAttentionMask::Array(m),
@@ -193,18 +232,36 @@ impl Attention {
     }
 }
 
+/// A module the family has (`None` fields are the modules other families have).
+fn present<'a, T>(m: &'a Option<T>, name: &str) -> Result<&'a T, Exception> {
+    m.as_ref()
+        .ok_or_else(|| Exception::from(format!("internal: the decoder has no {name}").as_str()))
+}
+
 #[derive(Debug, ModuleParameters)]
 pub struct Mlp {
+    /// Phi-3: gate | up in one projection.
     #[param]
-    pub gate_up_proj: Projection,
+    pub gate_up_proj: Option<Projection>,
+    /// Llama, Qwen3: one projection each.
+    #[param]
+    pub gate_proj: Option<Projection>,
+    #[param]
+    pub up_proj: Option<Projection>,
     #[param]
     pub down_proj: Projection,
 }
 
 impl Mlp {
-    /// `down(up * silu(gate))`, gate = the first half of `gate_up_proj`'s output.
+    /// `down(up * silu(gate))`; fused: gate = the first half of `gate_up_proj`'s output.
     fn forward(&self, x: &Array, p: Precision, swiglu: &SwiGlu) -> Result<Array, Exception> {
-        let gu = self.gate_up_proj.forward(x, p)?.split_equal(2, -1)?;
+        let gu = match &self.gate_up_proj {
+            Some(gate_up_proj) => gate_up_proj.forward(x, p)?.split_equal(2, -1)?,
+            None => vec![
+                present(&self.gate_proj, "gate_proj")?.forward(x, p)?,
+                present(&self.up_proj, "up_proj")?.forward(x, p)?,
+            ],
+        };
         self.down_proj.forward(&swiglu.apply(&gu[0], &gu[1])?, p)
     }
 }
@@ -284,6 +341,7 @@ impl DecoderLayer {
             &self.input_layernorm.forward(x, k.fast_norm)?,
             inp,
             p,
+            k.fast_norm,
         )?)?;
         h.add(self.mlp.forward(
             &self.post_attention_layernorm.forward(&h, k.fast_norm)?,
@@ -294,7 +352,7 @@ impl DecoderLayer {
 }
 
 #[derive(Debug, ModuleParameters)]
-pub struct Phi3Model {
+pub struct DecoderModel {
     #[param]
     pub embed_tokens: Weight,
     #[param]
@@ -304,12 +362,16 @@ pub struct Phi3Model {
 }
 
 #[derive(Debug, ModuleParameters)]
-pub struct Phi3ForCausalLM {
+pub struct CausalLM {
     #[param]
-    pub model: Phi3Model,
+    pub model: DecoderModel,
+    /// `None` with a tied head: the embedding is the head.
     #[param]
-    pub lm_head: Weight,
+    pub lm_head: Option<Weight>,
     pub kernels: Kernels,
+    /// The embedding lookup's output is cut from the gradient (`stop_gradient`): a tied
+    /// embedding under last-n trains through the head only (`ModelShape::embedding_lookup_trains`).
+    pub stop_lookup_grad: bool,
 }
 
 /// How the forward pass computes (not what): precision and the kernel choices of
@@ -341,7 +403,7 @@ pub struct ForwardInputs<'a> {
     pub positions: Option<&'a Array>,
 }
 
-impl Phi3ForCausalLM {
+impl CausalLM {
     /// Logits in the activation dtype (bf16 under bf16 and mixed-bf16): `[B, T, vocab]`, or
     /// `[L, vocab]` at `inp.positions` only.
     ///
@@ -352,6 +414,9 @@ impl Phi3ForCausalLM {
         let k = &self.kernels;
         let p = k.precision;
         let mut x = self.model.embed_tokens.weight.take_axis(inp.ids, 0)?;
+        if self.stop_lookup_grad {
+            x = mlx_rs::stop_gradient(&x)?;
+        }
         for layer in &self.model.layers {
             x = layer.forward(&x, inp, k)?;
         }
@@ -361,7 +426,11 @@ impl Phi3ForCausalLM {
         };
         // RMSNorm is per position, so selecting before it is the same as after.
         let x = self.model.norm.forward(&x, k.fast_norm)?;
-        matmul_t(&x, &self.lm_head.weight, p)
+        let head = match &self.lm_head {
+            Some(h) => &h.weight,
+            None => &self.model.embed_tokens.weight,
+        };
+        matmul_t(&x, head, p)
     }
 
     /// Builds the model from named tensors (checkpoint names), freezing every parameter that
@@ -417,10 +486,30 @@ impl Phi3ForCausalLM {
                     lora_scale: lora_scale.clone(),
                 })
             };
-            let qkv_proj = proj("self_attn.qkv_proj")?;
+            let fused = shape.family.fused_projections();
+            let mut opt = |fused_module: bool, module: &str| -> Result<Option<Projection>> {
+                (fused_module == fused).then(|| proj(module)).transpose()
+            };
+            let qkv_proj = opt(true, "self_attn.qkv_proj")?;
+            let q_proj = opt(false, "self_attn.q_proj")?;
+            let k_proj = opt(false, "self_attn.k_proj")?;
+            let v_proj = opt(false, "self_attn.v_proj")?;
+            let gate_up_proj = opt(true, "mlp.gate_up_proj")?;
+            let gate_proj = opt(false, "mlp.gate_proj")?;
+            let up_proj = opt(false, "mlp.up_proj")?;
             let o_proj = proj("self_attn.o_proj")?;
-            let gate_up_proj = proj("mlp.gate_up_proj")?;
             let down_proj = proj("mlp.down_proj")?;
+            let (q_norm, k_norm) = if shape.family.qk_norm() {
+                let mut norm = |n: &str| -> Result<RmsNorm> {
+                    Ok(RmsNorm {
+                        weight: take(&format!("model.layers.{l}.self_attn.{n}.weight"))?,
+                        eps,
+                    })
+                };
+                (Some(norm("q_norm")?), Some(norm("k_norm")?))
+            } else {
+                (None, None)
+            };
             layers.push(DecoderLayer {
                 input_layernorm: RmsNorm {
                     weight: take(&format!("model.layers.{l}.input_layernorm.weight"))?,
@@ -428,6 +517,11 @@ impl Phi3ForCausalLM {
                 },
                 self_attn: Attention {
                     qkv_proj,
+                    q_proj,
+                    k_proj,
+                    v_proj,
+                    q_norm,
+                    k_norm,
                     o_proj,
                     num_heads: shape.num_heads as i32,
                     num_kv_heads: shape.num_kv_heads as i32,
@@ -439,11 +533,13 @@ impl Phi3ForCausalLM {
                 },
                 mlp: Mlp {
                     gate_up_proj,
+                    gate_proj,
+                    up_proj,
                     down_proj,
                 },
             });
         }
-        let model = Phi3Model {
+        let model = DecoderModel {
             embed_tokens: Weight {
                 weight: take("model.embed_tokens.weight")?,
             },
@@ -453,18 +549,23 @@ impl Phi3ForCausalLM {
                 eps,
             },
         };
-        let lm_head = Weight {
-            weight: take("lm_head.weight")?,
+        let lm_head = if shape.tie_word_embeddings {
+            None
+        } else {
+            Some(Weight {
+                weight: take("lm_head.weight")?,
+            })
         };
         if !tensors.is_empty() {
             let mut left: Vec<&String> = tensors.keys().collect();
             left.sort();
-            bail!("tensors not used by the Phi-3 model: {left:?}");
+            bail!("tensors not used by the {:?} model: {left:?}", shape.family);
         }
         Ok(Self {
             model,
             lm_head,
             kernels,
+            stop_lookup_grad: shape.tie_word_embeddings && !shape.embedding_lookup_trains(strategy),
         })
     }
 }
@@ -491,13 +592,19 @@ impl Rope {
 }
 
 /// RoPE's wavelengths `theta^(2j/D)`, j < D/2, in fp32 as Hugging Face computes them (its inverse
-/// frequencies are `1 / this`). Built once per model, kept on the device.
+/// frequencies are `1 / this`), divided by Llama 3's frequency factors where the shape has
+/// `rope_scaling`. Built once per model, kept on the device.
 pub fn rope_freqs(shape: &ModelShape) -> Array {
     let d = shape.head_dim();
     let theta = shape.rope_theta as f32;
-    let f: Vec<f32> = (0..d / 2)
+    let mut f: Vec<f32> = (0..d / 2)
         .map(|j| theta.powf((2 * j) as f32 / d as f32))
         .collect();
+    if let Some(scale) = shape.rope_frequency_scale() {
+        for (w, s) in f.iter_mut().zip(scale) {
+            *w /= s as f32;
+        }
+    }
     Array::from_slice(&f, &[f.len() as i32])
 }
 
