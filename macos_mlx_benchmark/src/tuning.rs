@@ -38,7 +38,7 @@ pub struct Tuning {
     /// runner reads its clock after it). Serves every GPU backend.
     pub overlap: bool,
     /// Projections, norms and the MLP compute the real tokens only (one `[N, width]` matrix per
-    /// micro-batch); only attention sees the padded rows (`phi3::RealTokens`). With `seq_multiple`
+    /// micro-batch); only attention sees the padded rows (`decoder::RealTokens`). With `seq_multiple`
     /// 128 that keeps the rounding's padding out of every matrix product. Serves every GPU backend
     /// (two gathers per layer against 25-40 % fewer positions in the products); off on the CPU,
     /// where the plan's padding is small and the parity reference keeps the plain layout.
@@ -49,7 +49,7 @@ pub struct Tuning {
     /// keys graphs by their kernels' shapes.
     pub real_multiple: usize,
     /// With `real_tokens`: padding slots read rows spread over the micro-batch instead of row 0
-    /// (`phi3::RealTokens::gather`), exactly the same results. Off until measured: predicted to
+    /// (`decoder::RealTokens::gather`), exactly the same results. Off until measured: predicted to
     /// shorten the attention layout's backward scatter on CUDA (the largest kernel of a LoRA step);
     /// `FTB_MLX_SPREAD_PADDING=1` turns it on.
     pub spread_padding: bool,

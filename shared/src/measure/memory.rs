@@ -2,7 +2,7 @@
 //! shape, the strategy, the precision and the batch plan before anything is loaded, so that a run
 //! that cannot fit says so (and what would fit) instead of failing an hour in.
 //!
-//! The count follows the tensors the PyTorch backend (`windows_pytorch_benchmark`: `phi3.rs`,
+//! The count follows the tensors the PyTorch backend (`windows_pytorch_benchmark`: `decoder.rs`,
 //! `train.rs`) allocates; the MLX backend stores the same parameters, gradients and AdamW moments
 //! (fp32 moments for fp32 master weights, the parameter dtype under bf16), so the persistent part
 //! is the same there, while its activations depend on MLX's graph evaluation and are only
@@ -220,7 +220,7 @@ fn keeps_input(s: &StrategyConfig, t: LoraTarget) -> bool {
     }
 }
 
-/// Bytes autograd keeps per padded token in one block that needs gradients (see `phi3.rs`).
+/// Bytes autograd keeps per padded token in one block that needs gradients (see `decoder.rs`).
 pub fn saved_bytes_per_token_per_block(
     shape: &ModelShape,
     s: &StrategyConfig,
@@ -285,7 +285,7 @@ pub fn blocks_with_grad(shape: &ModelShape, s: &StrategyConfig) -> usize {
 
 /// Bytes MLX keeps per token per block that needs gradients beyond what
 /// [`saved_bytes_per_token_per_block`] counts: the MLX model writes RMSNorm and SiLU out of
-/// element-wise ops (`macos_mlx_benchmark/src/phi3.rs`), whose backward keeps each norm's fp32
+/// element-wise ops (`macos_mlx_benchmark/src/decoder.rs`), whose backward keeps each norm's fp32
 /// input (a copy under bf16) and its normalised output in the residual dtype, and SiLU's
 /// `sigmoid(gate)`.
 pub fn mlx_extra_bytes_per_token_per_block(shape: &ModelShape, p: Precision) -> u64 {
