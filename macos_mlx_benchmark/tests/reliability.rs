@@ -125,22 +125,36 @@ fn out_of_memory_writes_a_failed_summary() {
 #[cfg(unix)]
 #[test]
 fn second_ctrl_c_exits_at_once_without_a_summary() {
+    use std::io::{BufRead, BufReader};
     for attempt in 1..=3 {
         let d = tempfile::tempdir().expect("temp dir");
-        let child = spawn_long_run(d.path());
+        let mut child = spawn_long_run(d.path());
         wait_for_first_step(d.path());
-        for gap_ms in [100, 0] {
-            std::thread::sleep(Duration::from_millis(gap_ms));
-            let ok = Command::new("kill")
-                .args(["-INT", &child.id().to_string()])
-                .status()
-                .expect("kill runs")
-                .success();
-            assert!(ok);
-        }
-        let o = child.wait_with_output().expect("the binary ends");
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(130), "attempt {attempt}: {stderr}");
+        let pid = child.id() as libc::pid_t;
+        // The second signal goes out as soon as the binary says it has the first (no process to
+        // spawn in between: under load that took long enough for a tiny step to end and write its
+        // summary), so the step cannot end between the two.
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let reader = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.starts_with("interrupt: finishing the current step") {
+                    let _ = tx.send(String::new());
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        // SAFETY: `kill` with a live child's pid and a standard signal.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("the binary acknowledges the first interrupt");
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+        let status = child.wait().expect("the binary ends");
+        let stderr = reader.join().expect("stderr reader");
+        assert_eq!(status.code(), Some(130), "attempt {attempt}: {stderr}");
         assert!(
             stderr.contains("second interrupt: exiting now, without a summary"),
             "attempt {attempt}: {stderr}"
