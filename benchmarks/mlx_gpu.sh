@@ -55,8 +55,10 @@ while (($# >= 2)); do
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
     [[ $name == ncu_pt_* ]] && bin=$FTB_PYTORCH_BIN
     mkdir -p "$out/ncu"
+    # NCU_ARGS adds ncu options, e.g. "--launch-skip 20000 --launch-count 8000" to pass over the
+    # random initialisation (about 10,000 kernels in the PyTorch binary at phi-3-mini scale).
     timeout -s INT "${VARIANT_TIMEOUT:-240}" env "${envs[@]}" "$ncu" --clock-control none --graph-profiling node \
-      --metrics gpu__time_duration.sum --csv --page raw --log-file "$out/ncu/$name.csv" \
+      --metrics gpu__time_duration.sum --csv --page raw --log-file "$out/ncu/$name.csv" ${NCU_ARGS:-} \
       "$bin" "${words[@]}" --quiet --output-dir "$out/runs/$name" >>"$out/log.txt" 2>&1
     echo "exit $?" | tee -a "$out/log.txt"
     steps=$(python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['metrics']['steps'])" "$out/runs/$name/benchmark_summary.json" 2>/dev/null || echo 1)
