@@ -9,7 +9,7 @@ import csv, collections, re, sys
 CATEGORIES = [
     # The PyTorch binary's counter-based initialisation is integer element-wise work (xor, shifts,
     # 64-bit multiplies) and fp64 Box-Muller: put apart with the MLX binary's init kernel.
-    ("load (init, fill)", r"ftb_init|init_values|philox|normal_|uniform_|fill|random|rng|xor|rshift|<long|<double"),
+    ("load (init, fill)", r"ftb_init|init_values|philox|normal_|uniform_|fill|random|rng|bitwisexor|rshift_kernel|bitwiseand|functor<long|functor<double|functoronself_add<long|arange"),
     ("attention", r"fmha|flash|sdpa|attention|attn|cudnn_generated|cudnn"),
     ("matmul", r"gemm|cutlass|xmma|cublas|nvjet|sm90_|sm80_|gemv|matmul"),
     ("gather / scatter / copy", r"gather|scatter|index|copy|take|concat|slice|cat_|masked"),
