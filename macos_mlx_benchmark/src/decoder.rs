@@ -50,6 +50,17 @@ pub enum Precision {
     MixedBf16,
 }
 
+impl From<shared::measure::memory::Precision> for Precision {
+    fn from(p: shared::measure::memory::Precision) -> Self {
+        use shared::measure::memory::Precision as Shared;
+        match p {
+            Shared::Float32 => Precision::Float32,
+            Shared::Bf16 => Precision::Bf16,
+            Shared::MixedBf16 => Precision::MixedBf16,
+        }
+    }
+}
+
 impl Precision {
     /// The name the summary uses.
     pub fn name(self) -> &'static str {

@@ -95,14 +95,13 @@ pub fn check_device(cfg: &Config) -> Result<(MlxDevice, Tuning), ConfigError> {
     Ok((d, t))
 }
 
+/// `--dtype` on `device`, by shared's one rule (`Precision::resolve`: bf16 on a GPU, fp32 on the
+/// CPU unless asked).
 fn resolve_precision(choice: DTypeChoice, device: MlxDevice) -> Precision {
-    match choice {
-        DTypeChoice::Auto if device.is_gpu() => Precision::Bf16,
-        DTypeChoice::Auto => Precision::Float32,
-        DTypeChoice::Float32 => Precision::Float32,
-        DTypeChoice::Bf16 => Precision::Bf16,
-        DTypeChoice::MixedBf16 => Precision::MixedBf16,
-    }
+    Precision::from(shared::measure::memory::Precision::resolve(
+        choice,
+        device.is_gpu(),
+    ))
 }
 
 impl MlxBackend {
@@ -727,7 +726,7 @@ impl Backend for MlxBackend {
     /// bf16 and mixed-bf16 ones): n = 8192 on the GPU, 1024 on the CPU; the mean of 10 timed
     /// products after 3 warm-ups.
     fn calibrate_tflops(&mut self) -> Result<Calibration> {
-        let n = if self.device.is_gpu() { 8192 } else { 1024 };
+        let n = shared::runner::calibration_size(self.device.is_gpu()) as i32;
         let dtype = match self.precision {
             Precision::Float32 => Dtype::Float32,
             Precision::Bf16 | Precision::MixedBf16 => Dtype::Bfloat16,
@@ -735,21 +734,14 @@ impl Backend for MlxBackend {
         let a = mlx_rs::random::normal::<f32>(&[n, n], None, None, None)?.as_dtype(dtype)?;
         let b = mlx_rs::random::normal::<f32>(&[n, n], None, None, None)?.as_dtype(dtype)?;
         eval([&a, &b])?;
-        for _ in 0..3 {
-            a.matmul(&b)?.eval()?;
-        }
-        let runs = 10;
-        let t0 = Instant::now();
-        for _ in 0..runs {
-            // Device sync per product.
-            a.matmul(&b)?.eval()?;
-        }
-        let mean_s = t0.elapsed().as_secs_f64() / f64::from(runs);
+        // Device sync per product (`eval`), so nothing is left to wait for after the loop.
+        let tflops =
+            shared::runner::time_products(n as usize, || Ok(a.matmul(&b)?.eval()?), || Ok(()))?;
         drop((a, b));
         // The calibration's arrays are not the training's: the peaks restart from here.
         crate::memory::start_of_run()?;
         Ok(Calibration {
-            tflops: 2.0 * f64::from(n).powi(3) / mean_s / 1e12,
+            tflops,
             precision: if dtype == Dtype::Float32 {
                 "fp32"
             } else {

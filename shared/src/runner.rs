@@ -72,6 +72,37 @@ pub struct Calibration {
     pub size: usize,
 }
 
+/// `--calibrate`'s product size: n x n x n with n = 8192 on a GPU, 1024 on the CPU.
+pub fn calibration_size(on_gpu: bool) -> usize {
+    if on_gpu {
+        8192
+    } else {
+        1024
+    }
+}
+
+/// `--calibrate`'s timing, the same in both binaries: 3 untimed products, then the mean of 10 timed
+/// ones, in TFLOP/s (2 n^3 FLOPs a product). `product` runs one n x n x n product; `sync` waits
+/// until the device has finished what was launched (a no-op where `product` already waits).
+pub fn time_products(
+    n: usize,
+    mut product: impl FnMut() -> Result<()>,
+    mut sync: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    for _ in 0..3 {
+        product()?;
+    }
+    sync()?;
+    let runs = 10;
+    let t0 = Instant::now();
+    for _ in 0..runs {
+        product()?;
+    }
+    sync()?;
+    let mean_s = t0.elapsed().as_secs_f64() / f64::from(runs);
+    Ok(2.0 * (n as f64).powi(3) / mean_s / 1e12)
+}
+
 /// The precision `--calibrate` must measure in for a run of this dtype: the precision its matrix
 /// products run in (bf16 for `bf16` and `mixed-bf16`, fp32 for `float32`).
 pub fn calibration_precision(dtype: &str) -> &'static str {

@@ -22,6 +22,17 @@ pub enum DType {
     MixedBf16,
 }
 
+impl From<shared::measure::memory::Precision> for DType {
+    fn from(p: shared::measure::memory::Precision) -> Self {
+        use shared::measure::memory::Precision;
+        match p {
+            Precision::Float32 => DType::Float32,
+            Precision::Bf16 => DType::Bf16,
+            Precision::MixedBf16 => DType::MixedBf16,
+        }
+    }
+}
+
 impl DType {
     pub fn name(self) -> &'static str {
         match self {

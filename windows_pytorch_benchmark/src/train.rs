@@ -163,14 +163,13 @@ impl AttentionMode {
     }
 }
 
+/// `--dtype` on `device`, by shared's one rule (`Precision::resolve`: bf16 on a GPU, fp32 on the
+/// CPU unless asked).
 pub fn pick_dtype(choice: DTypeChoice, device: Device) -> DType {
-    match choice {
-        DTypeChoice::Auto if device == Device::Cpu => DType::Float32,
-        DTypeChoice::Auto => DType::Bf16,
-        DTypeChoice::Float32 => DType::Float32,
-        DTypeChoice::Bf16 => DType::Bf16,
-        DTypeChoice::MixedBf16 => DType::MixedBf16,
-    }
+    DType::from(shared::measure::memory::Precision::resolve(
+        choice,
+        device != Device::Cpu,
+    ))
 }
 
 fn device_label(d: Device) -> String {
@@ -609,22 +608,21 @@ impl Backend for TorchBackend {
     fn calibrate_tflops(&mut self) -> Result<Calibration> {
         let kind = self.model.dtype.compute_kind();
         let d = self.model.device;
-        let n = if d == Device::Cpu { 1024 } else { 8192 };
+        let n = shared::runner::calibration_size(d != Device::Cpu);
         let tflops = catch_torch(|| {
-            let a = Tensor::randn([n, n], (kind, d));
-            let b = Tensor::randn([n, n], (kind, d));
-            for _ in 0..3 {
-                let _ = a.matmul(&b);
-            }
-            self.sync();
-            let reps = 10;
-            let t0 = std::time::Instant::now();
-            for _ in 0..reps {
-                let _ = a.matmul(&b);
-            }
-            self.sync();
-            let dt = t0.elapsed().as_secs_f64() / reps as f64;
-            Ok(2.0 * (n as f64).powi(3) / dt / 1e12)
+            let a = Tensor::randn([n as i64, n as i64], (kind, d));
+            let b = Tensor::randn([n as i64, n as i64], (kind, d));
+            shared::runner::time_products(
+                n,
+                || {
+                    let _ = a.matmul(&b);
+                    Ok(())
+                },
+                || {
+                    self.sync();
+                    Ok(())
+                },
+            )
         })?;
         if matches!(d, Device::Cuda(_)) && self.allocator_reset_error.is_none() {
             // The calibration's matrices are not the training's: the peaks restart from the
@@ -634,7 +632,7 @@ impl Backend for TorchBackend {
         Ok(Calibration {
             tflops,
             precision: if kind == Kind::Float { "fp32" } else { "bf16" }.into(),
-            size: n as usize,
+            size: n,
         })
     }
 }
