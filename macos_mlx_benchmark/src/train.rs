@@ -55,10 +55,8 @@ pub struct MlxBackend {
     tuning: Tuning,
     /// RoPE wavelengths on the device (`decoder::rope_freqs`).
     freqs: Array,
-    /// [`adamw_update`] compiled into one kernel per tensor (`Tuning::compile`).
-    adamw_kernel: Option<Compiled>,
-    /// The update and clipping as one hand-written CUDA kernel per tensor (`Tuning::fused_adamw`).
-    fused_adamw: Option<FusedAdamW>,
+    /// How each tensor's AdamW update runs (`Tuning::fused_adamw`, `Tuning::compile`).
+    update: Update,
     /// Positions computed in the last step by attention (padding columns of
     /// `Tuning::seq_multiple` included) and by everything else (real tokens only with
     /// `Tuning::real_tokens`).
@@ -236,14 +234,15 @@ impl MlxBackend {
             counts,
             tuning,
             freqs,
-            adamw_kernel: tuning.compile.then(|| {
+            update: if tuning.fused_adamw {
+                Update::Fused(FusedAdamW::new()?)
+            } else if tuning.compile {
                 let weight_decay = cfg.workload.train.weight_decay != 0.0;
-                Compiled::new(move |x: &[Array]| adamw_update(weight_decay, x))
-            }),
-            fused_adamw: if tuning.fused_adamw {
-                Some(FusedAdamW::new()?)
+                Update::Compiled(Compiled::new(move |x: &[Array]| {
+                    adamw_update(weight_decay, x)
+                }))
             } else {
-                None
+                Update::Ops
             },
             attention_tokens: 0,
             dense_tokens: 0,
@@ -263,15 +262,15 @@ impl MlxBackend {
 /// The state is stored in fp32 for fp32 master weights (float32, mixed-bf16) and in the
 /// parameter dtype under bf16. The arithmetic is fp32 in every case, with the scalars computed
 /// in f64 on the host, as PyTorch's kernels do for bf16 tensors (in bf16, beta2 = 0.999 would
-/// round to 1.0); results are rounded to the storage dtype. With `kernel`, the same arithmetic runs
-/// as one compiled function per tensor.
+/// round to 1.0); results are rounded to the storage dtype. `how` runs it as MLX operations, as
+/// the same compiled into one function, or as the fused CUDA kernel (`fused_adamw.rs`).
 fn adamw(
     state: &mut HashMap<Rc<str>, AdamState>,
     key: &Rc<str>,
     p: &Array,
     g: &Array,
     scalars: &AdamScalars,
-    how: Update<'_>,
+    how: &Update,
 ) -> Result<Array> {
     let state_dtype = p.dtype();
     let st = match state.entry(key.clone()) {
@@ -288,26 +287,25 @@ fn adamw(
     if st.steps + 1 != scalars.t {
         bail!("internal: AdamW's bias correction was made for another update count");
     }
-    let [new_p, m, v]: [Array; 3] = match how {
+    let operands = || {
+        let mut x = vec![p.clone(), g.clone(), st.m.clone(), st.v.clone()];
+        x.extend(scalars.arrays.iter().cloned());
+        x
+    };
+    let out: Vec<Array> = match how {
         Update::Fused(k) => {
             let packed = scalars
                 .packed
                 .as_ref()
                 .context("internal: the fused AdamW update without its packed scalars")?;
-            k.apply(p, g, &st.m, &st.v, packed)?
+            k.apply(p, g, &st.m, &st.v, packed)?.into()
         }
-        Update::Compiled(_) | Update::Ops => {
-            let mut x = vec![p.clone(), g.clone(), st.m.clone(), st.v.clone()];
-            x.extend(scalars.arrays.iter().cloned());
-            let out = match how {
-                Update::Compiled(k) => k.call(&x)?,
-                _ => adamw_update(scalars.weight_decay, &x)?,
-            };
-            out.try_into().map_err(|_| {
-                anyhow::anyhow!("internal: the AdamW update returned the wrong arity")
-            })?
-        }
+        Update::Compiled(k) => k.call(&operands())?,
+        Update::Ops => adamw_update(scalars.weight_decay, &operands())?,
     };
+    let [new_p, m, v]: [Array; 3] = out
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("internal: the AdamW update returned the wrong arity"))?;
     st.m = m;
     st.v = v;
     st.steps += 1;
@@ -315,14 +313,13 @@ fn adamw(
 }
 
 /// How a tensor's AdamW update is computed.
-#[derive(Clone, Copy)]
-enum Update<'a> {
+enum Update {
     /// MLX operations ([`adamw_update`]).
     Ops,
     /// The same operations, compiled into one kernel (`Tuning::compile`).
-    Compiled(&'a Compiled),
+    Compiled(Compiled),
     /// One hand-written CUDA kernel, clipping included (`Tuning::fused_adamw`).
-    Fused(&'a FusedAdamW),
+    Fused(FusedAdamW),
 }
 
 /// AdamW's scalars for one step, as fp32 arrays made once per step and shared by every tensor's
@@ -541,12 +538,9 @@ impl MlxBackend {
             None
         };
         // The fused kernel multiplies by the coefficient itself (1 without clipping).
-        let fused_clip = match (&self.fused_adamw, &coef) {
-            (None, _) => None,
-            (Some(_), Some(c)) => Some(c.clone()),
-            (Some(_), None) => Some(Array::from_f32(1.0)),
-        };
-        if let (None, Some(coef)) = (&self.fused_adamw, &coef) {
+        let fused = matches!(self.update, Update::Fused(_));
+        let fused_clip = fused.then(|| coef.clone().unwrap_or_else(|| Array::from_f32(1.0)));
+        if let (false, Some(coef)) = (fused, &coef) {
             for g in grads.values_mut() {
                 // In fp32, rounded back to the gradient's dtype.
                 *g = g
@@ -559,11 +553,6 @@ impl MlxBackend {
         // AdamW over the trainable tensors, then write the new values into the model.
         let t = self.optimizer.values().next().map_or(1, |s| s.steps + 1);
         let scalars = AdamScalars::new(&self.train, lr, t, fused_clip.as_ref())?;
-        let how = match (&self.fused_adamw, &self.adamw_kernel) {
-            (Some(k), _) => Update::Fused(k),
-            (None, Some(k)) => Update::Compiled(k),
-            (None, None) => Update::Ops,
-        };
         let mut updated: Vec<(Rc<str>, Array)> = Vec::with_capacity(grads.len());
         {
             let params = self.model.parameters().flatten();
@@ -574,7 +563,14 @@ impl MlxBackend {
                     .get(k)
                     .with_context(|| format!("internal: gradient for unknown parameter {k}"))?;
                 let p = (*p).clone();
-                let new_p = adamw(&mut self.optimizer, k, &p, &grads[k], &scalars, how)?;
+                let new_p = adamw(
+                    &mut self.optimizer,
+                    k,
+                    &p,
+                    &grads[k],
+                    &scalars,
+                    &self.update,
+                )?;
                 // One tensor at a time: the update's fp32 temporaries (parameter, gradient, both
                 // moments) then exist for one tensor, not for every trainable tensor at once. Not
                 // a sync: the host goes on to the next tensor.
