@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
 
-use crate::config::{CliArgs, Config, DTypeChoice, Framework, TuningMode};
+use crate::config::{CliArgs, Config, DTypeChoice, Framework, StrategyConfig, TuningMode};
 use crate::data::batch::Step;
 use crate::dist::{self, Rank};
 use crate::error::exit;
@@ -370,24 +370,13 @@ pub fn main_with_preflight<B: Backend>(
     ));
     // Preflight memory estimate: printed first, checked against the device's free memory before
     // the model loads, and kept in the summary next to the measured peak.
-    let as_computed;
-    let estimate = memory::estimate_for(
+    let estimate = estimate_as_run(
         framework,
         &p.shape,
+        &facts,
         &cfg.workload.strategy,
-        facts.precision,
-        facts.device,
-        if facts.drops_padding {
-            as_computed = memory::without_padding(&p.steps);
-            &as_computed
-        } else if facts.seq_multiple > 1 {
-            as_computed = memory::padded_to_multiple(&p.steps, facts.seq_multiple);
-            &as_computed
-        } else {
-            &p.steps
-        },
+        &p.steps,
     );
-    let estimate = estimate.with_queued_work(facts.queued_work_bytes);
     if args.plan {
         print_plan(&cfg, p, &facts, &estimate);
         warn_if_it_will_not_fit(framework, &cfg, p, &facts, &estimate);
@@ -909,6 +898,37 @@ fn print_plan(cfg: &Config, p: &Prepared, facts: &DeviceFacts, estimate: &Memory
     }
 }
 
+/// The memory estimate of `steps` as this run's backend computes them (real tokens only, or
+/// sequence lengths rounded up to its multiple), with its queued GPU work: for the run itself and
+/// for every setting the fit advice weighs.
+fn estimate_as_run(
+    framework: Framework,
+    shape: &crate::model::ModelShape,
+    facts: &DeviceFacts,
+    strategy: &StrategyConfig,
+    steps: &[Step],
+) -> MemoryEstimate {
+    let as_computed;
+    let steps = if facts.drops_padding {
+        as_computed = memory::without_padding(steps);
+        &as_computed
+    } else if facts.seq_multiple > 1 {
+        as_computed = memory::padded_to_multiple(steps, facts.seq_multiple);
+        &as_computed
+    } else {
+        steps
+    };
+    memory::estimate_for(
+        framework,
+        shape,
+        strategy,
+        facts.precision,
+        facts.device,
+        steps,
+    )
+    .with_queued_work(facts.queued_work_bytes)
+}
+
 /// Before loading: warn when the estimate exceeds the device's free memory, naming settings whose
 /// estimate fits.
 fn warn_if_it_will_not_fit(
@@ -925,15 +945,9 @@ fn warn_if_it_will_not_fit(
         return;
     }
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    let fits = memory::settings_that_fit(
-        framework,
-        cfg,
-        &p.shape,
-        &p.samples,
-        facts.precision,
-        facts.device,
-        free,
-    );
+    let as_run =
+        |s: &StrategyConfig, steps: &[Step]| estimate_as_run(framework, &p.shape, facts, s, steps);
+    let fits = memory::settings_that_fit(cfg, &p.shape, &p.samples, &as_run, free);
     let advice = if fits.is_empty() {
         "no smaller micro-batch, LoRA or last-n setting fits either; use a device with more memory"
             .to_string()

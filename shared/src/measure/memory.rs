@@ -620,14 +620,14 @@ pub struct Fit {
 /// Settings that would fit in `free_bytes`, found by re-running the estimate: for the current
 /// strategy, then `lora` and `last-n` (when not current), the largest micro-batch (token budget
 /// for the bucketed and packed plans, records per micro-batch for the padded plan, with the
-/// records per step kept) whose estimate fits. At most one setting per strategy.
+/// records per step kept) whose estimate fits. At most one setting per strategy. `estimate` is the
+/// run's own estimate of a strategy and plan (the runner's: the steps as its backend computes
+/// them, with its queued work), so a setting is judged as the run itself would be.
 pub fn settings_that_fit(
-    framework: Framework,
     cfg: &crate::config::Config,
     shape: &ModelShape,
     samples: &[crate::data::Sample],
-    precision: Precision,
-    device: DeviceKind,
+    estimate: &dyn Fn(&StrategyConfig, &[Step]) -> MemoryEstimate,
     free_bytes: u64,
 ) -> Vec<Fit> {
     use crate::config::BatchPlanKind;
@@ -690,7 +690,7 @@ pub fn settings_that_fit(
                 w.train.epochs,
                 w.train.max_steps,
             );
-            let e = estimate_for(framework, shape, &s, precision, device, &steps);
+            let e = estimate(&s, &steps);
             if e.required_free_bytes <= free_bytes {
                 out.push(Fit {
                     flags: format!("{prefix}{flags}").trim().to_string(),
@@ -942,15 +942,10 @@ mod tests {
         // Room for everything but a third of this plan's per-micro-batch memory.
         let per_mb = full.activations_bytes + full.head_bytes + full.transient_bytes;
         let free = full.required_free_bytes - per_mb / 3;
-        let fits = settings_that_fit(
-            Framework::Pytorch,
-            &cfg,
-            &p.shape,
-            &p.samples,
-            Precision::Float32,
-            DeviceKind::Cpu,
-            free,
-        );
+        let as_run = |s: &StrategyConfig, steps: &[Step]| {
+            estimate(&p.shape, s, Precision::Float32, DeviceKind::Cpu, steps)
+        };
+        let fits = settings_that_fit(&cfg, &p.shape, &p.samples, &as_run, free);
         assert!(!fits.is_empty());
         assert!(fits.iter().all(|f| f.peak_bytes <= free), "{fits:?}");
         assert!(
@@ -962,16 +957,7 @@ mod tests {
             .iter()
             .any(|f| f.flags.starts_with("--strategy last-n --last-n 1")));
         // Nothing fits in one byte.
-        assert!(settings_that_fit(
-            Framework::Pytorch,
-            &cfg,
-            &p.shape,
-            &p.samples,
-            Precision::Float32,
-            DeviceKind::Cpu,
-            1
-        )
-        .is_empty());
+        assert!(settings_that_fit(&cfg, &p.shape, &p.samples, &as_run, 1).is_empty());
     }
     /// Issue 14: a split family keeps one x·Aᵀ per adapted projection (q, k, v, o, gate, up,
     /// down: 7, against Phi-3's 4 fused ones), and Qwen3's q/k norm its input and fp32 RMS.
