@@ -27,12 +27,13 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use anyhow::{bail, Context, Result};
 use mlx_rs::error::Exception;
 use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
 use mlx_rs::macros::ModuleParameters;
-use mlx_rs::module::{Param, Parameter};
+use mlx_rs::module::{ModuleParameters as _, Param, Parameter};
 use mlx_rs::{ops, Array, Dtype};
 use shared::config::StrategyConfig;
 use shared::data::batch::{MicroBatch, IGNORE_INDEX};
@@ -81,7 +82,7 @@ impl Precision {
 }
 
 /// A bare weight (`<module>.weight`): the LoRA factors, the LM head and the embedding.
-#[derive(Debug, ModuleParameters)]
+#[derive(Debug, Clone, ModuleParameters)]
 pub struct Weight {
     #[param]
     pub weight: Param<Array>,
@@ -89,7 +90,7 @@ pub struct Weight {
 
 /// A bias-free linear projection `y = x W^T`, optionally with a LoRA adapter:
 /// `y = x W^T + (alpha / rank) * (x A^T) B^T` (peft, no dropout).
-#[derive(Debug, ModuleParameters)]
+#[derive(Debug, Clone, ModuleParameters)]
 pub struct Projection {
     #[param]
     pub weight: Param<Array>,
@@ -127,7 +128,7 @@ impl Projection {
 }
 
 /// Phi-3's RMSNorm (`Phi3RMSNorm`).
-#[derive(Debug, ModuleParameters)]
+#[derive(Debug, Clone, ModuleParameters)]
 pub struct RmsNorm {
     #[param]
     pub weight: Param<Array>,
@@ -148,7 +149,7 @@ impl RmsNorm {
     }
 }
 
-#[derive(Debug, ModuleParameters)]
+#[derive(Debug, Clone, ModuleParameters)]
 pub struct Attention {
     /// Phi-3: q | k | v in one projection.
     #[param]
@@ -249,7 +250,7 @@ fn present<'a, T>(m: &'a Option<T>, name: &str) -> Result<&'a T, Exception> {
         .ok_or_else(|| Exception::from(format!("internal: the decoder has no {name}").as_str()))
 }
 
-#[derive(Debug, ModuleParameters)]
+#[derive(Debug, Clone, ModuleParameters)]
 pub struct Mlp {
     /// Phi-3: gate | up in one projection.
     #[param]
@@ -333,7 +334,7 @@ impl SwiGlu {
     }
 }
 
-#[derive(Debug, ModuleParameters)]
+#[derive(Debug, Clone, ModuleParameters)]
 pub struct DecoderLayer {
     #[param]
     pub input_layernorm: RmsNorm,
@@ -345,7 +346,75 @@ pub struct DecoderLayer {
     pub mlp: Mlp,
 }
 
+/// What a layer reads of [`ForwardInputs`], owned: a checkpointed layer computes again in the
+/// backward pass, after the micro-batch's borrowed inputs are gone.
+struct LayerInputs {
+    ids: Array,
+    rows: i32,
+    seq: i32,
+    real: Option<RealTokens>,
+    rope: Rope,
+    mask: Option<Array>,
+}
+
+impl LayerInputs {
+    fn new(inp: &ForwardInputs<'_>) -> Self {
+        Self {
+            ids: inp.ids.clone(),
+            rows: inp.rows,
+            seq: inp.seq,
+            real: inp.real.cloned(),
+            rope: inp.rope.clone(),
+            mask: inp.mask.cloned(),
+        }
+    }
+
+    fn view(&self) -> ForwardInputs<'_> {
+        ForwardInputs {
+            ids: &self.ids,
+            rows: self.rows,
+            seq: self.seq,
+            real: self.real.as_ref(),
+            rope: &self.rope,
+            mask: self.mask.as_ref(),
+            positions: None,
+        }
+    }
+}
+
 impl DecoderLayer {
+    /// The layer under MLX's checkpoint transform when any of its parameters trains: its input
+    /// and its trainable parameters are the transform's inputs (so their gradients flow through
+    /// it), the frozen ones constants; the backward pass computes the layer again. A layer with
+    /// nothing to train runs as it is (nothing before it trains either, or it would be
+    /// checkpointed: a gradient passes through it to nothing).
+    fn forward_checkpointed(
+        &self,
+        x: &Array,
+        inp: &ForwardInputs<'_>,
+        k: &Rc<Kernels>,
+    ) -> Result<Array, Exception> {
+        let (names, mut args): (Vec<Rc<str>>, Vec<Array>) = self
+            .trainable_parameters()
+            .flatten()
+            .into_iter()
+            .map(|(n, a)| (n, a.clone()))
+            .unzip();
+        if names.is_empty() {
+            return self.forward(x, inp, k);
+        }
+        args.insert(0, x.clone());
+        let (layer, owned, kernels) = (self.clone(), LayerInputs::new(inp), k.clone());
+        let f = move |a: &[Array]| -> Result<Vec<Array>, Exception> {
+            let mut layer = layer.clone();
+            layer.update_flattened(names.iter().cloned().zip(a[1..].iter().cloned()).collect());
+            Ok(vec![layer.forward(&a[0], &owned.view(), &kernels)?])
+        };
+        crate::checkpoint::checkpointed(f, &args)?
+            .pop()
+            .ok_or_else(|| Exception::from("internal: a checkpointed layer returned nothing"))
+    }
+
     fn forward(&self, x: &Array, inp: &ForwardInputs<'_>, k: &Kernels) -> Result<Array, Exception> {
         let p = k.precision;
         let h = x.add(self.self_attn.forward(
@@ -379,7 +448,10 @@ pub struct CausalLM {
     /// `None` with a tied head: the embedding is the head.
     #[param]
     pub lm_head: Option<Weight>,
-    pub kernels: Kernels,
+    pub kernels: Rc<Kernels>,
+    /// `--grad-checkpoint`: each layer with parameters that train runs under MLX's checkpoint
+    /// transform (`crate::checkpoint`), so its backward pass computes it again from its input.
+    pub grad_checkpoint: bool,
     /// The embedding lookup's output is cut from the gradient (`stop_gradient`): a tied
     /// embedding under last-n trains through the head only (`ModelShape::embedding_lookup_trains`).
     pub stop_lookup_grad: bool,
@@ -429,7 +501,11 @@ impl CausalLM {
             x = mlx_rs::stop_gradient(&x)?;
         }
         for layer in &self.model.layers {
-            x = layer.forward(&x, inp, k)?;
+            x = if self.grad_checkpoint {
+                layer.forward_checkpointed(&x, inp, &self.kernels)?
+            } else {
+                layer.forward(&x, inp, k)?
+            };
         }
         let x = match inp.positions {
             Some(idx) => x.reshape(&[-1, x.dim(-1)])?.take_axis(idx, 0)?,
@@ -575,13 +651,15 @@ impl CausalLM {
         Ok(Self {
             model,
             lm_head,
-            kernels,
+            kernels: Rc::new(kernels),
+            grad_checkpoint: strategy.grad_checkpoint,
             stop_lookup_grad: shape.tie_word_embeddings && !shape.embedding_lookup_trains(strategy),
         })
     }
 }
 
 /// RoPE for one micro-batch.
+#[derive(Clone)]
 pub enum Rope {
     /// Every row's positions are 0, 1, 2, ... (one record per row): MLX's fused `fast::rope`,
     /// given Hugging Face's frequencies so that it computes `1 / (theta^(2j/D))` as they do.
@@ -644,6 +722,7 @@ pub struct MicroBatchArrays {
 /// projections, norms and MLP then never compute a padding position, as the PyTorch binary's
 /// variable-length path does), and the maps between it and the padded `[B, T]` rows that MLX's
 /// fused attention takes.
+#[derive(Clone)]
 pub struct RealTokens {
     /// `[B*T]` int32: the real token at each padded slot. A padding slot takes token 0's row, or
     /// with `spread_padding` row `slot mod N`: under right padding no real query attends to it

@@ -6,6 +6,7 @@
 const TUNING_MODE: TuningMode = TuningMode::Fast;
 
 #[cfg(not(target_os = "macos"))]
+mod checkpoint;
 mod cuda_kernel;
 mod decoder;
 mod device;

@@ -608,6 +608,12 @@ impl MlxBackend {
 /// MLX's backend ends the run `failed` with its message rather than aborting without a summary.
 fn catch_mlx<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        // A checkpointed layer's failure in the backward pass reaches here as MLX's "closure
+        // returned a non-zero value": add the layer's own message.
+        Ok(Err(e)) => match crate::checkpoint::take_last_error() {
+            Some(why) => Err(e.context(format!("in a checkpointed layer: {why}"))),
+            None => Err(e),
+        },
         Ok(r) => r,
         Err(p) => {
             let msg =

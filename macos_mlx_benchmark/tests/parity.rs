@@ -227,6 +227,81 @@ fn checkpoints_of_each_family_load_by_name() {
     }
 }
 
+/// Activation checkpointing changes how a step computes, not what: in each binary, fp32 on the
+/// CPU, every family and strategy (and packed rows with document masks), the per-step losses and
+/// gradient norms with `--grad-checkpoint` are those without (1e-5 relative), the workload hash
+/// is the same, and the summary says checkpointing was on. MLX keeps a peak on the CPU: it must
+/// not grow.
+#[test]
+fn checkpointing_changes_nothing_but_memory() {
+    let Some(torch) = pytorch_bin() else { return };
+    let mlx = mlx_bin();
+    let grad_norms = |out: &Path, s: &shared::summary::Summary| -> Vec<f64> {
+        shared::runner::read_steps(&out.join(&s.run.run_dir))
+            .expect("steps.jsonl")
+            .iter()
+            .map(|l| l["grad_norm"].as_f64().expect("grad_norm"))
+            .collect()
+    };
+    let mut cases = Vec::new();
+    for model in ["tiny", "tiny-llama", "tiny-qwen3"] {
+        for strategy in ["last-n", "full", "lora"] {
+            cases.push((model, strategy, "padded"));
+        }
+    }
+    cases.push(("tiny", "full", "packed"));
+    for (model, strategy, plan) in cases {
+        for bin in [&torch, &mlx] {
+            let extra = [
+                "--model",
+                model,
+                "--strategy",
+                strategy,
+                "--batch-plan",
+                plan,
+            ];
+            let what = format!("{} {}", bin.display(), extra.join(" "));
+            let (d0, d1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let plain = run(bin, d0.path(), &extra);
+            let ckpt = run(
+                bin,
+                d1.path(),
+                &[&extra[..], &["--grad-checkpoint"]].concat(),
+            );
+            assert_eq!(
+                plain.workload.hash, ckpt.workload.hash,
+                "{what}: same workload"
+            );
+            assert!(ckpt.workload.config.strategy.grad_checkpoint, "{what}");
+            assert!(!plain.workload.config.strategy.grad_checkpoint, "{what}");
+            let dl = max_rel_diff(&plain.metrics.loss_curve, &ckpt.metrics.loss_curve);
+            let dg = max_rel_diff(
+                &grad_norms(d0.path(), &plain),
+                &grad_norms(d1.path(), &ckpt),
+            );
+            eprintln!("{what}: losses {dl:.1e}, gradient norms {dg:.1e} apart");
+            assert!(dl < 1e-5, "{what}: losses differ by {dl:.2e}");
+            assert!(dg < 1e-5, "{what}: gradient norms differ by {dg:.2e}");
+            let l = &plain.metrics.loss_curve;
+            assert!(l[7] < l[0] - 0.05, "{what}: no training: {l:?}");
+            if plain.backend.framework == "mlx" {
+                let peak = |s: &shared::summary::Summary| {
+                    s.metrics
+                        .memory
+                        .device_peak_allocated_gib
+                        .expect("MLX's peak")
+                };
+                assert!(
+                    peak(&ckpt) <= peak(&plain) * 1.01,
+                    "{what}: checkpointing raised MLX's peak from {} to {} GiB",
+                    peak(&plain),
+                    peak(&ckpt)
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn the_check_fails_when_one_side_changes() {
     let Some(torch) = pytorch_bin() else { return };

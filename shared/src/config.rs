@@ -236,6 +236,11 @@ pub struct StrategyConfig {
     pub lora_rank: usize,
     pub lora_alpha: f64,
     pub lora_targets: Vec<LoraTarget>,
+    /// Activation checkpointing: each block that needs gradients keeps only its input in the
+    /// forward pass and is computed again in the backward pass. How a step computes, not what:
+    /// the losses and gradients are the same (tested), so it is not in the workload hash.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub grad_checkpoint: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -380,6 +385,7 @@ impl Default for StrategyConfig {
             lora_rank: 16,
             lora_alpha: 32.0,
             lora_targets: LoraTarget::ALL.to_vec(),
+            grad_checkpoint: false,
         }
     }
 }
@@ -507,6 +513,10 @@ pub struct CliArgs {
     /// Compute the loss on prompt tokens too.
     #[arg(long)]
     pub train_on_prompt: bool,
+    /// Activation checkpointing: keep only each training block's input in the forward pass and
+    /// compute the block again in the backward pass (less memory, about a third more FLOPs).
+    #[arg(long)]
+    pub grad_checkpoint: bool,
     #[arg(long, value_enum)]
     pub overlong: Option<OverlongPolicy>,
     #[arg(long, value_enum)]
@@ -558,6 +568,11 @@ pub struct CliArgs {
     /// device's free memory), then exit without loading the model or writing anything.
     #[arg(long)]
     pub plan: bool,
+    /// Print what fits where: for every built-in model, strategy and --grad-checkpoint on/off,
+    /// the largest token budget whose memory estimate fits common device sizes (this binary's
+    /// framework: CUDA cards for PyTorch, Apple unified memory for MLX), then exit.
+    #[arg(long)]
+    pub fit: bool,
     /// Sample GPU/CPU utilisation, power, energy and temperature every N ms into the run
     /// folder's telemetry.jsonl (default 200; 0 = off, no sampler thread at all).
     #[arg(long, value_name = "MS")]
@@ -747,6 +762,9 @@ impl Config {
         set(&mut w.data.pad_to, a.pad_to.map(Some));
         if a.train_on_prompt {
             w.data.train_on_prompt = true;
+        }
+        if a.grad_checkpoint {
+            w.strategy.grad_checkpoint = true;
         }
         set(&mut w.data.overlong, a.overlong);
         set(&mut w.data.on_bad_record, a.on_bad_record);

@@ -16,7 +16,7 @@ use crate::data::batch::Step;
 use crate::dist::{self, Rank};
 use crate::error::exit;
 use crate::interrupt;
-use crate::measure::flops::step_flops;
+use crate::measure::flops::{step_flops, step_hardware_flops};
 use crate::measure::memory::{self, DeviceKind, MemoryEstimate, Precision};
 use crate::measure::peak;
 use crate::measure::probe::{self, Software};
@@ -541,7 +541,11 @@ pub fn main_with_preflight<B: Backend>(
         fmt(m.input_tokens_per_s, 0),
         fmt(m.samples_per_s, 2),
         m.total_s,
-        m.mfu.map(|x| format!("{:.1} %", 100.0 * x)).unwrap_or_else(|| "n/a (no peak for this device)".into()),
+        match (m.mfu, m.hfu) {
+            (Some(x), Some(h)) if h > x => format!("{:.1} % (HFU {:.1} % with the recomputation)", 100.0 * x, 100.0 * h),
+            (Some(x), _) => format!("{:.1} %", 100.0 * x),
+            (None, _) => "n/a (no peak for this device)".into(),
+        },
         fmt(m.final_loss, 4),
         match m.telemetry.as_ref() {
             Some(t) => match (t.joules_per_1k_tokens, primary_utilization(t)) {
@@ -949,13 +953,13 @@ fn warn_if_it_will_not_fit(
         |s: &StrategyConfig, steps: &[Step]| estimate_as_run(framework, &p.shape, facts, s, steps);
     let fits = memory::settings_that_fit(cfg, &p.shape, &p.samples, &as_run, free);
     let advice = if fits.is_empty() {
-        "no smaller micro-batch, LoRA or last-n setting fits either; use a device with more memory"
+        "no smaller micro-batch, LoRA or last-n setting fits either, with or without --grad-checkpoint; use a device with more memory"
             .to_string()
     } else {
         format!(
             "settings that would fit: {}",
             fits.iter()
-                .map(|f| format!("{} (estimated {:.2} GiB)", f.flags, gib(f.peak_bytes)))
+                .map(|f| f.describe())
                 .collect::<Vec<_>>()
                 .join("; ")
         )
@@ -1117,11 +1121,15 @@ fn run_once<B: Backend>(
         }
         match out {
             Ok(r) if r.loss.is_finite() => {
-                let flops = step_flops(
+                let args = (
                     &p.shape,
                     &cfg.workload.strategy,
-                    &step.computed_doc_lengths,
+                    &step.computed_doc_lengths[..],
                     step.loss_tokens,
+                );
+                let flops = (
+                    step_flops(args.0, args.1, args.2, args.3),
+                    step_hardware_flops(args.0, args.1, args.2, args.3),
                 );
                 rec.record(step, &r, lr, dt, clock, flops);
                 if let Some(t) = &tel {
@@ -1356,7 +1364,7 @@ impl Recorder {
         lr: f64,
         dt: f64,
         clock: RunClock,
-        flops: f64,
+        (flops, hardware_flops): (f64, f64),
     ) {
         let elapsed = clock.elapsed_s();
         if self.first_step_end_s.is_none() {
@@ -1370,6 +1378,7 @@ impl Recorder {
             input_tokens: step.input_tokens,
             padded_tokens: step.padded_tokens,
             flops,
+            hardware_flops,
         });
         let planned = step
             .micro_batches
@@ -1549,6 +1558,8 @@ impl Recorder {
             flops_per_input_token: sf.flops_per_input_token,
             model_tflops_per_s: sf.model_tflops_per_s,
             mfu: sf.mfu,
+            hardware_tflops_per_s: sf.hardware_tflops_per_s,
+            hfu: sf.hfu,
             peak: pk,
             mfu_measured: sf.mfu_measured,
             measured_peak_tflops: calibration.map(|c| c.tflops),

@@ -149,6 +149,14 @@ pub struct Metrics {
     /// Against the cited table peak (`peak`); null when the device has no row.
     pub mfu: Option<f64>,
     pub peak: Option<Peak>,
+    /// Hardware FLOPs per second: the model FLOPs and what activation checkpointing computes
+    /// again (`--grad-checkpoint`); equal to `model_tflops_per_s` without it.
+    #[serde(default)]
+    pub hardware_tflops_per_s: Option<f64>,
+    /// `hardware_tflops_per_s` against the table peak: the device's use, where MFU is the
+    /// model's progress.
+    #[serde(default)]
+    pub hfu: Option<f64>,
     /// Against a peak measured by `--calibrate` on this device.
     pub mfu_measured: Option<f64>,
     pub measured_peak_tflops: Option<f64>,
@@ -373,6 +381,7 @@ impl Summary {
             ("input_tokens_per_s", m.input_tokens_per_s),
             ("samples_per_s", m.samples_per_s),
             ("mfu", m.mfu),
+            ("hfu", m.hfu),
             ("model_tflops_per_s", m.model_tflops_per_s),
             ("flops_per_input_token", m.flops_per_input_token),
             (

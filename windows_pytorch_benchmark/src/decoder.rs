@@ -292,6 +292,22 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, dt: DType) -> Tensor {
     }
 }
 
+/// A micro-batch's forward pass, kept for its backward pass ([`Decoder::forward`]).
+pub struct Forward {
+    /// The micro-batch's loss sum over the step's loss tokens: a scalar with autograd.
+    pub loss: Tensor,
+    checkpointed: Option<Checkpointed>,
+}
+
+/// What activation checkpointing keeps between the passes: the input of every block that needs
+/// gradients, the RoPE tables, and the last block's output, cut from the (absent) graph of the
+/// blocks, whose gradient starts their backward pass.
+struct Checkpointed {
+    inputs: Vec<Tensor>,
+    last: Tensor,
+    rope: Rope,
+}
+
 /// RoPE tables at each token's position, [rows, T, 1, head_dim] in the compute kind, with the
 /// sine's first half negated so that HF's `x * cos + rotate_half(x) * sin` becomes
 /// `x * cos + roll(x, half) * sin_signed`: three kernels (mul, roll, addcmul) instead of five.
@@ -516,9 +532,8 @@ impl Decoder {
         x + b.down_proj.forward(&(up * gate.silu()), self.dtype)
     }
 
-    /// Hidden states after the final norm, [rows, T, H].
-    pub fn hidden(&self, inp: &Inputs) -> Tensor {
-        // RoPE tables gathered at each token's position, once for all blocks.
+    /// RoPE tables gathered at each token's position, once for all blocks.
+    fn rope_at(&self, inp: &Inputs) -> Rope {
         let (rows, t) = (inp.position_ids.size()[0], inp.position_ids.size()[1]);
         let ck = self.dtype.compute_kind();
         let at_positions = |table: &Tensor| {
@@ -527,10 +542,16 @@ impl Decoder {
                 .view([rows, t, 1, -1])
                 .to_kind(ck)
         };
-        let rope = Rope {
+        Rope {
             cos: at_positions(&self.cos),
             sin_signed: at_positions(&self.sin_signed),
-        };
+        }
+    }
+
+    /// The input of the first block that needs gradients: the embedding lookup (with autograd
+    /// when the embedding trains through it), then the frozen prefix without autograd (no graph,
+    /// no activations kept).
+    fn first_grad_input(&self, inp: &Inputs, rope: &Rope) -> Tensor {
         let lookup = || Tensor::embedding(&self.embed_tokens, &inp.input_ids, -1, false, false);
         let emb = if self.lookup_grad {
             lookup()
@@ -541,21 +562,85 @@ impl Decoder {
             DType::MixedBf16 => emb, // fp32 residual stream
             _ => emb.to_kind(self.dtype.param_kind()),
         };
-        let attn = &inp.attention;
-        // Frozen prefix: no autograd graph, no activations kept.
         if self.first_grad_layer > 0 {
             x = tch::no_grad(|| {
                 let mut x = x;
                 for b in &self.layers[..self.first_grad_layer] {
-                    x = self.block(b, &x, &rope, attn);
+                    x = self.block(b, &x, rope, &inp.attention);
                 }
                 x
             });
         }
+        x
+    }
+
+    /// Hidden states after the final norm, [rows, T, H].
+    pub fn hidden(&self, inp: &Inputs) -> Tensor {
+        let rope = self.rope_at(inp);
+        let mut x = self.first_grad_input(inp, &rope);
         for b in &self.layers[self.first_grad_layer..] {
-            x = self.block(b, &x, &rope, attn);
+            x = self.block(b, &x, &rope, &inp.attention);
         }
         rms_norm(&x, &self.norm, self.shape.rms_norm_eps, self.dtype)
+    }
+
+    /// A micro-batch's forward pass: its loss sum over `denom` (the step's loss tokens), with
+    /// what [`Decoder::backward`] needs. With `checkpoint` (activation checkpointing) the blocks
+    /// that need gradients run without autograd, each keeping only its input; the final norm,
+    /// the LM head and the loss run with autograd from the last block's output.
+    pub fn forward(&self, inp: &Inputs, denom: f64, checkpoint: bool) -> Forward {
+        if !checkpoint {
+            return Forward {
+                loss: self.loss_sum(inp) / denom,
+                checkpointed: None,
+            };
+        }
+        let rope = self.rope_at(inp);
+        let x = self.first_grad_input(inp, &rope);
+        let layers = &self.layers[self.first_grad_layer..];
+        let mut inputs = Vec::with_capacity(layers.len());
+        let out = tch::no_grad(|| {
+            let mut x = x;
+            for b in layers {
+                let y = self.block(b, &x, &rope, &inp.attention);
+                inputs.push(std::mem::replace(&mut x, y));
+            }
+            x
+        });
+        // The backward pass of the blocks starts from this tensor's gradient.
+        let last = out.detach().set_requires_grad(true);
+        let h = rms_norm(&last, &self.norm, self.shape.rms_norm_eps, self.dtype);
+        Forward {
+            loss: self.head_loss(&h, inp) / denom,
+            checkpointed: Some(Checkpointed { inputs, last, rope }),
+        }
+    }
+
+    /// The backward pass of [`Decoder::forward`]: gradients accumulate into the parameters'
+    /// `.grad`. With checkpointing: the head's and the loss's backward first (its logits are
+    /// freed), then block by block from the last, the block computed again with autograd from
+    /// its kept input and its backward fed the gradient arriving from above. libtorch's
+    /// `backward(gradient)` is not in tch: the block's backward runs from `sum(y · g)`, whose
+    /// gradient at `y` is `g` exactly (an element-wise product by 1), so the parameters get the
+    /// same gradients as from one graph.
+    pub fn backward(&self, f: Forward, inp: &Inputs) {
+        f.loss.backward();
+        let Some(c) = f.checkpointed else {
+            return;
+        };
+        let mut grad = c.last.grad();
+        let layers = &self.layers[self.first_grad_layer..];
+        for (k, (b, x)) in layers.iter().zip(c.inputs).enumerate().rev() {
+            // The first block's input needs a gradient only where autograd already tracks it
+            // (the embedding lookup when the embedding trains): a frozen prefix's output needs
+            // none, as without checkpointing.
+            let x = if k > 0 { x.set_requires_grad(true) } else { x };
+            let y = self.block(b, &x, &c.rope, &inp.attention);
+            (y * &grad).sum(Kind::Float).backward();
+            if k > 0 {
+                grad = x.grad();
+            }
+        }
     }
 
     /// The LM head on hidden states [..., H]: logits [..., V] in fp32.
@@ -575,7 +660,11 @@ impl Decoder {
     /// loss run only at positions that carry a loss (prompt and padding positions need no
     /// logits), as in the MLX binary; `step_flops` counts the head per loss token accordingly.
     pub fn loss_sum(&self, inp: &Inputs) -> Tensor {
-        let h = self.hidden(inp);
+        self.head_loss(&self.hidden(inp), inp)
+    }
+
+    /// The loss sum of hidden states after the final norm: the LM head at the loss positions.
+    fn head_loss(&self, h: &Tensor, inp: &Inputs) -> Tensor {
         let hsz = h.size()[2];
         let labels = inp.labels.view([-1]);
         let keep = &inp.loss_positions;

@@ -58,6 +58,8 @@ pub struct TorchBackend {
     trainable: Vec<Tensor>,
     opt: Optimizer,
     max_grad_norm: f64,
+    /// `--grad-checkpoint`: blocks recomputed in the backward pass (`Decoder::forward`).
+    grad_checkpoint: bool,
     counts: ParamCounts,
     device_name: String,
     attention: AttentionMode,
@@ -346,6 +348,7 @@ impl TorchBackend {
             trainable,
             opt,
             max_grad_norm: t.max_grad_norm,
+            grad_checkpoint: cfg.workload.strategy.grad_checkpoint,
             counts,
             device_name,
             attention,
@@ -403,11 +406,12 @@ impl Backend for TorchBackend {
                 };
                 // Sum over the micro-batch / the step's loss tokens: the micro-batches' losses add
                 // up to the step's mean, whatever the batch plan.
-                let loss = self.model.loss_sum(&inp) / denom;
+                let f = self.model.forward(&inp, denom, self.grad_checkpoint);
+                let loss = f.loss.detach();
                 lap!(0);
-                loss.backward();
+                self.model.backward(f, &inp);
                 lap!(1);
-                total += loss.detach();
+                total += loss;
             }
             if self.trainable.iter().any(|p| !p.grad().defined()) {
                 // Nothing has defined the gradients yet (a first step, or a rank's share of it,
@@ -541,6 +545,12 @@ impl Backend for TorchBackend {
             "frozen_prefix_without_autograd".into(),
             (self.model.first_grad_layer > 0).into(),
         );
+        if self.grad_checkpoint {
+            details.insert(
+                "activation_checkpointing".into(),
+                "per block: the forward pass without autograd keeps each input; the backward pass computes each block again with autograd from the last, fed the gradient from above".into(),
+            );
+        }
         #[cfg(target_os = "linux")]
         if let Some(c) = &self.comm {
             let mut d = serde_json::Map::new();

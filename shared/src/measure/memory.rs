@@ -30,6 +30,14 @@
 //! - attention masks: packed rows carry a boolean `[rows, T, T]` mask; SDPA turns it into an
 //!   additive bias in the compute dtype that every block needing gradients keeps.
 //!
+//! With activation checkpointing (`--grad-checkpoint`) the forward pass runs without autograd
+//! and each block that needs gradients keeps only its input (`activations`: residual values per
+//! token per block); the LM head's backward runs first, then one block at a time is computed
+//! again with autograd and its backward fed the gradient from above (`recompute`: that block's
+//! saved activations and two residual-sized gradients; masks' biases and weight casts of one
+//! block). The head's logits are freed before the first recomputation, so the peak holds the
+//! larger of the head's phase and a block's.
+//!
 //! The sum is `peak_bytes`: the bytes of live tensors at the peak, which is what the framework's
 //! allocated peak measures (`metrics.memory.device_peak_allocated_gib`; the summary keeps the
 //! error against it). Beside it, not in it:
@@ -125,8 +133,10 @@ impl DeviceKind {
 pub struct MemoryEstimate {
     /// The precision the figures are for.
     pub dtype: String,
-    /// weights + gradients + optimizer + activations + head + weight casts + transient + masks:
-    /// the live tensors at the peak, to compare with the framework's allocated peak.
+    /// weights + gradients + optimizer + activations + head + weight casts + transient + masks
+    /// (with checkpointing: the larger of head and recompute + transient in place of
+    /// head + transient): the live tensors at the peak, to compare with the framework's allocated
+    /// peak.
     pub peak_bytes: u64,
     /// `peak_bytes` + runtime: what the device must have free for the run (the fit check).
     #[serde(default)]
@@ -148,6 +158,15 @@ pub struct MemoryEstimate {
     pub transient_bytes: u64,
     /// Packed rows' attention masks and the biases SDPA derives from them.
     pub attention_mask_bytes: u64,
+    /// Activation checkpointing: one block's activations while it is computed again in the
+    /// backward pass, with the gradients at its output and input; 0 without checkpointing.
+    #[serde(default)]
+    pub recompute_bytes: u64,
+    /// Activation checkpointing is on: `activations_bytes` are the blocks' inputs only, and the
+    /// peak holds the larger of `head_bytes` and `recompute_bytes` + `transient_bytes` (the head's
+    /// backward runs, and frees its logits, before any block is recomputed).
+    #[serde(default)]
+    pub grad_checkpoint: bool,
     /// CUDA context and library workspaces (assumed); 0 elsewhere. Not in `peak_bytes`.
     pub runtime_bytes: u64,
     /// Inputs of queued GPU work the framework keeps until it has run (MLX on CUDA; see
@@ -178,18 +197,31 @@ impl MemoryEstimate {
     /// One line per component, for `--plan` and the first lines of a run.
     pub fn lines(&self) -> Vec<String> {
         let g = |b: u64| format!("{:.2} GiB", b as f64 / GIB);
+        let phases = if self.grad_checkpoint {
+            format!(
+                "activations {} (block inputs, checkpointed) + max(LM head/loss {}, recompute {} + transient {})",
+                g(self.activations_bytes),
+                g(self.head_bytes),
+                g(self.recompute_bytes),
+                g(self.transient_bytes)
+            )
+        } else {
+            format!(
+                "activations {} + LM head/loss {} + transient {}",
+                g(self.activations_bytes),
+                g(self.head_bytes),
+                g(self.transient_bytes)
+            )
+        };
         let mut v = vec![format!(
-            "memory estimate ({}): peak allocated {} = weights {} (LoRA adapters {}) + gradients {} + AdamW moments {} + activations {} + LM head/loss {} + weight casts {} + transient {} + attention masks {}; needs {} free with the runtime's {}{}",
+            "memory estimate ({}): peak allocated {} = weights {} (LoRA adapters {}) + gradients {} + AdamW moments {} + {phases} + weight casts {} + attention masks {}; needs {} free with the runtime's {}{}",
             self.dtype,
             g(self.peak_bytes),
             g(self.weights_bytes),
             g(self.lora_adapter_bytes),
             g(self.gradients_bytes),
             g(self.optimizer_bytes),
-            g(self.activations_bytes),
-            g(self.head_bytes),
             g(self.weight_casts_bytes),
-            g(self.transient_bytes),
             g(self.attention_mask_bytes),
             g(self.required_free_bytes),
             g(self.runtime_bytes),
@@ -306,7 +338,35 @@ pub fn mlx_loss_bytes_per_logit(p: Precision) -> u64 {
     }
 }
 
-/// Per-micro-batch bytes: (activations, head, transient, masks).
+/// One micro-batch's bytes at the peak of its step, by term (see [`MemoryEstimate`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct MicroBatchBytes {
+    activations: u64,
+    head: u64,
+    transient: u64,
+    masks: u64,
+    /// Activation checkpointing: one block's activations while it is computed again.
+    recompute: u64,
+    /// The step's gradients alive at this micro-batch's peak.
+    gradients: u64,
+    checkpointed: bool,
+}
+
+impl MicroBatchBytes {
+    /// Without checkpointing every term is alive at the start of the backward pass. With it, the
+    /// LM head's backward runs first, before any block is computed again, and frees its logits:
+    /// the peak is the larger of the head's phase and one block's recomputation.
+    fn peak(&self) -> u64 {
+        let phases = if self.checkpointed {
+            self.head.max(self.recompute + self.transient)
+        } else {
+            self.head + self.transient
+        };
+        self.activations + self.masks + self.gradients + phases
+    }
+}
+
+/// Per-micro-batch bytes (gradients left at 0: they depend on the micro-batch's place in its step).
 fn micro_batch_bytes(
     framework: Framework,
     shape: &ModelShape,
@@ -314,7 +374,7 @@ fn micro_batch_bytes(
     p: Precision,
     device: DeviceKind,
     mb: &MicroBatch,
-) -> (u64, u64, u64, u64) {
+) -> MicroBatchBytes {
     let tokens = (mb.rows * mb.seq_len) as u64;
     let loss = mb.loss_tokens as u64;
     let a = p.compute_bytes();
@@ -335,7 +395,22 @@ fn micro_batch_bytes(
         };
     // The final norm's input and fp32 statistics, and the RoPE tables gathered at each position
     // (fp32, shared by all blocks).
-    let activations = tokens * (g * per_block + r + 4 + 2 * hd * 4);
+    let common = r + 4 + 2 * hd * 4;
+    let ckpt = s.grad_checkpoint;
+    // Checkpointing: every block that needs gradients keeps only its input (the residual stream)
+    // through the step; one block at a time holds its activations again, with the gradient
+    // arriving at its output and the one it sends to its input (2 more residual values).
+    let (activations, recompute) = if ckpt {
+        (
+            tokens * (g * h * r + common),
+            tokens * (per_block + 2 * h * r),
+        )
+    } else {
+        (tokens * (g * per_block + common), 0)
+    };
+    // Blocks that hold their attention biases at once: all with gradients, or one when
+    // checkpointing recomputes them block by block.
+    let biased = if ckpt { g.min(1) } else { g };
     // Head: the hidden state at loss positions kept for the head's gradients, and, at the
     // backward peak, the fp32 log-softmax output, its gradient and the input gradient (12 B per
     // logit; MLX's loss graph holds more, see `mlx_loss_bytes_per_logit`).
@@ -349,14 +424,22 @@ fn micro_batch_bytes(
             let t2 = (mb.rows * mb.seq_len * mb.seq_len) as u64;
             // The boolean mask, then SDPA's additive bias per block that needs gradients; on the
             // CPU a masked SDPA takes the math path, which also keeps the softmax per head.
-            let mut b = t2 + g * t2 * a;
+            let mut b = t2 + biased * t2 * a;
             if device == DeviceKind::Cpu {
-                b += g * t2 * shape.num_heads as u64 * a;
+                b += biased * t2 * shape.num_heads as u64 * a;
             }
             b
         }
     };
-    (activations, head, transient, masks)
+    MicroBatchBytes {
+        activations,
+        head,
+        transient,
+        masks,
+        recompute,
+        gradients: 0,
+        checkpointed: ckpt,
+    }
 }
 
 /// The steps as a backend that computes real tokens only sees them (one row of each micro-batch's
@@ -469,7 +552,9 @@ pub fn estimate_for(
             .map(|x| x.numel() as u64)
             .sum();
         let adapters_per_block = lora_params / shape.num_layers.max(1) as u64;
-        2 * (g as u64 * (per_block + adapters_per_block)
+        // Checkpointing: the forward pass keeps nothing, one recomputed block its casts.
+        let cast_blocks = if s.grad_checkpoint { g.min(1) } else { g } as u64;
+        2 * (cast_blocks * (per_block + adapters_per_block)
             + (shape.vocab_size * shape.hidden_size) as u64)
     } else {
         0
@@ -481,26 +566,26 @@ pub fn estimate_for(
     } else {
         0
     };
-    let mut worst = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut worst = MicroBatchBytes::default();
     let mut worst_mb: Option<&MicroBatch> = None;
     for st in steps {
         // Micro-batches without loss tokens are not run (see `Step::computed_doc_lengths`).
         let run = st.micro_batches.iter().filter(|m| m.loss_tokens > 0);
         for (k, mb) in run.enumerate() {
-            let b = micro_batch_bytes(framework, shape, s, p, device, mb);
-            let grads = match framework {
+            let mut b = micro_batch_bytes(framework, shape, s, p, device, mb);
+            b.gradients = match framework {
                 Framework::Pytorch => gradients,
                 Framework::Mlx if k == 0 => head_gradient.min(gradients),
                 Framework::Mlx => gradients,
             };
-            if b.0 + b.1 + b.2 + b.3 + grads > worst.0 + worst.1 + worst.2 + worst.3 + worst.4 {
-                worst = (b.0, b.1, b.2, b.3, grads);
+            if worst_mb.is_none() || b.peak() > worst.peak() {
+                worst = b;
                 worst_mb = Some(mb);
             }
         }
     }
     let gradients = if worst_mb.is_some() {
-        worst.4
+        worst.gradients
     } else {
         gradients
     };
@@ -509,9 +594,15 @@ pub fn estimate_for(
     } else {
         0
     };
-    let (activations, head, transient, masks, _) = worst;
-    let peak =
-        weights + gradients + optimizer + activations + head + weight_casts + transient + masks;
+    let peak = weights + optimizer + weight_casts + worst.peak() - worst.gradients + gradients;
+    let MicroBatchBytes {
+        activations,
+        head,
+        transient,
+        masks,
+        recompute,
+        ..
+    } = worst;
     MemoryEstimate {
         dtype: p.name().into(),
         peak_bytes: peak,
@@ -525,6 +616,8 @@ pub fn estimate_for(
         weight_casts_bytes: weight_casts,
         transient_bytes: transient,
         attention_mask_bytes: masks,
+        recompute_bytes: recompute,
+        grad_checkpoint: s.grad_checkpoint,
         runtime_bytes: runtime,
         queued_work_bytes: 0,
         blocks_with_grad: g,
@@ -615,12 +708,40 @@ pub struct Fit {
     pub flags: String,
     /// What the device must have free for it (`required_free_bytes`).
     pub peak_bytes: u64,
+    /// What the device computes per token under this setting (hardware FLOPs: checkpointing's
+    /// recomputation included) over the model FLOPs per token of the run as asked: at the same
+    /// FLOP rate, throughput is its inverse. Another strategy is other work (its ratio says how
+    /// much less it computes, not that it learns the same); a smaller micro-batch computes the
+    /// same FLOPs, though smaller products may run at a lower rate.
+    pub flops_ratio: f64,
+}
+
+impl Fit {
+    /// `--flags (estimated X GiB; ...)`: the setting, its memory and its estimated cost.
+    pub fn describe(&self) -> String {
+        let cost = if (self.flops_ratio - 1.0).abs() < 1e-3 {
+            "the same FLOPs per token".to_string()
+        } else {
+            format!(
+                "{:.2}x the FLOPs per token: about {:.0} % of the throughput at the same FLOP rate",
+                self.flops_ratio,
+                100.0 / self.flops_ratio
+            )
+        };
+        format!(
+            "{} (estimated {:.2} GiB; {cost})",
+            self.flags,
+            self.peak_bytes as f64 / GIB
+        )
+    }
 }
 
 /// Settings that would fit in `free_bytes`, found by re-running the estimate: for the current
 /// strategy, then `lora` and `last-n` (when not current), the largest micro-batch (token budget
 /// for the bucketed and packed plans, records per micro-batch for the padded plan, with the
-/// records per step kept) whose estimate fits. At most one setting per strategy. `estimate` is the
+/// records per step kept) whose estimate fits. At most one setting per strategy without
+/// activation checkpointing and one with it (`--grad-checkpoint`); the other strategies name
+/// checkpointing only when nothing fits without it. `estimate` is the
 /// run's own estimate of a strategy and plan (the runner's: the steps as its backend computes
 /// them, with its queued work), so a setting is judged as the run itself would be.
 pub fn settings_that_fit(
@@ -645,8 +766,43 @@ pub fn settings_that_fit(
         let flags = format!("--strategy last-n --last-n {} ", s.last_n);
         strategies.push((s, flags));
     }
-    let mut out = Vec::new();
+    let doc_flops = |f: fn(&ModelShape, &StrategyConfig, &[usize], usize) -> f64,
+                     s: &StrategyConfig,
+                     steps: &[Step]| {
+        steps
+            .iter()
+            .map(|st| f(shape, s, &st.computed_doc_lengths, st.loss_tokens))
+            .sum::<f64>()
+    };
+    let plan = |batch: &crate::config::BatchConfig| {
+        crate::data::batch::plan_steps(
+            samples,
+            batch,
+            w.data.pad_to,
+            w.data.train_on_prompt,
+            w.seed,
+            w.train.epochs,
+            w.train.max_steps,
+        )
+    };
+    use crate::measure::flops::{step_flops, step_hardware_flops};
+    let asked = doc_flops(step_flops, &w.strategy, &plan(&w.batch)).max(1.0);
+    let mut variants = Vec::new();
     for (s, prefix) in strategies {
+        let other = s.kind != w.strategy.kind;
+        variants.push((s.clone(), prefix.clone(), false));
+        if !s.grad_checkpoint {
+            let mut c = s;
+            c.grad_checkpoint = true;
+            variants.push((c, format!("{prefix}--grad-checkpoint "), other));
+        }
+    }
+    let mut out: Vec<Fit> = Vec::new();
+    let mut fitted_kinds = Vec::new();
+    for (s, prefix, only_if_none) in variants {
+        if only_if_none && fitted_kinds.contains(&s.kind) {
+            continue;
+        }
         let current = s == w.strategy;
         // Candidate batch settings, largest first (the current one only for other strategies).
         let mut batches = Vec::new();
@@ -681,21 +837,15 @@ pub fn settings_that_fit(
             }
         }
         for (batch, flags) in batches {
-            let steps = crate::data::batch::plan_steps(
-                samples,
-                &batch,
-                w.data.pad_to,
-                w.data.train_on_prompt,
-                w.seed,
-                w.train.epochs,
-                w.train.max_steps,
-            );
+            let steps = plan(&batch);
             let e = estimate(&s, &steps);
             if e.required_free_bytes <= free_bytes {
                 out.push(Fit {
                     flags: format!("{prefix}{flags}").trim().to_string(),
                     peak_bytes: e.required_free_bytes,
+                    flops_ratio: doc_flops(step_hardware_flops, &s, &steps) / asked,
                 });
+                fitted_kinds.push(s.kind);
                 break;
             }
         }
@@ -956,8 +1106,61 @@ mod tests {
         assert!(fits
             .iter()
             .any(|f| f.flags.starts_with("--strategy last-n --last-n 1")));
+        // Checkpointing is named, costs more FLOPs per token than the run as asked, and fits
+        // at a larger budget than the smaller micro-batch without it (or at the same).
+        let ckpt = fits
+            .iter()
+            .find(|f| f.flags.starts_with("--grad-checkpoint"))
+            .unwrap_or_else(|| panic!("no checkpointing setting in {fits:?}"));
+        // (The tiny model's FLOPs are mostly its LM head, which is not recomputed.)
+        assert!(ckpt.flops_ratio > 1.0, "{ckpt:?}");
+        assert!(
+            ckpt.describe().contains("x the FLOPs per token"),
+            "{ckpt:?}"
+        );
+        assert!((fits[0].flops_ratio - 1.0).abs() < 1e-9, "{fits:?}");
+        assert!(fits[0].describe().contains("the same FLOPs per token"));
         // Nothing fits in one byte.
         assert!(settings_that_fit(&cfg, &p.shape, &p.samples, &as_run, 1).is_empty());
+    }
+
+    /// Issue 15: with activation checkpointing the blocks keep their inputs only, and the peak
+    /// holds the larger of the head's phase and one block's recomputation.
+    #[test]
+    fn checkpointing_keeps_block_inputs_and_recomputes_one_block() {
+        let shape = ModelShape::phi3_mini();
+        let steps = one_micro_batch(32, 512, 8192);
+        for kind in [StrategyKind::Lora, StrategyKind::Full, StrategyKind::LastN] {
+            let mut s = StrategyConfig {
+                kind,
+                last_n: 4,
+                ..Default::default()
+            };
+            let without = estimate(&shape, &s, Precision::Bf16, DeviceKind::Cuda(0), &steps);
+            s.grad_checkpoint = true;
+            let with = estimate(&shape, &s, Precision::Bf16, DeviceKind::Cuda(0), &steps);
+            assert!(with.grad_checkpoint && !without.grad_checkpoint);
+            assert_eq!(without.recompute_bytes, 0);
+            let tokens = 32 * 512u64;
+            let g = without.blocks_with_grad as u64;
+            let common = 2 + 4 + 2 * 96 * 4;
+            assert_eq!(with.activations_bytes, tokens * (g * 3072 * 2 + common));
+            let per_block = saved_bytes_per_token_per_block(&shape, &s, Precision::Bf16);
+            assert_eq!(with.recompute_bytes, tokens * (per_block + 2 * 3072 * 2));
+            // Without: every block's activations (the same per-block count).
+            assert_eq!(without.activations_bytes, tokens * (g * per_block + common));
+            let persistent = with.weights_bytes + with.gradients_bytes + with.optimizer_bytes;
+            assert_eq!(
+                with.peak_bytes,
+                persistent
+                    + with.activations_bytes
+                    + with
+                        .head_bytes
+                        .max(with.recompute_bytes + with.transient_bytes)
+            );
+            assert!(with.peak_bytes < without.peak_bytes, "{kind:?}");
+            assert!(with.lines()[0].contains("checkpointed"));
+        }
     }
     /// Issue 14: a split family keeps one x·Aᵀ per adapted projection (q, k, v, o, gate, up,
     /// down: 7, against Phi-3's 4 fused ones), and Qwen3's q/k norm its input and fp32 RMS.

@@ -26,6 +26,9 @@ pub struct StepFigures {
     pub input_tokens: usize,
     pub padded_tokens: usize,
     pub flops: f64,
+    /// What the device computed: `flops` plus activation checkpointing's recomputation (equal
+    /// to `flops` without it).
+    pub hardware_flops: f64,
 }
 
 /// What the summary reports about the steady steps (and the warm-up split that defines them).
@@ -54,6 +57,10 @@ pub struct SteadyFigures {
     pub mfu: Option<f64>,
     /// Against the calibrated peak of one device times the world size.
     pub mfu_measured: Option<f64>,
+    /// Hardware FLOPs (model FLOPs and activation checkpointing's recomputation) per second.
+    pub hardware_tflops_per_s: Option<f64>,
+    /// Hardware FLOP rate against the table peak (as `mfu`); equal to `mfu` without checkpointing.
+    pub hfu: Option<f64>,
     /// `steady: ...` when the steady figures are null or rest on fewer than
     /// [`MIN_RELIABLE_STEADY_STEPS`] steps.
     pub note: Option<String>,
@@ -91,16 +98,19 @@ pub fn steady_figures(
         sum(|s| s.padded_tokens),
     );
     let flops: f64 = steady.iter().map(|s| s.flops).sum();
+    let hardware_flops: f64 = steady.iter().map(|s| s.hardware_flops).sum();
     // Rates exist only over a measured steady window: no steady step (or a zero-length one)
     // gives null figures, never the warm-up's.
     let timed = !steady.is_empty() && steady_s > 0.0;
     let rate = |x: f64| timed.then(|| x / steady_s);
     let model_tflops = rate(flops).map(|f| f / 1e12);
     let world = world_size.max(1) as f64;
-    let against = |peak: Option<f64>| match (model_tflops, peak) {
+    let hardware_tflops = rate(hardware_flops).map(|f| f / 1e12);
+    let ratio = |tflops: Option<f64>, peak: Option<f64>| match (tflops, peak) {
         (Some(t), Some(p)) if p > 0.0 => Some(t / (p * world)),
         _ => None,
     };
+    let against = |peak: Option<f64>| ratio(model_tflops, peak);
     let times: Vec<f64> = steady.iter().map(|s| s.time_s).collect();
     let note = if steady.is_empty() {
         Some(format!(
@@ -134,6 +144,8 @@ pub fn steady_figures(
         model_tflops_per_s: model_tflops,
         mfu: against(peak_tflops),
         mfu_measured: against(measured_peak_tflops),
+        hardware_tflops_per_s: hardware_tflops,
+        hfu: ratio(hardware_tflops, peak_tflops),
         note,
     }
 }
@@ -166,6 +178,7 @@ mod tests {
             input_tokens: input,
             padded_tokens: input + 10,
             flops: 1e12 * input as f64,
+            hardware_flops: 1e12 * input as f64,
         }
     }
 
@@ -218,6 +231,7 @@ mod tests {
         let steps: Vec<StepFigures> = (0..8)
             .map(|k| StepFigures {
                 flops: 3e12 + 1e11 * k as f64,
+                hardware_flops: 3e12 + 1e11 * k as f64,
                 ..step(0.5 + 0.01 * k as f64, 50 + k, 300 + 7 * k)
             })
             .collect();
@@ -242,6 +256,21 @@ mod tests {
         let four = steady_figures(&steps, 1, 4, Some(100.0), Some(50.0));
         assert!((four.mfu.unwrap() - 0.025).abs() < 1e-12);
         assert!((four.mfu_measured.unwrap() - 0.05).abs() < 1e-12);
+    }
+
+    #[test]
+    fn hfu_counts_the_recomputation_and_mfu_does_not() {
+        let mut steps = vec![step(1.0, 10, 10); 6];
+        let same = steady_figures(&steps, 1, 1, Some(100.0), None);
+        assert_eq!(same.hfu, same.mfu, "no recomputation: hfu = mfu");
+        for s in &mut steps {
+            s.hardware_flops = 1.5 * s.flops;
+        }
+        let f = steady_figures(&steps, 1, 2, Some(100.0), None);
+        assert!((f.mfu.unwrap() - 0.05).abs() < 1e-12);
+        assert!((f.hfu.unwrap() - 0.075).abs() < 1e-12);
+        assert!((f.hardware_tflops_per_s.unwrap() - 15.0).abs() < 1e-9);
+        assert_eq!(steady_figures(&steps, 1, 1, None, None).hfu, None);
     }
 
     #[test]

@@ -62,6 +62,11 @@ pub const DEFINITIONS: &[Definition] = &[
         name: "MFU",
         text: "Model FLOPs utilisation: model TFLOP/s / the dense peak of the device at the run's precision, from a table with a cited source per row. An unknown device has no peak, so its MFU is null: never a guess.",
     },
+    Definition {
+        id: "hfu",
+        name: "HFU",
+        text: "Hardware FLOPs utilisation: the model FLOPs plus what activation checkpointing (--grad-checkpoint) computes again (the forward pass of every block that trains), per second, / the same peak as MFU. MFU measures progress on the model; HFU what the device did. Shown only when a run recomputes.",
+    },
     Definition { id: "mfu-measured", name: "MFU (measured peak)", text: "Model TFLOP/s / a dense matrix-product peak measured on this device by a --calibrate run, in the run's own precision (bf16 for bf16 and mixed-bf16 runs, fp32 for float32 runs)." },
     Definition {
         id: "memory-allocated",
@@ -527,6 +532,20 @@ pub fn headline_rows(runs: &[Run], baseline: usize) -> Vec<Row> {
             }
         }),
     ));
+    // HFU only where some run recomputes (activation checkpointing): elsewhere it equals MFU.
+    if runs.iter().any(|r| {
+        let m = &r.summary.metrics;
+        matches!((m.hfu, m.mfu), (Some(h), Some(x)) if h > x)
+    }) {
+        rows.push(Row::new(
+            "HFU",
+            Some("hfu"),
+            per_run(&|r| match r.summary.metrics.hfu {
+                Some(x) => Cell::value(format!("{:.1} %", 100.0 * x)),
+                None => Cell::missing(null_reason(r, &["mfu"], "no cited peak for this device")),
+            }),
+        ));
+    }
     if runs
         .iter()
         .any(|r| r.summary.metrics.mfu_measured.is_some())
@@ -814,7 +833,12 @@ pub fn workload_rows(runs: &[Run]) -> Vec<Row> {
         }),
         row("strategy", &|r| {
             let kind = text_at(&r.raw, "/workload/config/strategy/kind");
-            match kind.as_str() {
+            let checkpointed = r
+                .raw
+                .pointer("/workload/config/strategy/grad_checkpoint")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false);
+            let text = match kind.as_str() {
                 "last-n" => format!(
                     "last-n (N = {})",
                     text_at(&r.raw, "/workload/config/strategy/last_n")
@@ -825,6 +849,11 @@ pub fn workload_rows(runs: &[Run]) -> Vec<Row> {
                     text_at(&r.raw, "/workload/config/strategy/lora_alpha")
                 ),
                 _ => kind,
+            };
+            if checkpointed {
+                format!("{text}, activation checkpointing")
+            } else {
+                text
             }
         }),
         row("batch plan", &|r| {
