@@ -252,6 +252,18 @@ mod tests {
         }
     }
 
+    /// `--fit` sizes MLX runs for Metal with shared's facts: they must be this binary's.
+    #[test]
+    fn the_fit_table_assumes_the_metal_defaults() {
+        let f = shared::runner::fit_device_facts(shared::config::Framework::Mlx);
+        for kind in [StrategyKind::LastN, StrategyKind::Full, StrategyKind::Lora] {
+            let t = Tuning::default_for(MlxDevice::Metal, kind);
+            assert_eq!(f.drops_padding, t.real_tokens);
+            assert_eq!(f.seq_multiple, t.seq_multiple);
+            assert_eq!(f.queued_work_bytes, t.queued_work_bytes(MlxDevice::Metal));
+        }
+    }
+
     #[test]
     fn cuda_rounds_to_the_attention_tile_and_the_cpu_does_not() {
         let d = |dev| Tuning::default_for(dev, StrategyKind::LastN);

@@ -233,6 +233,29 @@ pub fn default_device_facts(cfg: &Config) -> Result<DeviceFacts> {
     })
 }
 
+/// The device `--fit` sizes runs for, whatever this machine has: PyTorch on a CUDA card, MLX
+/// on an Apple GPU, both in bf16, with what each binary's preflight says there (MLX on Metal
+/// computes real tokens only and rounds sequence lengths to 32: `macos_mlx_benchmark`'s
+/// `Tuning::default_for(Metal)`, which a test there checks against this).
+pub fn fit_device_facts(framework: Framework) -> DeviceFacts {
+    match framework {
+        Framework::Pytorch => DeviceFacts {
+            device: DeviceKind::Cuda(0),
+            precision: Precision::Bf16,
+            drops_padding: false,
+            seq_multiple: 1,
+            queued_work_bytes: 0,
+        },
+        Framework::Mlx => DeviceFacts {
+            device: DeviceKind::MlxGpu,
+            precision: Precision::Bf16,
+            drops_padding: true,
+            seq_multiple: 32,
+            queued_work_bytes: 0,
+        },
+    }
+}
+
 /// The whole run for a binary: parse, prepare, build, train, measure, write. Returns the exit code.
 pub fn main_with<B: Backend>(
     framework: Framework,
@@ -310,7 +333,7 @@ pub fn main_with_preflight<B: Backend>(
     // The run folder and the summary must be writable: found now, not after the data has loaded.
     // (`--plan` writes nothing; ranks other than 0 write nothing; a supervised rank 0 writes into
     // the folder its supervisor checked.)
-    let writes = !args.plan && rank.as_ref().is_none_or(|r| r.is_leader());
+    let writes = !args.plan && !args.fit && rank.as_ref().is_none_or(|r| r.is_leader());
     if writes && supervised_run_id.is_none() {
         if let Err(e) = crate::files::check_output_dir(&out_dir) {
             eprintln!("error: {e}");
@@ -377,6 +400,19 @@ pub fn main_with_preflight<B: Backend>(
         &cfg.workload.strategy,
         &p.steps,
     );
+    if args.fit {
+        let facts = fit_device_facts(framework);
+        let targets = crate::measure::fit::targets(framework);
+        let estimate = |shape: &crate::model::ModelShape, s: &StrategyConfig, steps: &[Step]| {
+            estimate_as_run(framework, shape, &facts, s, steps)
+        };
+        let rows = crate::measure::fit::fit_rows(&cfg, &p.samples, &targets, &estimate);
+        print!(
+            "{}",
+            crate::measure::fit::markdown(framework, &cfg, &rows, &targets)
+        );
+        return exit::OK;
+    }
     if args.plan {
         print_plan(&cfg, p, &facts, &estimate);
         warn_if_it_will_not_fit(framework, &cfg, p, &facts, &estimate);
