@@ -645,6 +645,12 @@ impl Backend for MlxBackend {
             details.insert("libmlx".into(), lib.clone().into());
         }
         details.insert("tuning".into(), self.tuning.to_json());
+        if self.model.grad_checkpoint {
+            details.insert(
+                "activation_checkpointing".into(),
+                "per layer that trains: MLX's checkpoint transform with the layer's trainable parameters as inputs; the backward pass computes the layer again".into(),
+            );
+        }
         if let Some(p) = &self.profile {
             details.insert(
                 "profile_by_phase_total_s".into(),
