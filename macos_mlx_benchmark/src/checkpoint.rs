@@ -1,9 +1,21 @@
-//! Activation checkpointing through MLX's `checkpoint` transform (mlx-c's `mlx_checkpoint`, which
-//! mlx-rs 0.33 does not wrap). `checkpoint(f)` computes `f`, but its gradient computes `f` again
-//! from its inputs instead of keeping `f`'s intermediate arrays: MLX makes a custom-VJP primitive
-//! whose inputs are `f`'s inputs and whose VJP replays `f` (as mlx-lm's `--grad-checkpoint` uses
-//! it, per transformer block, with the block's parameters passed as inputs so that their
-//! gradients flow through the primitive). Portable: the same transform on Metal, CUDA and the CPU.
+//! Activation checkpointing as MLX builds it: a custom-VJP function (mlx-c's `mlx_custom_vjp`;
+//! mlx-rs 0.33 wraps neither it nor `mlx_checkpoint`) that computes `f`, and whose VJP computes
+//! `f` again from its inputs instead of keeping `f`'s intermediate arrays. Used per transformer
+//! block with the block's trainable parameters passed as inputs (so that their gradients flow
+//! through it), as mlx-lm's `--grad-checkpoint` uses `mx.checkpoint`. Portable: the same
+//! transforms on Metal, CUDA and the CPU.
+//!
+//! One difference from MLX's own `checkpoint`: there the recomputation's inputs depend on `f`'s
+//! outputs (`depends(primals, outputs)`), so MLX may schedule it as soon as the block's forward
+//! pass is done, and then holds its arrays until the gradient from above arrives. Measured on the
+//! CPU (MLX 0.32.2, an 8-block Phi-3 of width 512, fp32, 32 x 128-token rows): MLX's peak fell
+//! from 3.17 to only 2.66 GiB for LoRA and from 3.70 to 3.39 GiB for full fine-tuning. Here the
+//! recomputation depends on the cotangents instead, so it cannot start before the gradient
+//! reaches the block, and the gradient passed on to the block below depends on the block's
+//! parameters' gradients, so MLX does not follow the input chain through every block first and
+//! compute the parameters' gradients last (holding every block's recomputed arrays meanwhile,
+//! which is what it did). The same model then peaked at 1.18 GiB (LoRA) and 1.75 GiB (full);
+//! the test below shows the same on a toy chain.
 //!
 //! The Rust function is owned by the MLX closure and freed when MLX drops the last copy (the
 //! graph that references it): it runs once when applied and once more when a gradient is built,
@@ -48,8 +60,19 @@ pub fn checkpointed(
             Box::into_raw(payload) as *mut c_void,
             Some(drop_payload),
         );
+        // The VJP owns a copy of the function (mlx-c closures are shared pointers).
+        let mut own = mlx_sys::mlx_closure_new();
+        let mut status = mlx_sys::mlx_closure_set(&mut own, fun);
+        let vjp = mlx_sys::mlx_closure_custom_new_func_payload(
+            Some(recompute_vjp),
+            Box::into_raw(Box::new(own)) as *mut c_void,
+            Some(drop_closure),
+        );
         let mut ckpt = mlx_sys::mlx_closure_new();
-        let mut status = mlx_sys::mlx_checkpoint(&mut ckpt, fun);
+        if status == 0 {
+            status = mlx_sys::mlx_custom_vjp(&mut ckpt, fun, vjp);
+        }
+        mlx_sys::mlx_closure_custom_free(vjp);
         mlx_sys::mlx_closure_free(fun);
         let ins = mlx_sys::mlx_vector_array_new();
         for a in inputs {
@@ -137,6 +160,85 @@ extern "C" fn call_payload(
     1
 }
 
+/// The VJP of a checkpointed function: `f`'s VJP at its inputs, made to depend on the
+/// cotangents so that MLX computes `f` again only once the gradient from above is there.
+extern "C" fn recompute_vjp(
+    res: *mut mlx_sys::mlx_vector_array,
+    primals: mlx_sys::mlx_vector_array,
+    cotangents: mlx_sys::mlx_vector_array,
+    _outputs: mlx_sys::mlx_vector_array,
+    payload: *mut c_void,
+) -> i32 {
+    // SAFETY: `payload` is the `mlx_closure` boxed in `checkpointed`, alive while this VJP is;
+    // every vector made here is freed here or handed to mlx-c in `res`, which it frees.
+    unsafe {
+        let fun = *(payload as *const mlx_sys::mlx_closure);
+        let mut after = mlx_sys::mlx_vector_array_new();
+        let mut values = mlx_sys::mlx_vector_array_new();
+        let mut vjps = mlx_sys::mlx_vector_array_new();
+        let mut status = mlx_sys::mlx_depends(&mut after, primals, cotangents);
+        if status == 0 {
+            status = mlx_sys::mlx_vjp(&mut values, &mut vjps, fun, after, cotangents);
+        }
+        mlx_sys::mlx_vector_array_free(values);
+        mlx_sys::mlx_vector_array_free(after);
+        // The first input's gradient (what flows on to the block below) after the others' (the
+        // block's parameters'): otherwise MLX may follow the first chain through every block
+        // and compute the parameters' gradients last, holding every block's recomputed arrays.
+        let n = mlx_sys::mlx_vector_array_size(vjps);
+        if status == 0 && n > 1 {
+            let (first, rest) = (
+                mlx_sys::mlx_vector_array_new(),
+                mlx_sys::mlx_vector_array_new(),
+            );
+            for i in 0..n {
+                let mut a = mlx_sys::mlx_array_new();
+                status |= mlx_sys::mlx_vector_array_get(&mut a, vjps, i);
+                let to = if i == 0 { first } else { rest };
+                status |= mlx_sys::mlx_vector_array_append_value(to, a);
+                mlx_sys::mlx_array_free(a);
+            }
+            let mut ordered = mlx_sys::mlx_vector_array_new();
+            if status == 0 {
+                status = mlx_sys::mlx_depends(&mut ordered, first, rest);
+            }
+            if status == 0 {
+                for i in 1..n {
+                    let mut a = mlx_sys::mlx_array_new();
+                    status |= mlx_sys::mlx_vector_array_get(&mut a, vjps, i);
+                    status |= mlx_sys::mlx_vector_array_append_value(ordered, a);
+                    mlx_sys::mlx_array_free(a);
+                }
+            }
+            mlx_sys::mlx_vector_array_free(first);
+            mlx_sys::mlx_vector_array_free(rest);
+            mlx_sys::mlx_vector_array_free(vjps);
+            vjps = ordered;
+        }
+        if status != 0 {
+            mlx_sys::mlx_vector_array_free(vjps);
+            LAST_ERROR.with(|e| {
+                e.borrow_mut()
+                    .get_or_insert_with(|| "recomputing a checkpointed function failed".into());
+            });
+            return 1;
+        }
+        *res = vjps;
+        0
+    }
+}
+
+/// mlx-c's deleter for the VJP's copy of the function.
+extern "C" fn drop_closure(payload: *mut c_void) {
+    if !payload.is_null() {
+        // SAFETY: a `Box<mlx_closure>` made in `checkpointed`; mlx-c calls the deleter once.
+        unsafe {
+            let fun = Box::from_raw(payload as *mut mlx_sys::mlx_closure);
+            mlx_sys::mlx_closure_free(*fun);
+        }
+    }
+}
+
 /// mlx-c's deleter for the payload, called when its last closure is freed.
 extern "C" fn drop_payload(payload: *mut c_void) {
     if !payload.is_null() {
@@ -183,5 +285,67 @@ mod tests {
         let x = Array::from_slice(&[1.0f32], &[1]);
         let e = checkpointed(|_| Err(Exception::from("no such layer")), &[x]).unwrap_err();
         assert!(e.what().contains("no such layer"), "{}", e.what());
+    }
+
+    /// One block's recomputed arrays at a time: with 8 checkpointed blocks of 16 intermediates
+    /// each (4 MiB arrays), MLX's own peak counter stays a fraction of the plain graph's, also
+    /// when every block's parameter needs a gradient (the parameters' gradients are computed
+    /// before the input's moves on, see `recompute_vjp`).
+    #[test]
+    fn the_recomputation_waits_for_the_gradient() {
+        let n = 1 << 20; // f32 elements: 4 MiB
+        let block = |x: &[Array]| -> Result<Vec<Array>, Exception> {
+            let mut acc = x[0].clone();
+            let mut parts = Vec::new();
+            for k in 0..16 {
+                let t = mlx_rs::ops::sin(
+                    x[0].multiply(&x[1])?
+                        .multiply(Array::from_f32(1.0 + k as f32))?,
+                )?;
+                parts.push(t);
+            }
+            for t in &parts {
+                acc = acc.add(t.multiply(t)?)?;
+            }
+            Ok(vec![acc])
+        };
+        let peak = |checkpoint: bool, params: bool| -> f64 {
+            let x = mlx_rs::random::normal::<f32>(&[n], None, None, None).unwrap();
+            let ws: Vec<Array> = (0..8)
+                .map(|_| mlx_rs::random::normal::<f32>(&[n], None, None, None).unwrap())
+                .collect();
+            mlx_rs::transforms::eval(std::iter::once(&x).chain(ws.iter())).unwrap();
+            let argnums: Vec<i32> = if params { (0..9).collect() } else { vec![0] };
+            let mut f = value_and_grad_with_argnums(
+                move |a: &[Array]| {
+                    let mut h = a[0].clone();
+                    for b in 0..8 {
+                        let args = [h.clone(), a[1 + b].clone()];
+                        h = if checkpoint {
+                            checkpointed(block, &args)?.remove(0)
+                        } else {
+                            block(&args)?.remove(0)
+                        };
+                    }
+                    Ok(vec![h.sum(None)?])
+                },
+                &argnums[..],
+            );
+            mlx_rs::memory::reset_peak_memory().unwrap();
+            let mut all = vec![x];
+            all.extend(ws);
+            let (_, g) = f(&all).unwrap();
+            mlx_rs::transforms::eval(g.iter()).unwrap();
+            mlx_rs::memory::peak_memory().unwrap() as f64 / (4 * n) as f64
+        };
+        // Gradients for the input only, and for the input and every block's parameter (as in
+        // training). MLX 0.32.2's own `checkpoint` held 184 of 289 arrays in the second case.
+        for params in [false, true] {
+            let (without, with) = (peak(false, params), peak(true, params));
+            eprintln!(
+                "parameter gradients {params}: MLX peak {without:.0} input-sized arrays without checkpointing, {with:.0} with"
+            );
+            assert!(with < 0.35 * without, "{with:.1} against {without:.1}");
+        }
     }
 }

@@ -1024,3 +1024,43 @@ fn a_cpu_demo_pair_shows_the_memory_rows() {
     assert!(est[0].contains("no allocated peak"), "{est:?}");
     assert!(est[1].contains("% vs allocated"), "{est:?}");
 }
+
+/// A run with activation checkpointing gets an HFU row (the recomputation counted) beside MFU,
+/// and its strategy says so; runs without it get no HFU row (it would repeat MFU).
+#[test]
+fn checkpointed_runs_show_hfu_and_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut plain = fixture();
+    plain["metrics"]["mfu"] = json!(0.40);
+    plain["metrics"]["hfu"] = json!(0.40);
+    let a = write_run(dir.path(), "run-a", &plain, Some(STEPS));
+    let mut ckpt = fixture();
+    ckpt["run"]["run_id"] = json!("20261204T000000Z-pytorch-ckpt");
+    ckpt["workload"]["config"]["strategy"]["grad_checkpoint"] = json!(true);
+    ckpt["metrics"]["mfu"] = json!(0.30);
+    ckpt["metrics"]["hfu"] = json!(0.45);
+    let b = write_run(dir.path(), "run-b", &ckpt, None);
+    let report = |runs: &[&PathBuf], name: &str| {
+        let out = dir.path().join(name);
+        let o = compare(runs, &["--output-dir", out.to_str().unwrap()], dir.path());
+        assert!(o.status.success(), "compare failed: {}", text(&o.stderr));
+        std::fs::read_to_string(out.join("report.md")).unwrap()
+    };
+    let md = report(&[&a, &b], "both");
+    let hfu = md
+        .lines()
+        .find(|l| l.starts_with("| HFU"))
+        .unwrap_or_else(|| panic!("no HFU row:\n{md}"));
+    assert!(hfu.contains("40.0 %") && hfu.contains("45.0 %"), "{hfu}");
+    let strategy = |md: &str| {
+        md.lines()
+            .find(|l| l.starts_with("| strategy"))
+            .unwrap_or_else(|| panic!("no strategy row:\n{md}"))
+            .to_string()
+    };
+    let row = strategy(&md);
+    assert_eq!(row.matches("activation checkpointing").count(), 1, "{row}");
+    let md = report(&[&a], "plain");
+    assert!(!md.lines().any(|l| l.starts_with("| HFU")), "{md}");
+    assert!(!strategy(&md).contains("activation checkpointing"));
+}
