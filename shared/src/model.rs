@@ -1117,7 +1117,7 @@ fn to_f32(dtype: safetensors::Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
 /// loading path's test fixture, and `--save-init` for inspecting what both binaries start from.
 pub fn write_checkpoint(dir: &Path, shape: &ModelShape, seed: u64) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    crate::summary::write_atomic(
+    crate::files::write_atomic(
         &dir.join("config.json"),
         serde_json::to_string_pretty(&shape.to_config_json())?.as_bytes(),
     )?;
@@ -1147,7 +1147,7 @@ pub fn write_checkpoint(dir: &Path, shape: &ModelShape, seed: u64) -> Result<()>
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     let bytes = safetensors::tensor::serialize(views, Some(meta))?;
-    crate::summary::write_atomic(&dir.join("model.safetensors"), &bytes)?;
+    crate::files::write_atomic(&dir.join("model.safetensors"), &bytes)?;
     Ok(())
 }
 

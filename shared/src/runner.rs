@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use serde::Serialize;
 
 use crate::config::{CliArgs, Config, DTypeChoice, Framework, StrategyConfig, TuningMode};
@@ -773,7 +773,7 @@ fn refuse_beyond_total_memory(
 
 /// The device the run computed on and its steady mean utilization (for the closing line).
 fn primary_utilization(t: &crate::summary::Telemetry) -> Option<(&str, f64)> {
-    let d = crate::report::figures::primary_device(t)?;
+    let d = t.primary_device()?;
     Some((d.id.as_str(), d.utilization_percent?.mean))
 }
 
@@ -1659,36 +1659,4 @@ fn combine_repeats(mut runs: Vec<Summary>, run_id: &str, framework: Framework) -
     ));
     top.repeats = Some(reps);
     top
-}
-
-/// Reads the `steps.jsonl` of a run folder (tests and reports).
-///
-/// The log is the one file not written atomically: it is appended and flushed a line per step, so
-/// that a crash keeps every completed step. A process killed in the middle of an append leaves a
-/// last line without its newline; that torn line is left out, while a bad line anywhere else is an
-/// error naming the file and the line.
-pub fn read_steps(run_dir: &Path) -> Result<Vec<serde_json::Value>> {
-    let path = run_dir.join("steps.jsonl");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let torn = !text.is_empty() && !text.ends_with('\n');
-    let lines: Vec<(usize, &str)> = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .collect();
-    let last = lines.last().map(|(i, _)| *i);
-    let mut out = Vec::with_capacity(lines.len());
-    for (i, l) in lines {
-        match serde_json::from_str(l) {
-            Ok(v) => out.push(v),
-            Err(_) if torn && Some(i) == last => {}
-            Err(e) => anyhow::bail!(
-                "{}: line {}: not a step record ({e})",
-                path.display(),
-                i + 1
-            ),
-        }
-    }
-    Ok(out)
 }
