@@ -168,62 +168,6 @@ pub struct Projection {
     pub target: LoraTarget,
 }
 
-/// A built-in shape: its preset, the hub ids that resolve to it, its numbers.
-pub struct BuiltIn {
-    pub preset: ModelPreset,
-    /// The hub ids (instruct first, then the base model) whose `config.json` this shape is.
-    pub hub_ids: &'static [&'static str],
-}
-
-pub const BUILT_INS: &[BuiltIn] = &[
-    BuiltIn {
-        preset: ModelPreset::Phi3Mini,
-        hub_ids: &["microsoft/Phi-3-mini-4k-instruct"],
-    },
-    BuiltIn {
-        preset: ModelPreset::Llama32_1b,
-        hub_ids: &[
-            "meta-llama/Llama-3.2-1B-Instruct",
-            "meta-llama/Llama-3.2-1B",
-        ],
-    },
-    BuiltIn {
-        preset: ModelPreset::Llama32_3b,
-        hub_ids: &[
-            "meta-llama/Llama-3.2-3B-Instruct",
-            "meta-llama/Llama-3.2-3B",
-        ],
-    },
-    BuiltIn {
-        preset: ModelPreset::Qwen3_0_6b,
-        hub_ids: &["Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B-Base"],
-    },
-    BuiltIn {
-        preset: ModelPreset::Qwen3_1_7b,
-        hub_ids: &["Qwen/Qwen3-1.7B", "Qwen/Qwen3-1.7B-Base"],
-    },
-    BuiltIn {
-        preset: ModelPreset::Qwen3_4b,
-        hub_ids: &["Qwen/Qwen3-4B", "Qwen/Qwen3-4B-Base"],
-    },
-];
-
-/// The built-in preset a hub id names (case-insensitive), if any.
-pub fn preset_for_hub_id(id: &str) -> Option<ModelPreset> {
-    BUILT_INS
-        .iter()
-        .find(|b| b.hub_ids.iter().any(|h| h.eq_ignore_ascii_case(id)))
-        .map(|b| b.preset)
-}
-
-/// The hub id a built-in preset downloads (its instruct model), if it has one.
-pub fn hub_id_for_preset(p: ModelPreset) -> Option<&'static str> {
-    BUILT_INS
-        .iter()
-        .find(|b| b.preset == p)
-        .map(|b| b.hub_ids[0])
-}
-
 const LLAMA_3_2_ROPE: Llama3Rope = Llama3Rope {
     factor: 32.0,
     low_freq_factor: 1.0,
@@ -1432,23 +1376,6 @@ mod tests {
         // j >= 5: above 8192: divided by 32.
         assert!(wavelen(5) > 8192.0 && s[5..].iter().all(|&x| x == 1.0 / 32.0));
         assert!(ModelShape::tiny().rope_frequency_scale().is_none());
-    }
-
-    #[test]
-    fn hub_ids_resolve_to_their_shapes() {
-        assert_eq!(
-            preset_for_hub_id("qwen/qwen3-0.6b"),
-            Some(ModelPreset::Qwen3_0_6b)
-        );
-        assert_eq!(
-            preset_for_hub_id("meta-llama/Llama-3.2-3B"),
-            Some(ModelPreset::Llama32_3b)
-        );
-        assert_eq!(preset_for_hub_id("Qwen/Qwen2.5-0.5B"), None);
-        for b in BUILT_INS {
-            assert_eq!(hub_id_for_preset(b.preset), Some(b.hub_ids[0]));
-        }
-        assert_eq!(hub_id_for_preset(ModelPreset::TinyQwen3), None);
     }
 
     /// Phi-3's shape serialises as before the families existed (summaries, workload hashes).
