@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod dist;
 pub mod error;
 pub mod files;
