@@ -16,6 +16,7 @@ pub mod report;
 pub mod rng;
 pub mod runner;
 pub mod summary;
+pub mod tensors;
 pub mod workload;
 
 pub use config::{Config, TuningMode};
