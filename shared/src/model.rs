@@ -656,6 +656,25 @@ impl ModelShape {
         )
     }
 
+    /// RoPE's wavelengths `theta^(2j/D)`, j < D/2, in fp32 as Hugging Face computes them (its
+    /// inverse frequencies are `1 / this`), divided by [`ModelShape::rope_frequency_scale`]'s
+    /// factors where the shape has `rope_scaling`: the `freqs` MLX's `fast::rope` takes. (The
+    /// PyTorch binary computes its inverse frequencies with libtorch's own `pow` on the device,
+    /// which differs from this host arithmetic in the last bit for a few frequencies.)
+    pub fn rope_wavelengths(&self) -> Vec<f32> {
+        let d = self.head_dim();
+        let theta = self.rope_theta as f32;
+        let mut f: Vec<f32> = (0..d / 2)
+            .map(|j| theta.powf((2 * j) as f32 / d as f32))
+            .collect();
+        if let Some(scale) = self.rope_frequency_scale() {
+            for (w, s) in f.iter_mut().zip(scale) {
+                *w /= s as f32;
+            }
+        }
+        f
+    }
+
     /// LoRA adapter parameters (peft's names without the `base_model.model.` prefix), for every
     /// projection a target adapts (in target order, then checkpoint order).
     /// A: [rank, in], uniform(-1/sqrt(in), 1/sqrt(in)) as peft's kaiming-uniform(a=sqrt 5) gives;
@@ -1376,6 +1395,27 @@ mod tests {
         // j >= 5: above 8192: divided by 32.
         assert!(wavelen(5) > 8192.0 && s[5..].iter().all(|&x| x == 1.0 / 32.0));
         assert!(ModelShape::tiny().rope_frequency_scale().is_none());
+    }
+
+    #[test]
+    fn rope_wavelengths_are_the_inverse_frequencies_inverted() {
+        let shape = ModelShape::from_preset(ModelPreset::TinyLlama);
+        let w = shape.rope_wavelengths();
+        let scale = shape.rope_frequency_scale().unwrap();
+        let d = shape.head_dim();
+        assert_eq!(w.len(), d / 2);
+        assert_eq!(w[0], 1.0);
+        for (j, (&w, s)) in w.iter().zip(scale).enumerate() {
+            // Hugging Face's scaled inverse frequency, in f64.
+            let inv_freq = s / shape.rope_theta.powf((2 * j) as f64 / d as f64);
+            let rel = (f64::from(w) * inv_freq - 1.0).abs();
+            assert!(rel < 1e-6, "j {j}: {w} x {inv_freq} is off by {rel}");
+        }
+        // Plain RoPE: no factor.
+        let tiny = ModelShape::tiny();
+        let d = tiny.head_dim();
+        let w = tiny.rope_wavelengths();
+        assert_eq!(w[1], (tiny.rope_theta as f32).powf(2.0 / d as f32));
     }
 
     /// Phi-3's shape serialises as before the families existed (summaries, workload hashes).
