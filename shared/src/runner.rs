@@ -233,6 +233,20 @@ pub fn default_device_facts(cfg: &Config) -> Result<DeviceFacts> {
     })
 }
 
+/// A benchmark binary's command line: shared's flags ([`CliArgs`]) under the binary's name,
+/// version and description. A bad flag exits here with clap's usage error (code 2); `--help` and
+/// `--version` print and exit 0.
+pub fn parse_args(name: &'static str, version: &'static str, about: &'static str) -> CliArgs {
+    use clap::{Args, Command, FromArgMatches};
+    // After `augment_args`, which sets CliArgs's own doc comment as the description.
+    let matches = CliArgs::augment_args(Command::new(name))
+        .version(version)
+        .about(about)
+        .long_about(None)
+        .get_matches();
+    CliArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 /// The whole run for a binary: parse, prepare, build, train, measure, write. Returns the exit code.
 pub fn main_with<B: Backend>(
     framework: Framework,
