@@ -354,9 +354,32 @@ pub fn read_steps(run_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
     Ok(out)
 }
 
+/// How many steps the first run folder under `out_dir` (`runs/<run-id>/steps.jsonl`) has logged
+/// so far; 0 before there is one. For watching a running binary from outside (the signal tests
+/// of both binaries wait for the first step with it).
+pub fn steps_logged(out_dir: &Path) -> usize {
+    std::fs::read_dir(out_dir.join("runs"))
+        .ok()
+        .and_then(|mut r| r.next())
+        .and_then(|e| e.ok())
+        .and_then(|e| std::fs::read_to_string(e.path().join("steps.jsonl")).ok())
+        .map_or(0, |t| t.lines().count())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steps_logged_counts_the_first_run_folders_lines() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(steps_logged(d.path()), 0);
+        let run = d.path().join("runs").join("run-1");
+        std::fs::create_dir_all(&run).unwrap();
+        assert_eq!(steps_logged(d.path()), 0);
+        std::fs::write(run.join("steps.jsonl"), "{}\n{}\n").unwrap();
+        assert_eq!(steps_logged(d.path()), 2);
+    }
 
     #[test]
     fn a_bom_is_stripped_once() {
