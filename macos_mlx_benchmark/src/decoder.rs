@@ -29,51 +29,32 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use mlx_rs::error::Exception;
 use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
 use mlx_rs::macros::ModuleParameters;
 use mlx_rs::module::{ModuleParameters as _, Param, Parameter};
 use mlx_rs::{ops, Array, Dtype};
 use shared::config::StrategyConfig;
-use shared::data::batch::{MicroBatch, IGNORE_INDEX};
+use shared::data::batch::{self, MicroBatch};
 use shared::model::ModelShape;
+use shared::tensors::NamedTensors;
 
-/// How weights and activations are stored and computed (`--dtype`, resolved).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Precision {
-    /// fp32 weights and compute: the parity reference.
-    Float32,
-    /// bf16 weights, activations and gradients; norms' statistics, softmax and loss in fp32.
-    Bf16,
-    /// fp32 master weights; matrix products in bf16 by casting their inputs (as
-    /// `torch.autocast(bfloat16)` does); norms, softmax, residual stream and loss in fp32.
-    MixedBf16,
-}
+/// How weights and activations are stored and computed (`--dtype`, resolved by shared's one
+/// rule): `Float32`, fp32 weights and compute (the parity reference); `Bf16`, bf16 weights,
+/// activations and gradients, norms' statistics, softmax and loss in fp32; `MixedBf16`, fp32
+/// master weights, matrix products in bf16 by casting their inputs (as `torch.autocast(bfloat16)`
+/// does), norms, softmax, residual stream and loss in fp32.
+pub use shared::measure::memory::Precision;
 
-impl From<shared::measure::memory::Precision> for Precision {
-    fn from(p: shared::measure::memory::Precision) -> Self {
-        use shared::measure::memory::Precision as Shared;
-        match p {
-            Shared::Float32 => Precision::Float32,
-            Shared::Bf16 => Precision::Bf16,
-            Shared::MixedBf16 => Precision::MixedBf16,
-        }
-    }
-}
-
-impl Precision {
-    /// The name the summary uses.
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::Float32 => "float32",
-            Precision::Bf16 => "bf16",
-            Precision::MixedBf16 => "mixed-bf16",
-        }
-    }
-
+/// The MLX dtype a precision stores weights in.
+pub trait ParamDtype {
     /// Storage dtype of weights (and therefore of gradients).
-    pub fn param_dtype(self) -> Dtype {
+    fn param_dtype(self) -> Dtype;
+}
+
+impl ParamDtype for Precision {
+    fn param_dtype(self) -> Dtype {
         match self {
             Precision::Bf16 => Dtype::Bfloat16,
             Precision::Float32 | Precision::MixedBf16 => Dtype::Float32,
@@ -526,13 +507,11 @@ impl CausalLM {
         shape: &ModelShape,
         strategy: &StrategyConfig,
         kernels: Kernels,
-        mut tensors: HashMap<String, Array>,
+        tensors: HashMap<String, Array>,
     ) -> Result<Self> {
+        let mut tensors = NamedTensors::new(tensors);
         let mut take = |name: &str| -> Result<Param<Array>> {
-            let a = tensors
-                .remove(name)
-                .with_context(|| format!("no tensor named {name}"))?;
-            let mut p = Param::new(a);
+            let mut p = Param::new(tensors.take(name)?);
             if !shape.is_trainable(name, strategy) {
                 p.freeze(true);
             }
@@ -643,11 +622,7 @@ impl CausalLM {
                 weight: take("lm_head.weight")?,
             })
         };
-        if !tensors.is_empty() {
-            let mut left: Vec<&String> = tensors.keys().collect();
-            left.sort();
-            bail!("tensors not used by the {:?} model: {left:?}", shape.family);
-        }
+        tensors.finish()?;
         Ok(Self {
             model,
             lm_head,
@@ -680,20 +655,10 @@ impl Rope {
     }
 }
 
-/// RoPE's wavelengths `theta^(2j/D)`, j < D/2, in fp32 as Hugging Face computes them (its inverse
-/// frequencies are `1 / this`), divided by Llama 3's frequency factors where the shape has
-/// `rope_scaling`. Built once per model, kept on the device.
+/// RoPE's wavelengths (`ModelShape::rope_wavelengths`: Hugging Face's fp32 frequencies, Llama 3's
+/// factors applied) on the device. Built once per model, kept there.
 pub fn rope_freqs(shape: &ModelShape) -> Array {
-    let d = shape.head_dim();
-    let theta = shape.rope_theta as f32;
-    let mut f: Vec<f32> = (0..d / 2)
-        .map(|j| theta.powf((2 * j) as f32 / d as f32))
-        .collect();
-    if let Some(scale) = shape.rope_frequency_scale() {
-        for (w, s) in f.iter_mut().zip(scale) {
-            *w /= s as f32;
-        }
-    }
+    let f = shape.rope_wavelengths();
     Array::from_slice(&f, &[f.len() as i32])
 }
 
@@ -764,22 +729,22 @@ impl MicroBatchArrays {
         let mut targets = Vec::with_capacity(mb.loss_tokens);
         let mut real = None;
         if real_tokens {
-            let n: usize = mb.row_lengths.iter().sum();
+            let layout = mb.real_tokens();
+            let n = layout.slots.len();
             let mut gather = vec![0i32; rows * tp];
             let mut scatter = Vec::with_capacity(n);
             let mut real_ids = Vec::with_capacity(n);
-            for r in 0..rows {
-                for c in 0..mb.row_lengths[r] {
-                    let j = scatter.len();
-                    gather[r * tp + c] = j as i32;
-                    scatter.push((r * tp + c) as i32);
-                    real_ids.push(mb.input_ids[r * t + c] as i32);
-                    let label = mb.labels[r * t + c];
-                    if label != IGNORE_INDEX {
-                        positions.push(j as i32);
-                        targets.push(label as i32);
-                    }
-                }
+            for (j, &slot) in layout.slots.iter().enumerate() {
+                // The slot in the rows widened to `tp` columns.
+                let wide = slot / t * tp + slot % t;
+                gather[wide] = j as i32;
+                scatter.push(wide as i32);
+                real_ids.push(mb.input_ids[slot] as i32);
+            }
+            let labels = layout.pick(&mb.labels);
+            for j in batch::loss_positions(&labels) {
+                positions.push(j as i32);
+                targets.push(labels[j] as i32);
             }
             // Rows beyond the real tokens, up to a multiple of `real_multiple` (`Tuning`): token 0,
             // reading the attention output of the first padding slot (or slot 0); no loss position
@@ -810,14 +775,9 @@ impl MicroBatchArrays {
                 scatter: Array::from_slice(&scatter, &[scatter.len() as i32]),
             });
         } else {
-            for r in 0..rows {
-                for c in 0..t {
-                    let label = mb.labels[r * t + c];
-                    if label != IGNORE_INDEX {
-                        positions.push((r * tp + c) as i32);
-                        targets.push(label as i32);
-                    }
-                }
+            for i in batch::loss_positions(&mb.labels) {
+                positions.push((i / t * tp + i % t) as i32);
+                targets.push(mb.labels[i] as i32);
             }
         }
         let dense_tokens = if real_tokens { ids.len() } else { rows * tp };

@@ -6,8 +6,10 @@
 //! `LD_LIBRARY_PATH`). Which one runs is only known once the library is loaded, so `--device` is
 //! resolved here rather than from the target OS.
 
-use shared::config::DeviceChoice;
+use shared::config::{DeviceChoice, Framework};
+use shared::device::Available;
 use shared::error::ConfigError;
+use shared::measure::memory::DeviceKind;
 
 /// The MLX device that computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,13 +27,14 @@ impl MlxDevice {
         self != MlxDevice::Cpu
     }
 
-    /// `backend.device` in the summary. A CUDA GPU is named as the PyTorch binary names it, so
-    /// telemetry, energy and the report treat both frameworks' GPU runs alike.
-    pub fn summary_name(self) -> &'static str {
+    /// The device as shared knows it (the memory estimate, the summary's names). MLX's CUDA
+    /// backend computes on device 0 of CUDA_VISIBLE_DEVICES: NVML's free memory and the CUDA
+    /// context's share of the estimate apply as for the PyTorch binary.
+    pub fn kind(self) -> DeviceKind {
         match self {
-            MlxDevice::Cpu => "cpu",
-            MlxDevice::Metal => "gpu",
-            MlxDevice::Cuda => "cuda:0",
+            MlxDevice::Cpu => DeviceKind::Cpu,
+            MlxDevice::Metal => DeviceKind::MlxGpu,
+            MlxDevice::Cuda => DeviceKind::Cuda(0),
         }
     }
 
@@ -94,93 +97,24 @@ pub fn mapped_files(keep: impl Fn(&str) -> bool) -> Vec<String> {
     files
 }
 
-/// `--device` for this binary. `auto` is the GPU of the loaded MLX when it has one (Metal on a
-/// Mac, CUDA with the CUDA build), else the CPU; `gpu` and `cuda` insist on a GPU.
+/// `--device` for this binary, by shared's rule (`shared::device::resolve`) over what the loaded
+/// MLX library has: `auto` is its GPU when it has one (Metal on a Mac, CUDA with the CUDA build),
+/// else the CPU; `gpu` and `cuda` insist on a GPU.
 pub fn resolve(choice: DeviceChoice) -> Result<MlxDevice, ConfigError> {
-    resolve_with(choice, gpu_backend(), loaded_libmlx().as_deref())
-}
-
-fn resolve_with(
-    choice: DeviceChoice,
-    gpu: Option<MlxDevice>,
-    libmlx: Option<&str>,
-) -> Result<MlxDevice, ConfigError> {
-    let bad = |value: &str, reason: String, fix: &str| ConfigError::Value {
-        key: "device".into(),
-        value: value.into(),
-        reason,
-        fix: fix.into(),
-    };
-    const CUDA_FIX: &str = "on Linux with an NVIDIA GPU, build the MLX binary against MLX's CUDA \
-        backend: `MLX_LINUX_BACKEND=cuda bash scripts/setup-mlx-linux.sh`, then `cargo build \
-        --release -p macos_mlx_benchmark` (README, \"The MLX binary on an NVIDIA GPU\"); or use \
-        --device cpu";
-    let no_gpu = || {
-        format!(
-            "the loaded MLX library ({}) has no GPU backend",
-            libmlx.unwrap_or("libmlx")
-        )
-    };
-    match choice {
-        DeviceChoice::Cpu => Ok(MlxDevice::Cpu),
-        DeviceChoice::Auto => Ok(gpu.unwrap_or(MlxDevice::Cpu)),
-        DeviceChoice::Gpu => gpu.ok_or_else(|| bad("gpu", no_gpu(), CUDA_FIX)),
-        DeviceChoice::Cuda => match gpu {
-            Some(MlxDevice::Cuda) => Ok(MlxDevice::Cuda),
-            Some(_) => Err(bad(
-                "cuda",
-                "MLX's GPU here is Metal, not CUDA".into(),
-                "use --device gpu (or auto) on a Mac",
-            )),
-            None => Err(bad("cuda", no_gpu(), CUDA_FIX)),
+    let gpu = gpu_backend();
+    let libmlx = loaded_libmlx();
+    let kind = shared::device::resolve(
+        Framework::Mlx,
+        choice,
+        &Available {
+            cuda: &|| gpu == Some(MlxDevice::Cuda),
+            apple_gpu: &|| gpu == Some(MlxDevice::Metal),
+            library: libmlx.as_deref(),
         },
-        DeviceChoice::Mps => Err(bad(
-            "mps",
-            "MPS is PyTorch's name for the Apple GPU".into(),
-            "MLX calls it gpu: use --device gpu (or auto)",
-        )),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn auto_takes_the_gpu_when_there_is_one() {
-        let r = |c, g| resolve_with(c, g, Some("/x/libmlx.so"));
-        assert_eq!(r(DeviceChoice::Auto, None).unwrap(), MlxDevice::Cpu);
-        assert_eq!(
-            r(DeviceChoice::Auto, Some(MlxDevice::Cuda)).unwrap(),
-            MlxDevice::Cuda
-        );
-        assert_eq!(
-            r(DeviceChoice::Gpu, Some(MlxDevice::Metal)).unwrap(),
-            MlxDevice::Metal
-        );
-        assert_eq!(
-            r(DeviceChoice::Cuda, Some(MlxDevice::Cuda)).unwrap(),
-            MlxDevice::Cuda
-        );
-        assert_eq!(
-            r(DeviceChoice::Cpu, Some(MlxDevice::Cuda)).unwrap(),
-            MlxDevice::Cpu
-        );
-    }
-
-    #[test]
-    fn a_gpu_that_is_not_there_names_the_library_and_the_fix() {
-        for c in [DeviceChoice::Gpu, DeviceChoice::Cuda] {
-            let e = resolve_with(c, None, Some("/w/mlx-cpu/libmlx.so"))
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains("/w/mlx-cpu/libmlx.so"), "{e}");
-            assert!(e.contains("MLX_LINUX_BACKEND=cuda"), "{e}");
-        }
-        let e = resolve_with(DeviceChoice::Cuda, Some(MlxDevice::Metal), None)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("--device gpu"), "{e}");
-        assert!(resolve_with(DeviceChoice::Mps, Some(MlxDevice::Metal), None).is_err());
-    }
+    )?;
+    Ok(match kind {
+        DeviceKind::Cpu => MlxDevice::Cpu,
+        DeviceKind::Cuda(_) => MlxDevice::Cuda,
+        DeviceKind::MlxGpu | DeviceKind::Mps => MlxDevice::Metal,
+    })
 }

@@ -52,22 +52,12 @@ mod tuning;
 use std::path::Path;
 use std::time::Instant;
 
-use clap::Parser;
-use shared::config::{CliArgs, Config, Framework};
-use shared::measure::memory::{DeviceKind, Precision};
+use shared::config::{Config, Framework};
+use shared::measure::memory::Precision;
 use shared::runner::DeviceFacts;
 use shared::TuningMode;
 
-use crate::device::MlxDevice;
 use crate::train::MlxBackend;
-
-/// Fine-tune Phi-3 with MLX and write benchmark_summary.json.
-#[derive(Debug, Parser)]
-#[command(name = "macos_mlx_benchmark", version, about)]
-struct Cli {
-    #[command(flatten)]
-    args: CliArgs,
-}
 
 fn main() {
     let start = Instant::now();
@@ -87,11 +77,15 @@ fn main() {
     if std::env::var_os("MLX_CUDA_GRAPH_CACHE_SIZE").is_none() {
         std::env::set_var("MLX_CUDA_GRAPH_CACHE_SIZE", "4000");
     }
-    let cli = Cli::parse();
+    let args = shared::runner::parse_args(
+        env!("CARGO_PKG_NAME"),
+        env!("CARGO_PKG_VERSION"),
+        env!("CARGO_PKG_DESCRIPTION"),
+    );
     let code = shared::runner::main_with_preflight(
         Framework::Mlx,
         TUNING_MODE,
-        &cli.args,
+        &args,
         Path::new(env!("CARGO_MANIFEST_DIR")),
         start,
         preflight,
@@ -106,13 +100,7 @@ fn main() {
 /// refused.
 fn preflight(cfg: &Config) -> anyhow::Result<DeviceFacts> {
     let (mlx_device, tuning) = train::check_device(cfg)?;
-    let device = match mlx_device {
-        MlxDevice::Metal => DeviceKind::MlxGpu,
-        // MLX's CUDA backend computes on device 0 of CUDA_VISIBLE_DEVICES: NVML's free memory and
-        // the CUDA context's share of the estimate apply as for the PyTorch binary.
-        MlxDevice::Cuda => DeviceKind::Cuda(0),
-        MlxDevice::Cpu => DeviceKind::Cpu,
-    };
+    let device = mlx_device.kind();
     Ok(DeviceFacts {
         device,
         precision: Precision::resolve(cfg.run.dtype, device.is_gpu()),

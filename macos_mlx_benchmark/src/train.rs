@@ -12,17 +12,18 @@ use mlx_rs::error::Exception;
 use mlx_rs::module::ModuleParameters;
 use mlx_rs::transforms::{async_eval, eval};
 use mlx_rs::{nn, ops, Array, Device, Dtype};
-use shared::config::{Config, DTypeChoice, TrainConfig};
+use shared::config::{Config, TrainConfig};
 use shared::data::batch::Step;
 use shared::error::ConfigError;
 use shared::measure::probe::{self, Software};
 use shared::model::ParamCounts;
 use shared::runner::{Backend, Calibration, MemoryReading, StepReport};
 use shared::summary::BackendInfo;
+use shared::tensors::Held;
 use shared::workload::Prepared;
 
 use crate::decoder::{
-    rope_freqs, CausalLM, Compiled, Kernels, MicroBatchArrays, Precision, SwiGlu,
+    rope_freqs, CausalLM, Compiled, Kernels, MicroBatchArrays, ParamDtype, Precision, SwiGlu,
 };
 use crate::device::{self, MlxDevice};
 use crate::fused_adamw::FusedAdamW;
@@ -93,15 +94,6 @@ pub fn check_device(cfg: &Config) -> Result<(MlxDevice, Tuning), ConfigError> {
     Ok((d, t))
 }
 
-/// `--dtype` on `device`, by shared's one rule (`Precision::resolve`: bf16 on a GPU, fp32 on the
-/// CPU unless asked).
-fn resolve_precision(choice: DTypeChoice, device: MlxDevice) -> Precision {
-    Precision::from(shared::measure::memory::Precision::resolve(
-        choice,
-        device.is_gpu(),
-    ))
-}
-
 impl MlxBackend {
     pub fn new(cfg: &Config, prepared: &Prepared) -> Result<Self> {
         catch_mlx(|| Self::build(cfg, prepared))
@@ -109,7 +101,7 @@ impl MlxBackend {
 
     fn build(cfg: &Config, prepared: &Prepared) -> Result<Self> {
         let (device, tuning) = check_device(cfg)?;
-        let precision = resolve_precision(cfg.run.dtype, device);
+        let precision = Precision::resolve(cfg.run.dtype, device.is_gpu());
         Device::set_default(&if device.is_gpu() {
             Device::gpu()
         } else {
@@ -119,8 +111,7 @@ impl MlxBackend {
         crate::memory::start_of_run()?;
         let shape = prepared.shape.clone();
         let strategy = &cfg.workload.strategy;
-        let mut specs = shape.parameters();
-        specs.extend(shape.lora_parameters(strategy));
+        let specs = shared::tensors::expected(&shape, strategy);
         let dtype = precision.param_dtype();
         let mut tensors = HashMap::with_capacity(specs.len());
         // LoRA adapters draw from their own stream (`shared::model::adapter_seed`); base weights from the
@@ -174,54 +165,15 @@ impl MlxBackend {
         };
         let model = CausalLM::from_tensors(&shape, strategy, kernels, tensors)?;
 
-        // The counts the summary reports come from shared; check them against the arrays.
-        let counts = shape.parameter_counts(strategy);
+        // The counts the summary reports, from the arrays as built (shared checks each one).
         let all = model.parameters().flatten();
         let trainable = model.trainable_parameters().flatten();
-        let total: usize = all.values().map(|a| a.size()).sum();
-        let trainable_total: usize = trainable.values().map(|a| a.size()).sum();
-        if total != counts.total || trainable_total != counts.trainable || all.len() != specs.len()
-        {
-            bail!(
-                "internal: the MLX model holds {} tensors, {total} parameters ({trainable_total} trainable) but shared expects {} tensors, {} ({})",
-                all.len(),
-                specs.len(),
-                counts.total,
-                counts.trainable
-            );
-        }
-        for s in &specs {
-            let a = all
-                .get(s.name.as_str())
-                .with_context(|| format!("internal: the MLX model has no tensor {}", s.name))?;
-            let want: Vec<i32> = s.shape.iter().map(|&d| d as i32).collect();
-            if a.shape() != want.as_slice() {
-                bail!(
-                    "internal: {} has shape {:?} in the MLX model, {:?} in shared",
-                    s.name,
-                    a.shape(),
-                    want
-                );
-            }
-            if trainable.contains_key(s.name.as_str()) != shape.is_trainable(&s.name, strategy) {
-                bail!("internal: {} trains in the MLX model but not under the strategy, or the reverse", s.name);
-            }
-        }
+        let held = all
+            .iter()
+            .map(|(name, a)| Held::new(name, a.shape(), trainable.contains_key(name)));
+        let counts = shared::tensors::check_held(&shape, strategy, held)?;
         drop((all, trainable));
-
-        let device_name = match device {
-            MlxDevice::Cpu => probe::probe_hardware().cpu_model,
-            MlxDevice::Metal => probe::probe_hardware()
-                .apple
-                .map(|a| a.chip)
-                .unwrap_or_else(|| "Apple GPU".into()),
-            // MLX's CUDA backend computes on device 0 of CUDA_VISIBLE_DEVICES; NVML names it as
-            // the PyTorch binary does, so both find the same peak-table row.
-            MlxDevice::Cuda => probe::probe_nvidia()
-                .ok()
-                .and_then(|g| g.into_iter().next().map(|g| g.name))
-                .unwrap_or_else(|| "CUDA device".into()),
-        };
+        let device_name = device.kind().hardware_name();
         let freqs = rope_freqs(&shape);
         freqs.eval()?;
         Ok(Self {
@@ -709,7 +661,7 @@ impl Backend for MlxBackend {
         );
         BackendInfo {
             framework: "mlx".into(),
-            device: self.device.summary_name().into(),
+            device: self.device.kind().summary_label(),
             device_name: self.device_name.clone(),
             dtype: self.precision.name().into(),
             world_size: 1,

@@ -60,7 +60,7 @@ fn run(args: &[&str]) -> Run {
         run_dir.join("benchmark_summary.json").is_file(),
         "the run folder keeps its own summary"
     );
-    let steps = shared::runner::read_steps(&run_dir).expect("steps.jsonl");
+    let steps = shared::files::read_steps(&run_dir).expect("steps.jsonl");
     let losses = steps
         .iter()
         .map(|s| s["loss"].as_f64().expect("a numeric loss"))

@@ -123,7 +123,7 @@ fn micro_batches_without_loss_tokens_are_skipped() {
             "6",
         ],
     );
-    let steps = shared::runner::read_steps(&d.path().join(&s.run.run_dir)).unwrap();
+    let steps = shared::files::read_steps(&d.path().join(&s.run.run_dir)).unwrap();
     let skipped: u64 = steps
         .iter()
         .map(|l| l["micro_batches"].as_u64().unwrap() - l["micro_batches_run"].as_u64().unwrap())

@@ -237,7 +237,7 @@ fn checkpointing_changes_nothing_but_memory() {
     let Some(torch) = pytorch_bin() else { return };
     let mlx = mlx_bin();
     let grad_norms = |out: &Path, s: &shared::summary::Summary| -> Vec<f64> {
-        shared::runner::read_steps(&out.join(&s.run.run_dir))
+        shared::files::read_steps(&out.join(&s.run.run_dir))
             .expect("steps.jsonl")
             .iter()
             .map(|l| l["grad_norm"].as_f64().expect("grad_norm"))

@@ -30,16 +30,7 @@ fn spawn_long_run(out: &Path) -> Child {
 
 fn wait_for_first_step(out: &Path) {
     let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let logged = std::fs::read_dir(out.join("runs"))
-            .ok()
-            .and_then(|mut r| r.next())
-            .and_then(|e| e.ok())
-            .and_then(|e| std::fs::read_to_string(e.path().join("steps.jsonl")).ok())
-            .is_some_and(|t| t.lines().count() >= 1);
-        if logged {
-            return;
-        }
+    while shared::files::steps_logged(out) == 0 {
         assert!(Instant::now() < deadline, "no step logged within 180 s");
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -85,7 +85,7 @@ pub enum WeightsKind {
 }
 
 /// Built-in model shapes (`shared::model::ModelShape::from_preset`; the hub ids that resolve to
-/// each: `shared::model::BUILT_INS`).
+/// each: [`ModelPreset::hub_ids`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum ModelPreset {
@@ -124,6 +124,39 @@ impl ModelPreset {
     /// The test shapes: no published weights, no tokenizer.
     pub fn is_tiny(self) -> bool {
         matches!(self, Self::Tiny | Self::TinyLlama | Self::TinyQwen3)
+    }
+
+    /// The hub ids whose `config.json` the preset's built-in shape is (instruct first, then the
+    /// base model); none for the test shapes.
+    pub fn hub_ids(self) -> &'static [&'static str] {
+        match self {
+            Self::Phi3Mini => &["microsoft/Phi-3-mini-4k-instruct"],
+            Self::Llama32_1b => &[
+                "meta-llama/Llama-3.2-1B-Instruct",
+                "meta-llama/Llama-3.2-1B",
+            ],
+            Self::Llama32_3b => &[
+                "meta-llama/Llama-3.2-3B-Instruct",
+                "meta-llama/Llama-3.2-3B",
+            ],
+            Self::Qwen3_0_6b => &["Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B-Base"],
+            Self::Qwen3_1_7b => &["Qwen/Qwen3-1.7B", "Qwen/Qwen3-1.7B-Base"],
+            Self::Qwen3_4b => &["Qwen/Qwen3-4B", "Qwen/Qwen3-4B-Base"],
+            Self::Tiny | Self::TinyLlama | Self::TinyQwen3 => &[],
+        }
+    }
+
+    /// The hub id the preset downloads (its instruct model), if it has one.
+    pub fn hub_id(self) -> Option<&'static str> {
+        self.hub_ids().first().copied()
+    }
+
+    /// The built-in preset a hub id names (case-insensitive), if any.
+    pub fn for_hub_id(id: &str) -> Option<Self> {
+        Self::value_variants()
+            .iter()
+            .copied()
+            .find(|p| p.hub_ids().iter().any(|h| h.eq_ignore_ascii_case(id)))
     }
 }
 
@@ -738,7 +771,7 @@ impl Config {
             match ModelPreset::from_str(m, true) {
                 Ok(p) => {
                     w.model.preset = Some(p);
-                    if let Some(id) = crate::model::hub_id_for_preset(p) {
+                    if let Some(id) = p.hub_id() {
                         w.model.source = id.into();
                     }
                 }
@@ -797,7 +830,7 @@ impl Config {
     }
 
     /// Checks that do not need the model's shape. Shape-dependent checks (LoRA rank, `last_n`
-    /// against the layer count, the tokenizer's vocabulary) are in [`Config::validate_for_shape`].
+    /// against the layer count, the tokenizer's vocabulary) are in `workload::validate_for_shape`.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let w = &self.workload;
         let bad = |key: &str, value: String, reason: &str, fix: &str| ConfigError::Value {
@@ -1098,67 +1131,6 @@ impl Config {
         Ok(())
     }
 
-    /// Checks that need the model's shape.
-    pub fn validate_for_shape(&self, shape: &crate::model::ModelShape) -> Result<(), ConfigError> {
-        let s = &self.workload.strategy;
-        if s.kind == StrategyKind::LastN && s.last_n > shape.num_layers {
-            return Err(ConfigError::Value {
-                key: "last_n".into(),
-                value: s.last_n.to_string(),
-                reason: format!("the model has only {} blocks", shape.num_layers),
-                fix: format!(
-                    "use --last-n {} or less, or --strategy full",
-                    shape.num_layers
-                ),
-            });
-        }
-        if s.kind == StrategyKind::Lora {
-            let narrowest = shape.hidden_size.min(shape.head_dim() * shape.num_heads);
-            if s.lora_rank > narrowest {
-                return Err(ConfigError::Value {
-                    key: "lora_rank".into(),
-                    value: s.lora_rank.to_string(),
-                    reason: format!("above the narrowest wrapped layer's width ({narrowest})"),
-                    fix: format!(
-                        "use --lora-rank {} or less (16 is usual)",
-                        narrowest.min(64)
-                    ),
-                });
-            }
-        }
-        if let Some(p) = self
-            .workload
-            .data
-            .pad_to
-            .filter(|&p| p > shape.max_position_embeddings)
-        {
-            return Err(ConfigError::Value {
-                key: "pad_to".into(),
-                value: p.to_string(),
-                reason: format!(
-                    "above the model's context ({})",
-                    shape.max_position_embeddings
-                ),
-                fix: format!("use --pad-to {} or less", shape.max_position_embeddings),
-            });
-        }
-        if self.workload.data.max_seq_len > shape.max_position_embeddings {
-            return Err(ConfigError::Value {
-                key: "max_seq_len".into(),
-                value: self.workload.data.max_seq_len.to_string(),
-                reason: format!(
-                    "above the model's context ({})",
-                    shape.max_position_embeddings
-                ),
-                fix: format!(
-                    "use --max-seq-len {} or less",
-                    shape.max_position_embeddings
-                ),
-            });
-        }
-        Ok(())
-    }
-
     /// Records to train on.
     pub fn sample_count(&self) -> usize {
         self.workload
@@ -1238,7 +1210,7 @@ fn deep_merge(base: &mut toml::Table, over: toml::Table) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use clap::Parser;
 
@@ -1248,7 +1220,8 @@ mod tests {
         args: CliArgs,
     }
 
-    fn parse(argv: &[&str]) -> CliArgs {
+    /// The flags `argv` (without the program name) as the binaries parse them.
+    pub(crate) fn parse(argv: &[&str]) -> CliArgs {
         let mut v = vec!["bin"];
         v.extend_from_slice(argv);
         Cli::try_parse_from(v).expect("flags parse").args
@@ -1260,45 +1233,24 @@ mod tests {
         f
     }
 
-    /// Issue 14: each built-in `--model` name selects its shape (and its hub id for pretrained
-    /// weights); a hub id of a built-in model with random weights resolves to the shape without
-    /// a download.
     #[test]
-    fn model_names_and_hub_ids_resolve_to_their_shapes() {
-        let resolve = |argv: &[&str]| {
-            let c = Config::resolve(TuningMode::Fast, &parse(argv), Framework::Pytorch).unwrap();
-            crate::workload::resolve_model(&c).unwrap().0
-        };
-        for (name, hub, family) in [
-            ("qwen3-0.6b", "Qwen/Qwen3-0.6B", crate::model::Family::Qwen3),
-            (
-                "llama-3.2-3b",
-                "meta-llama/Llama-3.2-3B-Instruct",
-                crate::model::Family::Llama,
-            ),
-        ] {
-            let c = Config::resolve(
-                TuningMode::Fast,
-                &parse(&["--model", name]),
-                Framework::Pytorch,
-            )
-            .unwrap();
-            assert_eq!(
-                c.workload.model.source, hub,
-                "{name}: pretrained weights from its hub id"
-            );
-            let by_name = resolve(&["--model", name, "--weights", "random"]);
-            let by_id = resolve(&["--model", hub, "--weights", "random"]);
-            assert_eq!(by_name, by_id, "{name}");
-            assert_eq!(by_name.family, family);
-        }
-        let tiny = resolve(&["--preset", "tiny", "--model", "tiny-qwen3"]);
-        assert_eq!(tiny.head_dim(), 32);
-        assert!(tiny.tie_word_embeddings);
+    fn hub_ids_name_their_presets() {
         assert_eq!(
-            resolve(&["--preset", "tiny"]).family,
-            crate::model::Family::Phi3
+            ModelPreset::for_hub_id("qwen/qwen3-0.6b"),
+            Some(ModelPreset::Qwen3_0_6b)
         );
+        assert_eq!(
+            ModelPreset::for_hub_id("meta-llama/Llama-3.2-3B"),
+            Some(ModelPreset::Llama32_3b)
+        );
+        assert_eq!(ModelPreset::for_hub_id("Qwen/Qwen2.5-0.5B"), None);
+        for p in ModelPreset::value_variants() {
+            assert_eq!(p.hub_id(), p.hub_ids().first().copied());
+            assert_eq!(p.hub_id().is_none(), p.is_tiny(), "{p:?}");
+            for id in p.hub_ids() {
+                assert_eq!(ModelPreset::for_hub_id(id), Some(*p));
+            }
+        }
     }
 
     #[test]
@@ -1382,18 +1334,6 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(msg.contains("pad_to") && msg.contains("100"), "{msg}");
-        let shape = crate::model::ModelShape::tiny();
-        let c = Config::resolve(
-            TuningMode::Fast,
-            &parse(&["--preset", "tiny", "--last-n", "9"]),
-            Framework::Pytorch,
-        )
-        .unwrap();
-        let msg = c.validate_for_shape(&shape).unwrap_err().to_string();
-        assert!(
-            msg.contains("last_n") && msg.contains("--last-n 2"),
-            "{msg}"
-        );
     }
 
     /// Products of user numbers never wrap: they are refused by name before anything runs.

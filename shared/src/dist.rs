@@ -101,10 +101,8 @@ impl Rank {
     /// Best effort: a failed write never stops training.
     pub fn beacon(&self, what: &str) {
         if let Some(d) = &self.beacon_dir {
-            let _ = crate::summary::write_atomic(
-                &d.join(format!("rank-{}", self.rank)),
-                what.as_bytes(),
-            );
+            let _ =
+                crate::files::write_atomic(&d.join(format!("rank-{}", self.rank)), what.as_bytes());
         }
     }
 }

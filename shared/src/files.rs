@@ -2,10 +2,14 @@
 //! written, so that a bad path is a usage error (exit code 2) naming the path, the problem and the
 //! fix, instead of a failure after the data has loaded: a FIFO that would block a read forever, a
 //! folder where a file is expected, an output folder that cannot be written, a file name from a
-//! model's index that leaves the model folder. At the bottom of the crate: uses nothing above it.
+//! model's index that leaves the model folder. Also the two ways a run's files are written and
+//! read back that every layer needs: atomic writes, and the step log (`steps.jsonl`). At the
+//! bottom of the crate: uses nothing above it.
 
 use std::fs::FileType;
 use std::path::{Component, Path, PathBuf};
+
+use anyhow::Context;
 
 use crate::error::ConfigError;
 
@@ -287,9 +291,95 @@ fn try_write(dir: &Path) -> Result<(), String> {
     }
 }
 
+/// Writes a file so that readers see either the old content or the new, never a part: the bytes
+/// go to a temporary file in the same folder, are flushed to disk, then renamed over the target.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    tmp.write_all(bytes)?;
+    // A temporary file is created readable by its owner only (0600); the result is an ordinary
+    // file: the permissions of the file it replaces, else rw-r--r--.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let perms = std::fs::metadata(path)
+            .map(|m| m.permissions())
+            .unwrap_or_else(|_| std::fs::Permissions::from_mode(0o644));
+        tmp.as_file()
+            .set_permissions(perms)
+            .with_context(|| format!("setting permissions of {}", tmp.path().display()))?;
+    }
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}
+
+/// Reads the `steps.jsonl` of a run folder (tests and reports).
+///
+/// The log is the one file not written atomically: it is appended and flushed a line per step, so
+/// that a crash keeps every completed step. A process killed in the middle of an append leaves a
+/// last line without its newline; that torn line is left out, while a bad line anywhere else is an
+/// error naming the file and the line.
+pub fn read_steps(run_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    let path = run_dir.join("steps.jsonl");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let torn = !text.is_empty() && !text.ends_with('\n');
+    let lines: Vec<(usize, &str)> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .collect();
+    let last = lines.last().map(|(i, _)| *i);
+    let mut out = Vec::with_capacity(lines.len());
+    for (i, l) in lines {
+        match serde_json::from_str(l) {
+            Ok(v) => out.push(v),
+            Err(_) if torn && Some(i) == last => {}
+            Err(e) => anyhow::bail!(
+                "{}: line {}: not a step record ({e})",
+                path.display(),
+                i + 1
+            ),
+        }
+    }
+    Ok(out)
+}
+
+/// How many steps the first run folder under `out_dir` (`runs/<run-id>/steps.jsonl`) has logged
+/// so far; 0 before there is one. For watching a running binary from outside (the signal tests
+/// of both binaries wait for the first step with it).
+pub fn steps_logged(out_dir: &Path) -> usize {
+    std::fs::read_dir(out_dir.join("runs"))
+        .ok()
+        .and_then(|mut r| r.next())
+        .and_then(|e| e.ok())
+        .and_then(|e| std::fs::read_to_string(e.path().join("steps.jsonl")).ok())
+        .map_or(0, |t| t.lines().count())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steps_logged_counts_the_first_run_folders_lines() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(steps_logged(d.path()), 0);
+        let run = d.path().join("runs").join("run-1");
+        std::fs::create_dir_all(&run).unwrap();
+        assert_eq!(steps_logged(d.path()), 0);
+        std::fs::write(run.join("steps.jsonl"), "{}\n{}\n").unwrap();
+        assert_eq!(steps_logged(d.path()), 2);
+    }
 
     #[test]
     fn a_bom_is_stripped_once() {

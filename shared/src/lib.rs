@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod dist;
 pub mod error;
 pub mod files;
@@ -15,6 +16,7 @@ pub mod report;
 pub mod rng;
 pub mod runner;
 pub mod summary;
+pub mod tensors;
 pub mod workload;
 
 pub use config::{Config, TuningMode};

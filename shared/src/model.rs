@@ -168,62 +168,6 @@ pub struct Projection {
     pub target: LoraTarget,
 }
 
-/// A built-in shape: its preset, the hub ids that resolve to it, its numbers.
-pub struct BuiltIn {
-    pub preset: ModelPreset,
-    /// The hub ids (instruct first, then the base model) whose `config.json` this shape is.
-    pub hub_ids: &'static [&'static str],
-}
-
-pub const BUILT_INS: &[BuiltIn] = &[
-    BuiltIn {
-        preset: ModelPreset::Phi3Mini,
-        hub_ids: &["microsoft/Phi-3-mini-4k-instruct"],
-    },
-    BuiltIn {
-        preset: ModelPreset::Llama32_1b,
-        hub_ids: &[
-            "meta-llama/Llama-3.2-1B-Instruct",
-            "meta-llama/Llama-3.2-1B",
-        ],
-    },
-    BuiltIn {
-        preset: ModelPreset::Llama32_3b,
-        hub_ids: &[
-            "meta-llama/Llama-3.2-3B-Instruct",
-            "meta-llama/Llama-3.2-3B",
-        ],
-    },
-    BuiltIn {
-        preset: ModelPreset::Qwen3_0_6b,
-        hub_ids: &["Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B-Base"],
-    },
-    BuiltIn {
-        preset: ModelPreset::Qwen3_1_7b,
-        hub_ids: &["Qwen/Qwen3-1.7B", "Qwen/Qwen3-1.7B-Base"],
-    },
-    BuiltIn {
-        preset: ModelPreset::Qwen3_4b,
-        hub_ids: &["Qwen/Qwen3-4B", "Qwen/Qwen3-4B-Base"],
-    },
-];
-
-/// The built-in preset a hub id names (case-insensitive), if any.
-pub fn preset_for_hub_id(id: &str) -> Option<ModelPreset> {
-    BUILT_INS
-        .iter()
-        .find(|b| b.hub_ids.iter().any(|h| h.eq_ignore_ascii_case(id)))
-        .map(|b| b.preset)
-}
-
-/// The hub id a built-in preset downloads (its instruct model), if it has one.
-pub fn hub_id_for_preset(p: ModelPreset) -> Option<&'static str> {
-    BUILT_INS
-        .iter()
-        .find(|b| b.preset == p)
-        .map(|b| b.hub_ids[0])
-}
-
 const LLAMA_3_2_ROPE: Llama3Rope = Llama3Rope {
     factor: 32.0,
     low_freq_factor: 1.0,
@@ -712,6 +656,25 @@ impl ModelShape {
         )
     }
 
+    /// RoPE's wavelengths `theta^(2j/D)`, j < D/2, in fp32 as Hugging Face computes them (its
+    /// inverse frequencies are `1 / this`), divided by [`ModelShape::rope_frequency_scale`]'s
+    /// factors where the shape has `rope_scaling`: the `freqs` MLX's `fast::rope` takes. (The
+    /// PyTorch binary computes its inverse frequencies with libtorch's own `pow` on the device,
+    /// which differs from this host arithmetic in the last bit for a few frequencies.)
+    pub fn rope_wavelengths(&self) -> Vec<f32> {
+        let d = self.head_dim();
+        let theta = self.rope_theta as f32;
+        let mut f: Vec<f32> = (0..d / 2)
+            .map(|j| theta.powf((2 * j) as f32 / d as f32))
+            .collect();
+        if let Some(scale) = self.rope_frequency_scale() {
+            for (w, s) in f.iter_mut().zip(scale) {
+                *w /= s as f32;
+            }
+        }
+        f
+    }
+
     /// LoRA adapter parameters (peft's names without the `base_model.model.` prefix), for every
     /// projection a target adapts (in target order, then checkpoint order).
     /// A: [rank, in], uniform(-1/sqrt(in), 1/sqrt(in)) as peft's kaiming-uniform(a=sqrt 5) gives;
@@ -1117,7 +1080,7 @@ fn to_f32(dtype: safetensors::Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
 /// loading path's test fixture, and `--save-init` for inspecting what both binaries start from.
 pub fn write_checkpoint(dir: &Path, shape: &ModelShape, seed: u64) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    crate::summary::write_atomic(
+    crate::files::write_atomic(
         &dir.join("config.json"),
         serde_json::to_string_pretty(&shape.to_config_json())?.as_bytes(),
     )?;
@@ -1147,7 +1110,7 @@ pub fn write_checkpoint(dir: &Path, shape: &ModelShape, seed: u64) -> Result<()>
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     let bytes = safetensors::tensor::serialize(views, Some(meta))?;
-    crate::summary::write_atomic(&dir.join("model.safetensors"), &bytes)?;
+    crate::files::write_atomic(&dir.join("model.safetensors"), &bytes)?;
     Ok(())
 }
 
@@ -1435,20 +1398,24 @@ mod tests {
     }
 
     #[test]
-    fn hub_ids_resolve_to_their_shapes() {
-        assert_eq!(
-            preset_for_hub_id("qwen/qwen3-0.6b"),
-            Some(ModelPreset::Qwen3_0_6b)
-        );
-        assert_eq!(
-            preset_for_hub_id("meta-llama/Llama-3.2-3B"),
-            Some(ModelPreset::Llama32_3b)
-        );
-        assert_eq!(preset_for_hub_id("Qwen/Qwen2.5-0.5B"), None);
-        for b in BUILT_INS {
-            assert_eq!(hub_id_for_preset(b.preset), Some(b.hub_ids[0]));
+    fn rope_wavelengths_are_the_inverse_frequencies_inverted() {
+        let shape = ModelShape::from_preset(ModelPreset::TinyLlama);
+        let w = shape.rope_wavelengths();
+        let scale = shape.rope_frequency_scale().unwrap();
+        let d = shape.head_dim();
+        assert_eq!(w.len(), d / 2);
+        assert_eq!(w[0], 1.0);
+        for (j, (&w, s)) in w.iter().zip(scale).enumerate() {
+            // Hugging Face's scaled inverse frequency, in f64.
+            let inv_freq = s / shape.rope_theta.powf((2 * j) as f64 / d as f64);
+            let rel = (f64::from(w) * inv_freq - 1.0).abs();
+            assert!(rel < 1e-6, "j {j}: {w} x {inv_freq} is off by {rel}");
         }
-        assert_eq!(hub_id_for_preset(ModelPreset::TinyQwen3), None);
+        // Plain RoPE: no factor.
+        let tiny = ModelShape::tiny();
+        let d = tiny.head_dim();
+        let w = tiny.rope_wavelengths();
+        assert_eq!(w[1], (tiny.rope_theta as f32).powf(2.0 / d as f32));
     }
 
     /// Phi-3's shape serialises as before the families existed (summaries, workload hashes).

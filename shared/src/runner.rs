@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use serde::Serialize;
 
 use crate::config::{CliArgs, Config, DTypeChoice, Framework, StrategyConfig, TuningMode};
@@ -254,6 +254,20 @@ pub fn fit_device_facts(framework: Framework) -> DeviceFacts {
             queued_work_bytes: 0,
         },
     }
+}
+
+/// A benchmark binary's command line: shared's flags ([`CliArgs`]) under the binary's name,
+/// version and description. A bad flag exits here with clap's usage error (code 2); `--help` and
+/// `--version` print and exit 0.
+pub fn parse_args(name: &'static str, version: &'static str, about: &'static str) -> CliArgs {
+    use clap::{Args, Command, FromArgMatches};
+    // After `augment_args`, which sets CliArgs's own doc comment as the description.
+    let matches = CliArgs::augment_args(Command::new(name))
+        .version(version)
+        .about(about)
+        .long_about(None)
+        .get_matches();
+    CliArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 /// The whole run for a binary: parse, prepare, build, train, measure, write. Returns the exit code.
@@ -813,7 +827,7 @@ fn refuse_beyond_total_memory(
 
 /// The device the run computed on and its steady mean utilization (for the closing line).
 fn primary_utilization(t: &crate::summary::Telemetry) -> Option<(&str, f64)> {
-    let d = crate::report::figures::primary_device(t)?;
+    let d = t.primary_device()?;
     Some((d.id.as_str(), d.utilization_percent?.mean))
 }
 
@@ -1706,36 +1720,4 @@ fn combine_repeats(mut runs: Vec<Summary>, run_id: &str, framework: Framework) -
     ));
     top.repeats = Some(reps);
     top
-}
-
-/// Reads the `steps.jsonl` of a run folder (tests and reports).
-///
-/// The log is the one file not written atomically: it is appended and flushed a line per step, so
-/// that a crash keeps every completed step. A process killed in the middle of an append leaves a
-/// last line without its newline; that torn line is left out, while a bad line anywhere else is an
-/// error naming the file and the line.
-pub fn read_steps(run_dir: &Path) -> Result<Vec<serde_json::Value>> {
-    let path = run_dir.join("steps.jsonl");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let torn = !text.is_empty() && !text.ends_with('\n');
-    let lines: Vec<(usize, &str)> = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .collect();
-    let last = lines.last().map(|(i, _)| *i);
-    let mut out = Vec::with_capacity(lines.len());
-    for (i, l) in lines {
-        match serde_json::from_str(l) {
-            Ok(v) => out.push(v),
-            Err(_) if torn && Some(i) == last => {}
-            Err(e) => anyhow::bail!(
-                "{}: line {}: not a step record ({e})",
-                path.display(),
-                i + 1
-            ),
-        }
-    }
-    Ok(out)
 }

@@ -210,6 +210,18 @@ pub struct Telemetry {
     pub errors: Vec<String>,
 }
 
+impl Telemetry {
+    /// The device a run's utilization is reported for: the first whose energy counts (the GPU the
+    /// run computed on), else the first GPU, else the CPU.
+    pub fn primary_device(&self) -> Option<&DeviceTelemetry> {
+        self.devices
+            .iter()
+            .find(|d| d.counted_in_energy)
+            .or_else(|| self.devices.iter().find(|d| d.id != "cpu"))
+            .or_else(|| self.devices.first())
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct EnergyJ {
     pub steady: Option<f64>,
@@ -459,7 +471,7 @@ impl Summary {
         let json = serde_json::to_string_pretty(self)?;
         // No summary is written once a second Ctrl-C has begun to end the process.
         let _exclusive = crate::interrupt::summary_write_guard();
-        write_atomic(path, json.as_bytes())
+        crate::files::write_atomic(path, json.as_bytes())
     }
 
     /// Reads and validates. Every error is one message (whole in `{}` as in `{:#}`) that names
@@ -701,36 +713,5 @@ fn validate_telemetry(t: &Telemetry, m: &Metrics) -> Result<()> {
             nonneg(&format!("{k}.{name}"), v)?;
         }
     }
-    Ok(())
-}
-
-/// Writes a file so that readers see either the old content or the new, never a part: the bytes
-/// go to a temporary file in the same folder, are flushed to disk, then renamed over the target.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    tmp.write_all(bytes)?;
-    // A temporary file is created readable by its owner only (0600); the result is an ordinary
-    // file: the permissions of the file it replaces, else rw-r--r--.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let perms = std::fs::metadata(path)
-            .map(|m| m.permissions())
-            .unwrap_or_else(|_| std::fs::Permissions::from_mode(0o644));
-        tmp.as_file()
-            .set_permissions(perms)
-            .with_context(|| format!("setting permissions of {}", tmp.path().display()))?;
-    }
-    tmp.as_file().sync_all()?;
-    tmp.persist(path)
-        .map_err(|e| e.error)
-        .with_context(|| format!("renaming into {}", path.display()))?;
     Ok(())
 }

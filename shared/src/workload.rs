@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::config::{Config, OverlongPolicy, WeightsKind};
+use crate::config::{Config, ModelPreset, OverlongPolicy, StrategyKind, WeightsKind};
 use crate::data::batch::{plan_steps, Step};
 use crate::data::records::{self, DatasetSource};
 use crate::data::{chat, synthetic, DataStats, Sample};
@@ -51,7 +51,7 @@ pub fn resolve_model(cfg: &Config) -> Result<(ModelShape, WeightSource, Vec<Stri
     // published config.json's.
     let preset = m.preset.or_else(|| {
         (m.weights == WeightsKind::Random)
-            .then(|| crate::model::preset_for_hub_id(&m.source))
+            .then(|| ModelPreset::for_hub_id(&m.source))
             .flatten()
     });
     if let Some(p) = preset {
@@ -207,11 +207,73 @@ fn load_tokenizer(cfg: &Config, shape: &ModelShape) -> Result<chat::ChatTokenize
     Ok(tok)
 }
 
+/// The settings' checks that need the model's shape (those that do not are
+/// [`Config::validate`]).
+pub fn validate_for_shape(cfg: &Config, shape: &ModelShape) -> Result<(), ConfigError> {
+    let s = &cfg.workload.strategy;
+    if s.kind == StrategyKind::LastN && s.last_n > shape.num_layers {
+        return Err(ConfigError::Value {
+            key: "last_n".into(),
+            value: s.last_n.to_string(),
+            reason: format!("the model has only {} blocks", shape.num_layers),
+            fix: format!(
+                "use --last-n {} or less, or --strategy full",
+                shape.num_layers
+            ),
+        });
+    }
+    if s.kind == StrategyKind::Lora {
+        let narrowest = shape.hidden_size.min(shape.head_dim() * shape.num_heads);
+        if s.lora_rank > narrowest {
+            return Err(ConfigError::Value {
+                key: "lora_rank".into(),
+                value: s.lora_rank.to_string(),
+                reason: format!("above the narrowest wrapped layer's width ({narrowest})"),
+                fix: format!(
+                    "use --lora-rank {} or less (16 is usual)",
+                    narrowest.min(64)
+                ),
+            });
+        }
+    }
+    if let Some(p) = cfg
+        .workload
+        .data
+        .pad_to
+        .filter(|&p| p > shape.max_position_embeddings)
+    {
+        return Err(ConfigError::Value {
+            key: "pad_to".into(),
+            value: p.to_string(),
+            reason: format!(
+                "above the model's context ({})",
+                shape.max_position_embeddings
+            ),
+            fix: format!("use --pad-to {} or less", shape.max_position_embeddings),
+        });
+    }
+    if cfg.workload.data.max_seq_len > shape.max_position_embeddings {
+        return Err(ConfigError::Value {
+            key: "max_seq_len".into(),
+            value: cfg.workload.data.max_seq_len.to_string(),
+            reason: format!(
+                "above the model's context ({})",
+                shape.max_position_embeddings
+            ),
+            fix: format!(
+                "use --max-seq-len {} or less",
+                shape.max_position_embeddings
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Reads, formats, tokenises, truncates and plans: everything before the model loads.
 pub fn prepare(cfg: &Config) -> Result<Prepared> {
     let w = &cfg.workload;
     let (shape, weights, mut notes) = resolve_model(cfg)?;
-    cfg.validate_for_shape(&shape)?;
+    validate_for_shape(cfg, &shape)?;
     let n = cfg.sample_count();
     let src = DatasetSource::parse(&w.data.dataset);
     let mut stats = DataStats {
@@ -536,6 +598,67 @@ pub fn lr_at(base: f64, step: usize, warmup: usize, total: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::config::tests::parse;
+    use crate::config::{Framework, TuningMode};
+
+    /// Issue 14: each built-in `--model` name selects its shape (and its hub id for pretrained
+    /// weights); a hub id of a built-in model with random weights resolves to the shape without
+    /// a download.
+    #[test]
+    fn model_names_and_hub_ids_resolve_to_their_shapes() {
+        let resolve = |argv: &[&str]| {
+            let c = Config::resolve(TuningMode::Fast, &parse(argv), Framework::Pytorch).unwrap();
+            resolve_model(&c).unwrap().0
+        };
+        for (name, hub, family) in [
+            ("qwen3-0.6b", "Qwen/Qwen3-0.6B", crate::model::Family::Qwen3),
+            (
+                "llama-3.2-3b",
+                "meta-llama/Llama-3.2-3B-Instruct",
+                crate::model::Family::Llama,
+            ),
+        ] {
+            let c = Config::resolve(
+                TuningMode::Fast,
+                &parse(&["--model", name]),
+                Framework::Pytorch,
+            )
+            .unwrap();
+            assert_eq!(
+                c.workload.model.source, hub,
+                "{name}: pretrained weights from its hub id"
+            );
+            let by_name = resolve(&["--model", name, "--weights", "random"]);
+            let by_id = resolve(&["--model", hub, "--weights", "random"]);
+            assert_eq!(by_name, by_id, "{name}");
+            assert_eq!(by_name.family, family);
+        }
+        let tiny = resolve(&["--preset", "tiny", "--model", "tiny-qwen3"]);
+        assert_eq!(tiny.head_dim(), 32);
+        assert!(tiny.tie_word_embeddings);
+        assert_eq!(
+            resolve(&["--preset", "tiny"]).family,
+            crate::model::Family::Phi3
+        );
+    }
+
+    #[test]
+    fn settings_beyond_the_shape_name_the_fix() {
+        let c = Config::resolve(
+            TuningMode::Fast,
+            &parse(&["--preset", "tiny", "--last-n", "9"]),
+            Framework::Pytorch,
+        )
+        .unwrap();
+        let msg = validate_for_shape(&c, &ModelShape::tiny())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("last_n") && msg.contains("--last-n 2"),
+            "{msg}"
+        );
+    }
 
     #[test]
     fn schedule_matches_hugging_face() {

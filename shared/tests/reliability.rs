@@ -138,7 +138,7 @@ fn the_load_time_includes_the_work_the_device_still_had_queued() {
     assert!(s.metrics.model_load_s >= 0.3, "{}", s.metrics.model_load_s);
     assert!(s.metrics.load_s >= s.metrics.model_load_s);
     // And the first step does not pay for it.
-    let steps = shared::runner::read_steps(&d.path().join(&s.run.run_dir)).unwrap();
+    let steps = shared::files::read_steps(&d.path().join(&s.run.run_dir)).unwrap();
     let first = steps[0]["step_time_s"].as_f64().unwrap();
     assert!(first < 0.3, "the first step took {first} s");
 }
@@ -174,7 +174,7 @@ fn out_of_memory_mid_run_writes_a_failed_summary_with_a_hint() {
     assert!(est.peak_bytes > est.weights_bytes);
     // The run folder holds the same summary and the completed steps' log.
     let run_dir = d.path().join(&s.run.run_dir);
-    assert_eq!(shared::runner::read_steps(&run_dir).unwrap().len(), 3);
+    assert_eq!(shared::files::read_steps(&run_dir).unwrap().len(), 3);
     let in_run = Summary::read(&run_dir.join("benchmark_summary.json")).unwrap();
     assert_eq!(in_run.status, Status::Failed);
 }
@@ -359,12 +359,10 @@ fn a_torn_last_line_of_the_steps_log_is_left_out() {
     let d = tempfile::tempdir().unwrap();
     let log = d.path().join("steps.jsonl");
     std::fs::write(&log, "{\"step\":0}\n{\"step\":1}\n{\"step\":2,\"lo").unwrap();
-    let steps = shared::runner::read_steps(d.path()).unwrap();
+    let steps = shared::files::read_steps(d.path()).unwrap();
     assert_eq!(steps.len(), 2);
     std::fs::write(&log, "{\"step\":0}\nnot json\n{\"step\":2}\n").unwrap();
-    let msg = shared::runner::read_steps(d.path())
-        .unwrap_err()
-        .to_string();
+    let msg = shared::files::read_steps(d.path()).unwrap_err().to_string();
     assert!(
         msg.contains("steps.jsonl") && msg.contains("line 2"),
         "{msg}"

@@ -10,46 +10,31 @@
 
 use std::collections::HashMap;
 
-use anyhow::{bail, Result};
-use shared::data::batch::{MicroBatch, IGNORE_INDEX};
+use anyhow::Result;
+use shared::data::batch::{self, MicroBatch, IGNORE_INDEX};
 use shared::model::ModelShape;
+use shared::tensors::NamedTensors;
 use tch::{Device, Kind, Tensor};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DType {
-    Float32,
-    Bf16,
-    MixedBf16,
-}
+/// The run's precision (`--dtype`, resolved by shared's one rule).
+pub use shared::measure::memory::Precision as DType;
 
-impl From<shared::measure::memory::Precision> for DType {
-    fn from(p: shared::measure::memory::Precision) -> Self {
-        use shared::measure::memory::Precision;
-        match p {
-            Precision::Float32 => DType::Float32,
-            Precision::Bf16 => DType::Bf16,
-            Precision::MixedBf16 => DType::MixedBf16,
-        }
-    }
-}
-
-impl DType {
-    pub fn name(self) -> &'static str {
-        match self {
-            DType::Float32 => "float32",
-            DType::Bf16 => "bf16",
-            DType::MixedBf16 => "mixed-bf16",
-        }
-    }
+/// The libtorch kinds a precision stores and computes in.
+pub trait Kinds {
     /// Kind the parameters are stored in.
-    pub fn param_kind(self) -> Kind {
+    fn param_kind(self) -> Kind;
+    /// Kind matrix products run in.
+    fn compute_kind(self) -> Kind;
+}
+
+impl Kinds for DType {
+    fn param_kind(self) -> Kind {
         match self {
             DType::Bf16 => Kind::BFloat16,
             _ => Kind::Float,
         }
     }
-    /// Kind matrix products run in.
-    pub fn compute_kind(self) -> Kind {
+    fn compute_kind(self) -> Kind {
         match self {
             DType::Float32 => Kind::Float,
             _ => Kind::BFloat16,
@@ -187,12 +172,11 @@ pub struct Inputs {
     pub loss_positions: Tensor,
 }
 
+/// [`shared::data::batch::loss_positions`] as an int64 tensor on the device.
 fn loss_positions(labels: &[i64], device: Device) -> Tensor {
-    let pos: Vec<i64> = labels
-        .iter()
-        .enumerate()
-        .filter(|(_, &l)| l != IGNORE_INDEX)
-        .map(|(i, _)| i as i64)
+    let pos: Vec<i64> = batch::loss_positions(labels)
+        .into_iter()
+        .map(|i| i as i64)
         .collect();
     Tensor::from_slice(&pos).to_device(device)
 }
@@ -229,48 +213,22 @@ impl Inputs {
     /// plan (a padded or bucketed row is one document, a packed row one or more). The loss is the
     /// same sum over the same labelled positions.
     pub fn varlen(mb: &MicroBatch, device: Device) -> Self {
-        let n = mb.input_tokens;
-        let (mut ids, mut labels, mut pos) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        // Document ends (offsets into the flat tokens). Every plan writes a row's records from
-        // column 0, so a row's real tokens are its first `row_lengths[r]`; in a packed row a new
-        // segment id starts a new document.
-        let mut cu: Vec<i32> = vec![0];
-        for r in 0..mb.rows {
-            let row = r * mb.seq_len..r * mb.seq_len + mb.row_lengths[r];
-            for i in row.clone() {
-                let seg = |i: usize| mb.segment_ids.as_ref().map_or(0, |s| s[i]);
-                if i > row.start && seg(i) != seg(i - 1) {
-                    cu.push(ids.len() as i32);
-                }
-                ids.push(mb.input_ids[i]);
-                labels.push(mb.labels[i]);
-                pos.push(mb.position_ids[i]);
-            }
-            if !row.is_empty() {
-                cu.push(ids.len() as i32);
-            }
-        }
-        let max_len = cu
-            .windows(2)
-            .map(|w| i64::from(w[1] - w[0]))
-            .max()
-            .unwrap_or(0);
+        // Document ends (offsets into the flat tokens): shared's real-token layout.
+        let real = mb.real_tokens();
+        let labels = real.pick(&mb.labels);
+        let cu: Vec<i32> = real.doc_bounds.iter().map(|&b| b as i32).collect();
         let t = |v: &[i64]| {
             Tensor::from_slice(v)
                 .view([1, v.len() as i64])
                 .to_device(device)
         };
         Self {
-            input_ids: t(&ids),
+            input_ids: t(&real.pick(&mb.input_ids)),
             labels: t(&labels),
-            position_ids: t(&pos),
+            position_ids: t(&real.pick(&mb.position_ids)),
             attention: Attention::Varlen {
                 cu_seqlens: Tensor::from_slice(&cu).to_device(device),
-                max_len,
+                max_len: real.longest_doc() as i64,
             },
             loss_positions: loss_positions(&labels, device),
         }
@@ -329,23 +287,18 @@ impl Decoder {
         shape: ModelShape,
         dtype: DType,
         device: Device,
-        mut t: HashMap<String, Tensor>,
+        t: HashMap<String, Tensor>,
         lora_scale: f64,
         first_grad_layer: usize,
     ) -> Result<Self> {
-        let mut take = |n: &str| -> Result<Tensor> {
-            match t.remove(n) {
-                Some(x) => Ok(x),
-                None => bail!("internal: tensor {n} was not loaded"),
-            }
-        };
+        let mut t = NamedTensors::new(t);
         let mut layers = Vec::with_capacity(shape.num_layers);
         for l in 0..shape.num_layers {
             let p = |s: &str| format!("model.layers.{l}.{s}");
-            let lin = |m: &str, take: &mut dyn FnMut(&str) -> Result<Tensor>| -> Result<Linear> {
-                let weight = take(&p(&format!("{m}.weight")))?;
-                let a = take(&p(&format!("{m}.lora_A.weight"))).ok();
-                let b = take(&p(&format!("{m}.lora_B.weight"))).ok();
+            let lin = |m: &str, t: &mut NamedTensors<Tensor>| -> Result<Linear> {
+                let weight = t.take(&p(&format!("{m}.weight")))?;
+                let a = t.take_if_loaded(&p(&format!("{m}.lora_A.weight")));
+                let b = t.take_if_loaded(&p(&format!("{m}.lora_B.weight")));
                 Ok(Linear {
                     weight,
                     lora: a.zip(b).map(|(a, b)| Lora {
@@ -355,36 +308,36 @@ impl Decoder {
                     }),
                 })
             };
-            let input_layernorm = take(&p("input_layernorm.weight"))?;
+            let input_layernorm = t.take(&p("input_layernorm.weight"))?;
             let (qkv, gate_up) = if shape.family.fused_projections() {
                 (
-                    QkvProj::Fused(lin("self_attn.qkv_proj", &mut take)?),
-                    GateUpProj::Fused(lin("mlp.gate_up_proj", &mut take)?),
+                    QkvProj::Fused(lin("self_attn.qkv_proj", &mut t)?),
+                    GateUpProj::Fused(lin("mlp.gate_up_proj", &mut t)?),
                 )
             } else {
                 (
                     QkvProj::Split {
-                        q: lin("self_attn.q_proj", &mut take)?,
-                        k: lin("self_attn.k_proj", &mut take)?,
-                        v: lin("self_attn.v_proj", &mut take)?,
+                        q: lin("self_attn.q_proj", &mut t)?,
+                        k: lin("self_attn.k_proj", &mut t)?,
+                        v: lin("self_attn.v_proj", &mut t)?,
                     },
                     GateUpProj::Split {
-                        gate: lin("mlp.gate_proj", &mut take)?,
-                        up: lin("mlp.up_proj", &mut take)?,
+                        gate: lin("mlp.gate_proj", &mut t)?,
+                        up: lin("mlp.up_proj", &mut t)?,
                     },
                 )
             };
             let (q_norm, k_norm) = if shape.family.qk_norm() {
                 (
-                    Some(take(&p("self_attn.q_norm.weight"))?),
-                    Some(take(&p("self_attn.k_norm.weight"))?),
+                    Some(t.take(&p("self_attn.q_norm.weight"))?),
+                    Some(t.take(&p("self_attn.k_norm.weight"))?),
                 )
             } else {
                 (None, None)
             };
-            let o_proj = lin("self_attn.o_proj", &mut take)?;
-            let post_attention_layernorm = take(&p("post_attention_layernorm.weight"))?;
-            let down_proj = lin("mlp.down_proj", &mut take)?;
+            let o_proj = lin("self_attn.o_proj", &mut t)?;
+            let post_attention_layernorm = t.take(&p("post_attention_layernorm.weight"))?;
+            let down_proj = lin("mlp.down_proj", &mut t)?;
             layers.push(Block {
                 input_layernorm,
                 qkv,
@@ -396,13 +349,14 @@ impl Decoder {
                 down_proj,
             });
         }
-        let embed_tokens = take("model.embed_tokens.weight")?;
-        let norm = take("model.norm.weight")?;
+        let embed_tokens = t.take("model.embed_tokens.weight")?;
+        let norm = t.take("model.norm.weight")?;
         let lm_head = if shape.tie_word_embeddings {
             embed_tokens.shallow_clone()
         } else {
-            take("lm_head.weight")?
+            t.take("lm_head.weight")?
         };
+        t.finish()?;
         // RoPE tables, fp32, as HF's Phi3RotaryEmbedding: inv_freq[j] = theta^(-2j/D).
         let d = shape.head_dim() as i64;
         let inv_freq =

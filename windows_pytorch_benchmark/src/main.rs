@@ -5,28 +5,15 @@
 use std::path::Path;
 use std::time::Instant;
 
-use clap::Parser;
-use shared::config::{CliArgs, Framework, TuningMode};
-use shared::measure::memory::{DeviceKind, Precision};
+use shared::config::{Framework, TuningMode};
+use shared::measure::memory::Precision;
 use shared::runner::DeviceFacts;
 
-use windows_pytorch_benchmark::decoder::DType;
 use windows_pytorch_benchmark::train;
 
 /// `Fast` trains on the first 100 records, `Full` on all 15,011 of dolly-15k. Edit to change the
 /// default; `--mode` / `--samples` override it.
 const TUNING_MODE: TuningMode = TuningMode::Fast;
-
-#[derive(Parser)]
-#[command(
-    name = "windows_pytorch_benchmark",
-    version,
-    about = "Fine-tune Phi-3 on dolly-15k with PyTorch (tch) and measure it"
-)]
-struct Cli {
-    #[command(flatten)]
-    args: CliArgs,
-}
 
 fn main() {
     let start = Instant::now();
@@ -37,7 +24,11 @@ fn main() {
         windows_pytorch_benchmark::nccl::select_rank_gpu();
         windows_pytorch_benchmark::nccl::bridge_nccl_library();
     }
-    let cli = Cli::parse();
+    let args = shared::runner::parse_args(
+        env!("CARGO_PKG_NAME"),
+        env!("CARGO_PKG_VERSION"),
+        "Fine-tune Phi-3 on dolly-15k with PyTorch (tch) and measure it",
+    );
     // Micro-batch shapes change every step; expandable segments stop the caching allocator from
     // fragmenting (measured on the H200: full fine-tuning reserved 129 GiB without it). Must be
     // set before CUDA initialises; a user's own setting wins.
@@ -58,7 +49,7 @@ fn main() {
     let code = shared::runner::main_with_preflight(
         Framework::Pytorch,
         TUNING_MODE,
-        &cli.args,
+        &args,
         Path::new(env!("CARGO_MANIFEST_DIR")),
         start,
         preflight,
@@ -72,7 +63,8 @@ fn main() {
 /// libtorch runs bf16 on every device it supports (CUDA, MPS, CPU), so no dtype is refused here.
 fn preflight(cfg: &shared::config::Config) -> anyhow::Result<DeviceFacts> {
     train::check_hooks()?;
-    let device = train::pick_device(cfg.run.device)?;
+    let kind = train::pick_device(cfg.run.device)?;
+    let device = train::torch_device(kind);
     // `--nproc N` starts a rank per GPU: N GPUs must be there (a rank of an external launcher
     // sees only its own GPU, and was counted by its launcher).
     let is_rank = shared::dist::Rank::from_env().ok().flatten().is_some();
@@ -88,21 +80,9 @@ fn preflight(cfg: &shared::config::Config) -> anyhow::Result<DeviceFacts> {
             .into());
         }
     }
-    let kind = match device {
-        tch::Device::Cpu => DeviceKind::Cpu,
-        tch::Device::Cuda(i) => DeviceKind::Cuda(i),
-        tch::Device::Mps => DeviceKind::Mps,
-        // tch's Vulkan device is never picked by `pick_device`.
-        tch::Device::Vulkan => DeviceKind::Cpu,
-    };
-    let dtype = train::pick_dtype(cfg.run.dtype, device);
-    let precision = match dtype {
-        DType::Float32 => Precision::Float32,
-        DType::Bf16 => Precision::Bf16,
-        DType::MixedBf16 => Precision::MixedBf16,
-    };
+    let precision = Precision::resolve(cfg.run.dtype, kind.is_gpu());
     // Which attention path the backend will take (an unknown FTB_ATTENTION stops here).
-    let attention = train::AttentionMode::pick(device, dtype, cfg.workload.data.pad_to)?;
+    let attention = train::AttentionMode::pick(device, precision, cfg.workload.data.pad_to)?;
     Ok(DeviceFacts {
         device: kind,
         precision,

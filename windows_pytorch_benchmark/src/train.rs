@@ -5,19 +5,22 @@
 use std::collections::HashMap;
 
 use anyhow::{anyhow, Context, Result};
-use shared::config::{Config, DTypeChoice, DeviceChoice, StrategyKind};
+use shared::config::{Config, DeviceChoice, Framework, StrategyKind};
 use shared::data::batch::Step;
+use shared::device::Available;
 use shared::error::ConfigError;
+use shared::measure::memory::DeviceKind;
 use shared::measure::probe::{self, Software};
 use shared::model::{ParamCounts, WeightSource};
 use shared::runner::{Backend, Calibration, MemoryReading, StepReport};
 use shared::summary::BackendInfo;
+use shared::tensors::Held;
 use shared::workload::Prepared;
 use tch::{COptimizer, Device, Kind, Tensor};
 
 use crate::ext::FusedAdamW;
 
-use crate::decoder::{DType, Decoder, Inputs};
+use crate::decoder::{DType, Decoder, Inputs, Kinds};
 
 /// The AdamW implementation in use.
 enum Optimizer {
@@ -74,38 +77,36 @@ pub struct TorchBackend {
     profile: Option<[f64; 4]>,
 }
 
-pub fn pick_device(choice: DeviceChoice) -> Result<Device> {
-    let bad = |v: &str, why: &str| -> anyhow::Error {
-        ConfigError::Value {
-            key: "device".into(),
-            value: v.into(),
-            reason: why.into(),
-            fix: "use --device auto, cuda, mps or cpu".into(),
-        }
-        .into()
-    };
-    Ok(match choice {
-        DeviceChoice::Auto => {
-            if tch::Cuda::is_available() {
-                Device::Cuda(0)
-            } else if tch::utils::has_mps() {
-                Device::Mps
-            } else {
-                Device::Cpu
-            }
-        }
-        DeviceChoice::Cpu => Device::Cpu,
-        DeviceChoice::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
-        DeviceChoice::Cuda => {
-            return Err(bad(
-                "cuda",
-                "libtorch sees no CUDA device (no GPU, or a CPU-only libtorch)",
-            ))
-        }
-        DeviceChoice::Mps if tch::utils::has_mps() => Device::Mps,
-        DeviceChoice::Mps => return Err(bad("mps", "no Metal device (MPS is macOS-only)")),
-        DeviceChoice::Gpu => return Err(bad("gpu", "\"gpu\" is the MLX binary's name for Metal")),
-    })
+/// `--device` for libtorch, by shared's rule (`shared::device::resolve`). Asks libtorch about
+/// CUDA and MPS only when the choice needs it.
+pub fn pick_device(choice: DeviceChoice) -> Result<DeviceKind, ConfigError> {
+    shared::device::resolve(
+        Framework::Pytorch,
+        choice,
+        &Available {
+            cuda: &tch::Cuda::is_available,
+            apple_gpu: &tch::utils::has_mps,
+            library: None,
+        },
+    )
+}
+
+/// libtorch's device for a resolved kind (`MlxGpu` is the MLX binary's: never resolved here).
+pub fn torch_device(kind: DeviceKind) -> Device {
+    match kind {
+        DeviceKind::Cpu => Device::Cpu,
+        DeviceKind::Cuda(i) => Device::Cuda(i),
+        DeviceKind::Mps | DeviceKind::MlxGpu => Device::Mps,
+    }
+}
+
+/// The kind of a libtorch device (the inverse of [`torch_device`]; Vulkan is never picked).
+fn kind_of(d: Device) -> DeviceKind {
+    match d {
+        Device::Cuda(i) => DeviceKind::Cuda(i),
+        Device::Mps => DeviceKind::Mps,
+        Device::Cpu | Device::Vulkan => DeviceKind::Cpu,
+    }
 }
 
 /// Which attention path the model runs (`FTB_ATTENTION`; an implementation choice of this
@@ -165,24 +166,6 @@ impl AttentionMode {
     }
 }
 
-/// `--dtype` on `device`, by shared's one rule (`Precision::resolve`: bf16 on a GPU, fp32 on the
-/// CPU unless asked).
-pub fn pick_dtype(choice: DTypeChoice, device: Device) -> DType {
-    DType::from(shared::measure::memory::Precision::resolve(
-        choice,
-        device != Device::Cpu,
-    ))
-}
-
-fn device_label(d: Device) -> String {
-    match d {
-        Device::Cpu => "cpu".into(),
-        Device::Cuda(i) => format!("cuda:{i}"),
-        Device::Mps => "mps".into(),
-        Device::Vulkan => "vulkan".into(),
-    }
-}
-
 /// The hooks this binary reads besides the shared runner's (`FTB_ATTENTION` is checked where the
 /// attention path is picked): a value that does not parse is a usage error, found in the preflight.
 pub fn check_hooks() -> Result<(), ConfigError> {
@@ -201,14 +184,15 @@ impl TorchBackend {
     }
 
     fn build(cfg: &Config, p: &Prepared) -> Result<Self> {
-        let device = pick_device(cfg.run.device)?;
+        let kind = pick_device(cfg.run.device)?;
+        let device = torch_device(kind);
         #[cfg(target_os = "linux")]
         let comm = match &p.rank {
             Some(r) => {
                 if !matches!(device, Device::Cuda(_)) {
                     return Err(ConfigError::Value {
                         key: "device".into(),
-                        value: device_label(device),
+                        value: kind.summary_label(),
                         reason: "data parallelism runs NCCL between CUDA devices".into(),
                         fix: "use --device cuda (one GPU per rank), or --nproc 1".into(),
                     }
@@ -243,7 +227,7 @@ impl TorchBackend {
             }
             _ => None,
         };
-        let dtype = pick_dtype(cfg.run.dtype, device);
+        let dtype = DType::resolve(cfg.run.dtype, kind.is_gpu());
         let attention = AttentionMode::pick(device, dtype, cfg.workload.data.pad_to)?;
         if attention == AttentionMode::Sdpa {
             crate::ext::set_sdp_backends(crate::ext::SdpBackends {
@@ -255,20 +239,15 @@ impl TorchBackend {
         }
         let strategy = &cfg.workload.strategy;
         let shape = p.shape.clone();
-        let mut specs = shape.parameters();
-        specs.extend(shape.lora_parameters(strategy));
+        let specs = shared::tensors::expected(&shape, strategy);
         let mut tensors = HashMap::new();
         let mut trainable = Vec::new();
-        let mut counts = ParamCounts::default();
         // Adapters draw from their own stream so that the base weights are the same with and
         // without LoRA.
         let adapter_seed = shared::model::adapter_seed(cfg.workload.seed);
         let mut add = |spec: &shared::model::ParamSpec, t: Tensor| {
             let t = t.to_kind(dtype.param_kind());
-            let train = shape.is_trainable(&spec.name, strategy);
-            counts.total += spec.numel();
-            let t = if train {
-                counts.trainable += spec.numel();
+            let t = if shape.is_trainable(&spec.name, strategy) {
                 let t = t.set_requires_grad(true);
                 trainable.push(t.shallow_clone());
                 t
@@ -297,12 +276,11 @@ impl TorchBackend {
                 Ok(())
             })?,
         }
-        let expected = shape.parameter_counts(strategy);
-        if counts != expected {
-            return Err(anyhow!(
-                "internal: built {counts:?} parameters, the workload says {expected:?}"
-            ));
-        }
+        // The counts the summary reports, from the tensors as built (shared checks each one).
+        let held = tensors
+            .iter()
+            .map(|(name, t)| Held::new(name, &t.size(), t.requires_grad()));
+        let counts = shared::tensors::check_held(&shape, strategy, held)?;
         let first_grad_layer = match strategy.kind {
             StrategyKind::LastN => shape.num_layers - strategy.last_n.min(shape.num_layers),
             _ => 0,
@@ -332,17 +310,6 @@ impl TorchBackend {
                 t.eps,
             ))
         };
-        let device_name = match device {
-            Device::Cuda(i) => probe::probe_nvidia()
-                .ok()
-                .and_then(|g| g.get(i).map(|g| g.name.clone()))
-                .unwrap_or_else(|| "CUDA device".into()),
-            Device::Mps => probe::probe_hardware()
-                .apple
-                .map(|a| a.chip)
-                .unwrap_or_else(|| "Apple GPU".into()),
-            _ => probe::probe_hardware().cpu_model,
-        };
         Ok(Self {
             model,
             trainable,
@@ -350,7 +317,7 @@ impl TorchBackend {
             max_grad_norm: t.max_grad_norm,
             grad_checkpoint: cfg.workload.strategy.grad_checkpoint,
             counts,
-            device_name,
+            device_name: kind.hardware_name(),
             attention,
             allocator_reset_error,
             #[cfg(target_os = "linux")]
@@ -579,7 +546,7 @@ impl Backend for TorchBackend {
         }
         BackendInfo {
             framework: "pytorch".into(),
-            device: device_label(self.model.device),
+            device: kind_of(self.model.device).summary_label(),
             device_name: self.device_name.clone(),
             dtype: self.model.dtype.name().into(),
             world_size: {

@@ -72,7 +72,7 @@ fn each_strategy_writes_a_complete_valid_summary() {
         );
         // The run folder keeps the same summary and one log line per step.
         let run_dir = d.path().join(&s.run.run_dir);
-        let steps = shared::runner::read_steps(&run_dir).unwrap();
+        let steps = shared::files::read_steps(&run_dir).unwrap();
         assert_eq!(steps.len(), 3);
         for k in [
             "step",

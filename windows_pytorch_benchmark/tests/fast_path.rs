@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use shared::data::batch::{MicroBatch, IGNORE_INDEX};
 use shared::model::{ModelShape, WeightSource};
 use tch::{Device, Kind, Tensor};
-use windows_pytorch_benchmark::decoder::{Attention, DType, Decoder, Inputs};
+use windows_pytorch_benchmark::decoder::{Attention, DType, Decoder, Inputs, Kinds};
 
 /// Documents as one micro-batch: `packed` puts them end to end in one row (segment ids),
 /// otherwise one per row, right-padded to the longest. Every position but a document's last

@@ -306,7 +306,7 @@ fn micro_batches_without_loss_tokens_are_skipped_and_not_counted() {
     let cfg = Config::resolve(TuningMode::Fast, &cli.args, Framework::Pytorch).unwrap();
     let p = shared::workload::prepare(&cfg).unwrap();
     assert_eq!(p.hash, s.workload.hash);
-    let steps = shared::runner::read_steps(&d.path().join(&s.run.run_dir)).unwrap();
+    let steps = shared::files::read_steps(&d.path().join(&s.run.run_dir)).unwrap();
     let mut skipped = 0;
     for (line, step) in steps.iter().zip(&p.steps) {
         let with_loss = step

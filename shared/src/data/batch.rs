@@ -238,7 +238,67 @@ fn packed(docs: &[&Sample], budget: usize, top: bool) -> Vec<MicroBatch> {
     out
 }
 
+/// Flat indices of the positions that carry a loss (label != [`IGNORE_INDEX`]), in order: where
+/// a backend runs the LM head and the loss (prompt and padding positions need no logits).
+pub fn loss_positions(labels: &[i64]) -> Vec<usize> {
+    labels
+        .iter()
+        .enumerate()
+        .filter(|(_, &l)| l != IGNORE_INDEX)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// A micro-batch's real tokens, every document end to end: what a backend computes when it
+/// drops padding (the PyTorch binary's variable-length attention, the MLX binary's dense layers).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RealTokens {
+    /// The flat index (into the `rows x seq_len` layout) of each real token, row by row.
+    pub slots: Vec<usize>,
+    /// Document bounds as offsets into `slots` (`cu_seqlens`): document k is
+    /// `doc_bounds[k]..doc_bounds[k + 1]`.
+    pub doc_bounds: Vec<usize>,
+}
+
+impl RealTokens {
+    /// The longest document's length in tokens (0 without any).
+    pub fn longest_doc(&self) -> usize {
+        self.doc_bounds
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// `values` (one per position of the micro-batch's layout) at the real tokens.
+    pub fn pick<T: Copy>(&self, values: &[T]) -> Vec<T> {
+        self.slots.iter().map(|&i| values[i]).collect()
+    }
+}
+
 impl MicroBatch {
+    /// The real tokens and their documents' bounds. Every plan writes a row's records from
+    /// column 0, so a row's real tokens are its first `row_lengths[r]`; a padded or bucketed row
+    /// is one document, and in a packed row a new segment id starts a new document.
+    pub fn real_tokens(&self) -> RealTokens {
+        let mut slots = Vec::with_capacity(self.input_tokens);
+        let mut doc_bounds = vec![0];
+        let seg = |i: usize| self.segment_ids.as_ref().map_or(0, |s| s[i]);
+        for r in 0..self.rows {
+            let row = r * self.seq_len..r * self.seq_len + self.row_lengths[r];
+            for i in row.clone() {
+                if i > row.start && seg(i) != seg(i - 1) {
+                    doc_bounds.push(slots.len());
+                }
+                slots.push(i);
+            }
+            if !row.is_empty() {
+                doc_bounds.push(slots.len());
+            }
+        }
+        RealTokens { slots, doc_bounds }
+    }
+
     fn empty(rows: usize, seq_len: usize, segmented: bool) -> Self {
         let n = rows * seq_len;
         Self {
@@ -514,6 +574,48 @@ mod tests {
         );
     }
 
+    /// Issue 14: the real-token layout and loss positions both binaries use, by hand.
+    #[test]
+    fn real_tokens_and_loss_positions_by_hand() {
+        // One packed row of 8: document 0 (2 tokens), document 1 (4 tokens), 2 padding positions.
+        let packed = MicroBatch {
+            rows: 1,
+            seq_len: 8,
+            input_ids: vec![5, 6, 7, 8, 9, 10, 0, 0],
+            labels: vec![6, -100, 8, 9, 10, -100, -100, -100],
+            position_ids: vec![0, 1, 0, 1, 2, 3, 6, 7],
+            segment_ids: Some(vec![0, 0, 1, 1, 1, 1, -1, -1]),
+            row_lengths: vec![6],
+            loss_tokens: 4,
+            input_tokens: 6,
+            padded_tokens: 8,
+        };
+        let real = packed.real_tokens();
+        assert_eq!(real.slots, [0, 1, 2, 3, 4, 5]);
+        assert_eq!(real.doc_bounds, [0, 2, 6]);
+        assert_eq!(real.longest_doc(), 4);
+        assert_eq!(real.pick(&packed.position_ids), [0, 1, 0, 1, 2, 3]);
+        assert_eq!(loss_positions(&packed.labels), [0, 2, 3, 4]);
+        // Two right-padded rows of 4 with 2 real tokens each: one document each.
+        let rows = MicroBatch {
+            rows: 2,
+            seq_len: 4,
+            input_ids: vec![5, 6, 0, 0, 8, 9, 0, 0],
+            labels: vec![6, -100, -100, -100, 9, -100, -100, -100],
+            position_ids: vec![0, 1, 2, 3, 0, 1, 2, 3],
+            segment_ids: None,
+            row_lengths: vec![2, 2],
+            loss_tokens: 2,
+            input_tokens: 4,
+            padded_tokens: 8,
+        };
+        let real = rows.real_tokens();
+        assert_eq!(real.slots, [0, 1, 4, 5]);
+        assert_eq!(real.doc_bounds, [0, 2, 4]);
+        assert_eq!(loss_positions(&rows.labels), [0, 4]);
+        assert_eq!(loss_positions(&real.pick(&rows.labels)), [0, 2]);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
         #[test]
@@ -577,6 +679,31 @@ mod tests {
             seen.sort();
             prop_assert_eq!(seen, want);
             prop_assert_eq!(loss_total, steps.iter().map(|x| x.loss_tokens).sum::<usize>());
+        }
+
+        /// Every plan: the real tokens are the documents end to end (`doc_lengths`, no padding
+        /// id), and the loss positions select the same labels through either layout.
+        #[test]
+        fn real_tokens_are_the_documents_end_to_end(
+            n in 1usize..30, seed in 0u64..1000, mbs in 1usize..5,
+            plan in prop_oneof![Just(BatchPlanKind::Padded), Just(BatchPlanKind::Bucketed), Just(BatchPlanKind::Packed)],
+        ) {
+            let s = samples(n, seed);
+            for st in plan_steps(&s, &cfg(plan, mbs, 2, 2048), None, false, seed, 1, None) {
+                for m in &st.micro_batches {
+                    let real = m.real_tokens();
+                    let lens: Vec<usize> = real.doc_bounds.windows(2).map(|w| w[1] - w[0]).collect();
+                    prop_assert_eq!(&lens, &m.doc_lengths());
+                    prop_assert_eq!(real.longest_doc(), lens.iter().copied().max().unwrap_or(0));
+                    prop_assert_eq!(real.slots.len(), m.input_tokens);
+                    prop_assert!(real.pick(&m.input_ids).iter().all(|&t| t != i64::from(ids::PAD)));
+                    let labels = real.pick(&m.labels);
+                    let dense: Vec<i64> = loss_positions(&labels).iter().map(|&i| labels[i]).collect();
+                    let padded: Vec<i64> = loss_positions(&m.labels).iter().map(|&i| m.labels[i]).collect();
+                    prop_assert_eq!(dense.len(), m.loss_tokens);
+                    prop_assert_eq!(dense, padded);
+                }
+            }
         }
     }
 }

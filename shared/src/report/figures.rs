@@ -285,16 +285,6 @@ pub fn joules_per_1k_tokens(run: &Run) -> Option<f64> {
         .and_then(Value::as_f64)
 }
 
-/// The device a run's utilization is reported for: the first whose energy counts (the GPU the
-/// run computed on), else the first GPU, else the CPU.
-pub fn primary_device(t: &Telemetry) -> Option<&DeviceTelemetry> {
-    t.devices
-        .iter()
-        .find(|d| d.counted_in_energy)
-        .or_else(|| t.devices.iter().find(|d| d.id != "cpu"))
-        .or_else(|| t.devices.first())
-}
-
 /// Tokens per steady step / step time p90 and / p10: the range of per-step throughput.
 pub fn throughput_whiskers(run: &Run) -> Option<(f64, f64)> {
     let m = &run.summary.metrics;
@@ -733,7 +723,7 @@ fn telemetry_rows(runs: &[Run]) -> Vec<Row> {
         Row::new(
             "utilization (steady)",
             Some("utilization"),
-            per_run(&|_, t| match primary_device(t) {
+            per_run(&|_, t| match t.primary_device() {
                 Some(d) => match d.utilization_percent {
                     Some(u) => Cell::with_detail(
                         format!("{:.0} %", u.mean),

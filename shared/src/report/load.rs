@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use crate::files::read_steps;
 use crate::measure::telemetry::{self, Sample};
-use crate::runner::read_steps;
 use crate::summary::{Summary, SCHEMA_VERSION};
 
 /// The file a run folder holds its summary in.

@@ -88,7 +88,7 @@ pub fn baseline_index(runs: &[Run], arg_index: usize, arg_count: usize) -> Resul
 pub fn write(report: &Report, out_dir: &Path) -> Result<(PathBuf, PathBuf)> {
     let md = out_dir.join("report.md");
     let html = out_dir.join("report.html");
-    crate::summary::write_atomic(&md, markdown::render(report).as_bytes())?;
-    crate::summary::write_atomic(&html, html::render(report).as_bytes())?;
+    crate::files::write_atomic(&md, markdown::render(report).as_bytes())?;
+    crate::files::write_atomic(&html, html::render(report).as_bytes())?;
     Ok((md, html))
 }

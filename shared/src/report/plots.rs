@@ -9,7 +9,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::figures::{fixed, primary_device, sig, throughput_whiskers};
+use super::figures::{fixed, sig, throughput_whiskers};
 use super::load::Run;
 use crate::measure::stats::Spread;
 
@@ -564,7 +564,7 @@ pub fn time_series(run: &Run, which: Series) -> Option<Vec<(f64, f64)>> {
         }
     };
     let ids: Vec<&str> = match which {
-        Series::Utilization => vec![primary_device(t)?.id.as_str()],
+        Series::Utilization => vec![t.primary_device()?.id.as_str()],
         Series::Power => {
             let counted: Vec<&str> = t
                 .devices
@@ -573,7 +573,7 @@ pub fn time_series(run: &Run, which: Series) -> Option<Vec<(f64, f64)>> {
                 .map(|d| d.id.as_str())
                 .collect();
             if counted.is_empty() {
-                vec![primary_device(t)?.id.as_str()]
+                vec![t.primary_device()?.id.as_str()]
             } else {
                 counted
             }

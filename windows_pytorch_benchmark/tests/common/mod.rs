@@ -83,16 +83,7 @@ pub fn shared_dir() -> Option<PathBuf> {
 /// Waits (at most 120 s) until a run under `out` has logged its first step.
 pub fn wait_for_first_step(out: &Path) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let logged = std::fs::read_dir(out.join("runs"))
-            .ok()
-            .and_then(|mut r| r.next())
-            .and_then(|e| e.ok())
-            .and_then(|e| std::fs::read_to_string(e.path().join("steps.jsonl")).ok())
-            .is_some_and(|t| t.lines().count() >= 1);
-        if logged {
-            return;
-        }
+    while shared::files::steps_logged(out) == 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "no step logged within 120 s"
