@@ -327,42 +327,6 @@ pub struct DecoderLayer {
     pub mlp: Mlp,
 }
 
-/// What a layer reads of [`ForwardInputs`], owned: a checkpointed layer computes again in the
-/// backward pass, after the micro-batch's borrowed inputs are gone.
-struct LayerInputs {
-    ids: Array,
-    rows: i32,
-    seq: i32,
-    real: Option<RealTokens>,
-    rope: Rope,
-    mask: Option<Array>,
-}
-
-impl LayerInputs {
-    fn new(inp: &ForwardInputs<'_>) -> Self {
-        Self {
-            ids: inp.ids.clone(),
-            rows: inp.rows,
-            seq: inp.seq,
-            real: inp.real.cloned(),
-            rope: inp.rope.clone(),
-            mask: inp.mask.cloned(),
-        }
-    }
-
-    fn view(&self) -> ForwardInputs<'_> {
-        ForwardInputs {
-            ids: &self.ids,
-            rows: self.rows,
-            seq: self.seq,
-            real: self.real.as_ref(),
-            rope: &self.rope,
-            mask: self.mask.as_ref(),
-            positions: None,
-        }
-    }
-}
-
 impl DecoderLayer {
     /// The layer under MLX's checkpoint transform when any of its parameters trains: its input
     /// and its trainable parameters are the transform's inputs (so their gradients flow through
@@ -385,11 +349,16 @@ impl DecoderLayer {
             return self.forward(x, inp, k);
         }
         args.insert(0, x.clone());
-        let (layer, owned, kernels) = (self.clone(), LayerInputs::new(inp), k.clone());
+        // Owned: the layer runs again in the backward pass, after the borrowed inputs are gone.
+        let (layer, owned, kernels) = (self.clone(), inp.arrays.clone(), k.clone());
         let f = move |a: &[Array]| -> Result<Vec<Array>, Exception> {
             let mut layer = layer.clone();
             layer.update_flattened(names.iter().cloned().zip(a[1..].iter().cloned()).collect());
-            Ok(vec![layer.forward(&a[0], &owned.view(), &kernels)?])
+            Ok(vec![layer.forward(
+                &a[0],
+                &owned.forward_inputs(),
+                &kernels,
+            )?])
         };
         crate::checkpoint::checkpointed(f, &args)?
             .pop()
@@ -465,6 +434,8 @@ pub struct ForwardInputs<'a> {
     /// `[L]` int32 flat indices into `B*T`: the positions whose logits are wanted (the loss
     /// positions); `None` = every position.
     pub positions: Option<&'a Array>,
+    /// The arrays these borrow from (a checkpointed layer keeps a copy of them).
+    pub arrays: &'a MicroBatchArrays,
 }
 
 impl CausalLM {
@@ -664,6 +635,7 @@ pub fn rope_freqs(shape: &ModelShape) -> Array {
 
 /// One micro-batch as device arrays (built from shared's `MicroBatch`, with its sequence length
 /// rounded up to `seq_multiple` by padding columns: see `crate::tuning::Tuning::seq_multiple`).
+#[derive(Clone)]
 pub struct MicroBatchArrays {
     pub ids: Array,
     pub rope: Rope,
@@ -836,6 +808,7 @@ impl MicroBatchArrays {
             rope: &self.rope,
             mask: self.mask.as_ref(),
             positions: Some(&self.positions),
+            arrays: self,
         }
     }
 }
