@@ -29,6 +29,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use crate::tuning::PaddingSlots;
 use anyhow::Result;
 use mlx_rs::error::Exception;
 use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
@@ -193,7 +194,7 @@ impl Attention {
         // micro-batch's padded rows (see `RealTokens`).
         let heads = |a: &Array, n: i32| -> Result<Array, Exception> {
             let a = match inp.real {
-                Some(r) => a.take_axis(&r.gather, 0)?,
+                Some(r) => r.to_padded(a)?,
                 None => a.clone(),
             };
             a.reshape(&[b, t, n, d])?.transpose_axes(&[0, 2, 1, 3])
@@ -218,7 +219,7 @@ impl Attention {
         let out = fast::scaled_dot_product_attention(&q, &k, &v, scale, mask, None)?;
         let out = out.transpose_axes(&[0, 2, 1, 3])?;
         let out = match inp.real {
-            Some(r) => out.reshape(&[b * t, h * d])?.take_axis(&r.scatter, 0)?,
+            Some(r) => r.to_real(&out.reshape(&[b * t, h * d])?)?,
             None => out.reshape(&[b, t, h * d])?,
         };
         self.o_proj.forward(&out, p)
@@ -658,18 +659,38 @@ pub struct MicroBatchArrays {
 /// The micro-batch's real tokens as one `[N, width]` matrix for every layer but attention (the
 /// projections, norms and MLP then never compute a padding position, as the PyTorch binary's
 /// variable-length path does), and the maps between it and the padded `[B, T]` rows that MLX's
-/// fused attention takes.
+/// fused attention takes. `PaddingSlots` says what a padding slot holds; under right padding no
+/// real query attends to it (causal or document mask) and its output is dropped, so its gradient
+/// is exactly zero whatever it holds.
 #[derive(Clone)]
 pub struct RealTokens {
-    /// `[B*T]` int32: the real token at each padded slot. A padding slot takes token 0's row, or
-    /// with `spread_padding` row `slot mod N`: under right padding no real query attends to it
-    /// (causal or document mask) and its output is dropped, so its gradient is exactly zero
-    /// wherever it is added. Spread, the backward's scatter-add does not pile every padding slot's
-    /// (zero) gradient onto row 0 with atomics (MLX's `scatter<ScatterSum>` was the largest kernel of
-    /// a LoRA step in Nsight Compute, 200 us a launch).
-    pub gather: Array,
-    /// `[N]` int32: the padded slot of each real token.
+    /// `[B*T]` int32: the real row each padded slot reads (`Row0`, `Spread`); `None` with
+    /// `Scatter`, where the real rows are written into zeros instead.
+    pub gather: Option<Array>,
+    /// `[N]` int32: the padded slot of each real token (spare rows: a padding slot).
     pub scatter: Array,
+    /// `B*T`.
+    pub slots: i32,
+}
+
+impl RealTokens {
+    /// `[N, w]` real-token rows -> `[B*T, w]` padded rows.
+    pub fn to_padded(&self, a: &Array) -> Result<Array, Exception> {
+        match &self.gather {
+            Some(g) => a.take_axis(g, 0),
+            None => {
+                let (n, w) = (a.dim(0), a.dim(1));
+                let zeros = ops::zeros_dtype(&[self.slots, w], a.dtype())?;
+                // MLX's scatter takes updates shaped indices + the target's slice: [N, 1, w].
+                ops::indexing::scatter_single(&zeros, &self.scatter, a.reshape(&[n, 1, w])?, 0)
+            }
+        }
+    }
+
+    /// `[B*T, w]` padded rows -> `[N, w]` real-token rows (spare rows read a padding slot).
+    pub fn to_real(&self, a: &Array) -> Result<Array, Exception> {
+        a.take_axis(&self.scatter, 0)
+    }
 }
 
 impl MicroBatchArrays {
@@ -680,7 +701,7 @@ impl MicroBatchArrays {
         fast_rope: bool,
         real_tokens: bool,
         real_multiple: usize,
-        spread_padding: bool,
+        padding_slots: PaddingSlots,
     ) -> Result<Self> {
         let (rows, t) = (mb.rows, mb.seq_len);
         let tp = t.div_ceil(seq_multiple.max(1)) * seq_multiple.max(1);
@@ -729,7 +750,7 @@ impl MicroBatchArrays {
                 scatter.push(spare);
                 real_ids.push(0);
             }
-            if spread_padding {
+            if padding_slots == PaddingSlots::Spread {
                 let rows_n = scatter.len();
                 let mut is_real = vec![false; rows * tp];
                 for &slot in &scatter[..n] {
@@ -743,8 +764,10 @@ impl MicroBatchArrays {
             }
             ids = real_ids;
             real = Some(RealTokens {
-                gather: Array::from_slice(&gather, &[gather.len() as i32]),
+                gather: (padding_slots != PaddingSlots::Scatter)
+                    .then(|| Array::from_slice(&gather, &[gather.len() as i32])),
                 scatter: Array::from_slice(&scatter, &[scatter.len() as i32]),
+                slots: (rows * tp) as i32,
             });
         } else {
             for i in batch::loss_positions(&mb.labels) {
@@ -858,7 +881,7 @@ mod tests {
             fast_rope,
             false,
             1,
-            false,
+            PaddingSlots::Row0,
         )
         .unwrap()
     }
@@ -937,22 +960,84 @@ mod tests {
             padded_tokens: 6,
         };
         let freqs = rope_freqs(&ModelShape::tiny());
-        let a = MicroBatchArrays::new(&mb, &freqs, 1, true, true, 4, false).unwrap();
+        let new = |multiple, slots| {
+            MicroBatchArrays::new(&mb, &freqs, 1, true, true, multiple, slots).unwrap()
+        };
+        let a = new(4, PaddingSlots::Row0);
         assert_eq!(a.ids.as_slice::<i32>(), &[5, 6, 8, 0]);
         let r = a.real.as_ref().unwrap();
         // The spare row reads slot 2, row 0's first padding slot; the gather never reads row 3.
         assert_eq!(r.scatter.as_slice::<i32>(), &[0, 1, 3, 2]);
-        assert_eq!(r.gather.as_slice::<i32>(), &[0, 1, 0, 2, 0, 0]);
+        let gather = |r: &RealTokens| r.gather.as_ref().unwrap().as_slice::<i32>().to_vec();
+        assert_eq!(gather(r), [0, 1, 0, 2, 0, 0]);
         assert_eq!(a.positions.as_slice::<i32>(), &[0, 2]);
         assert_eq!(a.dense_tokens, 4);
         // A multiple of 1 adds nothing.
-        let b = MicroBatchArrays::new(&mb, &freqs, 1, true, true, 1, false).unwrap();
+        let b = new(1, PaddingSlots::Row0);
         assert_eq!(b.ids.as_slice::<i32>(), &[5, 6, 8]);
         // Spread: padding slot s reads row s mod 4; real slots keep their rows.
-        let c = MicroBatchArrays::new(&mb, &freqs, 1, true, true, 4, true).unwrap();
+        let c = new(4, PaddingSlots::Spread);
         let r = c.real.as_ref().unwrap();
-        assert_eq!(r.gather.as_slice::<i32>(), &[0, 1, 2, 2, 0, 1]);
+        assert_eq!(gather(r), [0, 1, 2, 2, 0, 1]);
         assert_eq!(r.scatter.as_slice::<i32>(), &[0, 1, 3, 2]);
+        // Scatter: no gather; the real rows are written into zeros.
+        let d = new(4, PaddingSlots::Scatter);
+        assert!(d.real.as_ref().unwrap().gather.is_none());
+    }
+
+    /// Every form of `PaddingSlots` puts each real row in its slot, brings it back, and gives
+    /// the real rows the same gradients (through an element-wise function of the padded rows that
+    /// mixes nothing between slots, as every layer but attention does, and attention under the
+    /// mask does not mix a padding slot into a real one).
+    #[test]
+    fn every_padding_form_moves_the_real_rows_and_their_gradients_alike() {
+        use mlx_rs::transforms::value_and_grad_with_argnums;
+        Device::set_default(&Device::cpu());
+        let mb = MicroBatch {
+            rows: 2,
+            seq_len: 3,
+            input_ids: vec![5, 6, 0, 8, 0, 0],
+            labels: vec![6, -100, -100, 9, -100, -100],
+            position_ids: vec![0, 1, 2, 0, 1, 2],
+            segment_ids: None,
+            row_lengths: vec![2, 1],
+            loss_tokens: 2,
+            input_tokens: 3,
+            padded_tokens: 6,
+        };
+        let freqs = rope_freqs(&ModelShape::tiny());
+        // [4, 2]: three real rows and one spare.
+        let x = Array::from_slice(&[1.0f32, -2.0, 0.5, 3.0, -1.5, 0.25, 7.0, 8.0], &[4, 2]);
+        let mut results = Vec::new();
+        for slots in [
+            PaddingSlots::Row0,
+            PaddingSlots::Spread,
+            PaddingSlots::Scatter,
+        ] {
+            let a = MicroBatchArrays::new(&mb, &freqs, 1, true, true, 4, slots).unwrap();
+            let r = a.real.clone().unwrap();
+            let padded = r.to_padded(&x).unwrap();
+            assert_eq!(padded.shape(), &[6, 2]);
+            let p = padded.as_slice::<f32>().to_vec();
+            // Real tokens sit at slots 0, 1 (row 0) and 3 (row 1).
+            assert_eq!(&p[0..4], &[1.0, -2.0, 0.5, 3.0], "{slots:?}");
+            assert_eq!(&p[6..8], &[-1.5, 0.25], "{slots:?}");
+            let back = r.to_real(&padded).unwrap();
+            assert_eq!(&back.as_slice::<f32>()[..6], &x.as_slice::<f32>()[..6]);
+            // Loss over the real rows only (the spare row's weight is 0, as no loss reads it).
+            let w = Array::from_slice(&[0.5f32, 2.0, -1.0, 1.0, 3.0, -0.5, 0.0, 0.0], &[4, 2]);
+            let f = move |x: &[Array]| -> Result<Vec<Array>, Exception> {
+                let y = ops::sin(r.to_padded(&x[0])?)?.multiply(Array::from_f32(2.0))?;
+                Ok(vec![r.to_real(&y)?.multiply(&w)?.sum(None)?])
+            };
+            let (v, g) =
+                value_and_grad_with_argnums(f, &[0][..])(std::slice::from_ref(&x)).unwrap();
+            results.push((v[0].item_exact::<f32>(), g[0].as_slice::<f32>().to_vec()));
+        }
+        assert!(results[0].1.iter().any(|g| *g != 0.0));
+        for (slots, r) in ["spread", "scatter"].iter().zip(&results[1..]) {
+            assert_eq!(r, &results[0], "{slots}");
+        }
     }
 
     #[test]
@@ -999,7 +1084,7 @@ mod tests {
             input_tokens: t as usize,
             padded_tokens: t as usize,
         };
-        let table = MicroBatchArrays::new(&mb, &freqs, 1, false, false, 1, false)
+        let table = MicroBatchArrays::new(&mb, &freqs, 1, false, false, 1, PaddingSlots::Row0)
             .unwrap()
             .rope;
         let slow = table.apply(&x).unwrap();

@@ -409,7 +409,7 @@ impl MlxBackend {
                 t.fast_kernels,
                 t.real_tokens,
                 t.real_multiple,
-                t.spread_padding,
+                t.padding_slots,
             )?;
             self.attention_tokens += arrays.attention_tokens;
             self.dense_tokens += arrays.dense_tokens;

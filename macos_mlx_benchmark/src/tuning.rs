@@ -10,6 +10,40 @@ use shared::error::ConfigError;
 
 use crate::device::MlxDevice;
 
+/// How the `[N, width]` real-token rows (`Tuning::real_tokens`) are laid out in attention's padded
+/// `[B*T, width]` rows. Under right padding no real query attends to a padding slot (causal or
+/// document mask) and no real token reads a padding slot's output, so whatever a padding slot
+/// holds, its gradient is exactly zero and the results are the same in every form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PaddingSlots {
+    /// A gather whose padding slots read row 0. Its backward is a scatter-add that piles every
+    /// padding slot's (zero) gradient onto row 0 with atomics: MLX's `scatter<ScatterSum>` was
+    /// the largest kernel of a LoRA step in Nsight Compute (200 us a launch, H200).
+    Row0,
+    /// A gather whose padding slot `s` reads row `s mod N`: the backward's atomics spread over
+    /// the rows instead of contending for one.
+    Spread,
+    /// The real rows written into zeros (a scatter without reduction, no atomics); its backward
+    /// is a gather of the real slots' gradients, also without atomics, and reads no padding slot.
+    Scatter,
+}
+
+impl PaddingSlots {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Row0 => "row0",
+            Self::Spread => "spread",
+            Self::Scatter => "scatter",
+        }
+    }
+
+    pub fn parse(v: &str) -> Option<Self> {
+        [Self::Row0, Self::Spread, Self::Scatter]
+            .into_iter()
+            .find(|p| p.name() == v.trim())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuning {
     /// Every micro-batch's sequence length is rounded up to a multiple of this, with padding
@@ -48,11 +82,11 @@ pub struct Tuning {
     /// reuses a cached buffer only within 32 KiB of the size asked for, and its CUDA-graph cache
     /// keys graphs by their kernels' shapes.
     pub real_multiple: usize,
-    /// With `real_tokens`: padding slots read rows spread over the micro-batch instead of row 0
-    /// (`decoder::RealTokens::gather`), exactly the same results. Off until measured: predicted to
-    /// shorten the attention layout's backward scatter on CUDA (the largest kernel of a LoRA step);
-    /// `FTB_MLX_SPREAD_PADDING=1` turns it on.
-    pub spread_padding: bool,
+    /// With `real_tokens`: how the real-token rows reach attention's padded rows, and back in the
+    /// backward pass (`PaddingSlots`). Exactly the same results in every form. Serves every GPU
+    /// backend; the default stays `Row0` until a GPU measurement says otherwise
+    /// (`FTB_MLX_PADDING_SLOTS=row0|spread|scatter`).
+    pub padding_slots: PaddingSlots,
     /// MLX's CUDA backend records its kernels into CUDA graphs (its default) or launches them one
     /// by one (`MLX_USE_CUDA_GRAPHS=0`, which the binary then sets before MLX starts). CUDA only.
     /// Graphs bound what queued work holds (`queue_mb`); without them MLX queues up to 1,000
@@ -99,7 +133,7 @@ impl Tuning {
                 // Measured on the H200 (last-n, 512 records): 20,206 input tokens/s at 1024,
                 // 19,045 at 128, 18,623 at 1 (no spare rows).
                 real_multiple: 1024,
-                spread_padding: false,
+                padding_slots: PaddingSlots::Row0,
                 cuda_graphs: true,
                 fused_adamw: true,
             },
@@ -110,7 +144,7 @@ impl Tuning {
                 overlap: true,
                 real_tokens: true,
                 real_multiple: 1,
-                spread_padding: false,
+                padding_slots: PaddingSlots::Row0,
                 cuda_graphs: true,
                 fused_adamw: false,
                 queue_mb: 0,
@@ -122,7 +156,7 @@ impl Tuning {
                 overlap: false,
                 real_tokens: false,
                 real_multiple: 1,
-                spread_padding: false,
+                padding_slots: PaddingSlots::Row0,
                 cuda_graphs: true,
                 fused_adamw: false,
                 queue_mb: 0,
@@ -131,7 +165,9 @@ impl Tuning {
     }
 
     /// The defaults for `device`, with any `FTB_MLX_SEQ_MULTIPLE`, `FTB_MLX_FAST_KERNELS`,
-    /// `FTB_MLX_COMPILE`, `FTB_MLX_OVERLAP`, `FTB_MLX_REAL_TOKENS`, `FTB_MLX_FUSED_ADAMW` applied. A value that does not parse is a usage error.
+    /// `FTB_MLX_COMPILE`, `FTB_MLX_OVERLAP`, `FTB_MLX_REAL_TOKENS`, `FTB_MLX_REAL_MULTIPLE`,
+    /// `FTB_MLX_PADDING_SLOTS`, `FTB_MLX_FUSED_ADAMW`, `MLX_USE_CUDA_GRAPHS` and (CUDA)
+    /// `MLX_MAX_MB_PER_BUFFER` applied. A value that does not parse is a usage error.
     pub fn for_device(device: MlxDevice, strategy: StrategyKind) -> Result<Self, ConfigError> {
         Self::with_env(device, strategy, |k| std::env::var(k).ok())
     }
@@ -181,7 +217,22 @@ impl Tuning {
         flag("FTB_MLX_COMPILE", &mut t.compile)?;
         flag("FTB_MLX_OVERLAP", &mut t.overlap)?;
         flag("FTB_MLX_REAL_TOKENS", &mut t.real_tokens)?;
-        flag("FTB_MLX_SPREAD_PADDING", &mut t.spread_padding)?;
+        if let Some(v) = var("FTB_MLX_SPREAD_PADDING") {
+            return Err(bad(
+                "FTB_MLX_SPREAD_PADDING",
+                &v,
+                "it was replaced by FTB_MLX_PADDING_SLOTS: set FTB_MLX_PADDING_SLOTS=spread (or row0, scatter) and unset it",
+            ));
+        }
+        if let Some(v) = var("FTB_MLX_PADDING_SLOTS") {
+            t.padding_slots = PaddingSlots::parse(&v).ok_or_else(|| {
+                bad(
+                    "FTB_MLX_PADDING_SLOTS",
+                    &v,
+                    "use row0, spread or scatter, or unset it",
+                )
+            })?;
+        }
         flag("FTB_MLX_FUSED_ADAMW", &mut t.fused_adamw)?;
         if t.fused_adamw && device != MlxDevice::Cuda {
             return Err(bad(
@@ -231,7 +282,7 @@ impl Tuning {
             "overlap": self.overlap,
             "real_tokens": self.real_tokens,
             "real_multiple": self.real_multiple,
-            "spread_padding": self.spread_padding,
+            "padding_slots": self.padding_slots.name(),
             "cuda_graphs": self.cuda_graphs,
             "fused_adamw": self.fused_adamw,
             "queue_mb": self.queue_mb,
@@ -298,12 +349,27 @@ mod tests {
         .unwrap();
         assert_eq!(t.seq_multiple, 32);
         assert!(!t.compile && !t.cuda_graphs);
+        for p in [
+            PaddingSlots::Row0,
+            PaddingSlots::Spread,
+            PaddingSlots::Scatter,
+        ] {
+            let t = Tuning::with_env(
+                MlxDevice::Cuda,
+                StrategyKind::Lora,
+                env(&[("FTB_MLX_PADDING_SLOTS", p.name())]),
+            );
+            assert_eq!(t.unwrap().padding_slots, p);
+        }
         for (k, v) in [
             ("FTB_MLX_SEQ_MULTIPLE", "0"),
             ("FTB_MLX_SEQ_MULTIPLE", "abc"),
             ("FTB_MLX_FAST_KERNELS", "yes please"),
             ("FTB_MLX_OVERLAP", "2"),
             ("FTB_MLX_REAL_MULTIPLE", "0"),
+            ("FTB_MLX_PADDING_SLOTS", "spreadd"),
+            // The variable it replaced names its successor.
+            ("FTB_MLX_SPREAD_PADDING", "1"),
         ] {
             let e = Tuning::with_env(MlxDevice::Cuda, StrategyKind::Full, env(&[(k, v)]))
                 .unwrap_err()

@@ -390,9 +390,8 @@ fn the_gpu_layout_computes_the_same_losses() {
         ("FTB_MLX_SEQ_MULTIPLE", "16"),
         ("FTB_MLX_REAL_TOKENS", "1"),
         ("FTB_MLX_FAST_KERNELS", "1"),
-        // Spare rows that nothing reads, and padding slots spread over the rows.
+        // Spare rows that nothing reads.
         ("FTB_MLX_REAL_MULTIPLE", "64"),
-        ("FTB_MLX_SPREAD_PADDING", "1"),
     ];
     let plain = [
         ("FTB_MLX_SEQ_MULTIPLE", "1"),
@@ -407,8 +406,13 @@ fn the_gpu_layout_computes_the_same_losses() {
         ("tiny-llama", "full"),
         ("tiny-qwen3", "full"),
     ];
-    for (model, strategy) in cases {
-        for plan in ["padded", "packed"] {
+    for (i, (model, strategy)) in cases.into_iter().enumerate() {
+        for (j, plan) in ["padded", "packed"].into_iter().enumerate() {
+            // Padding slots spread over the rows, or the real rows scattered into zeros: each
+            // case and each plan meets both forms (`PaddingSlots`).
+            let slots = ["spread", "scatter"][(i + j) % 2];
+            let mut gpu_layout = gpu_layout.to_vec();
+            gpu_layout.push(("FTB_MLX_PADDING_SLOTS", slots));
             let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
             let extra = [
                 "--model",
@@ -421,9 +425,11 @@ fn the_gpu_layout_computes_the_same_losses() {
             let a = run_env(&mlx, da.path(), "cpu", &extra, &plain);
             let b = run_env(&mlx, db.path(), "cpu", &extra, &gpu_layout);
             assert_eq!(b.backend.details["tuning"]["real_tokens"], true);
-            assert_eq!(b.backend.details["tuning"]["spread_padding"], true);
+            assert_eq!(b.backend.details["tuning"]["padding_slots"], slots);
             let d = max_rel_diff(&a.metrics.loss_curve, &b.metrics.loss_curve);
-            eprintln!("layout {model} {strategy}/{plan}: max relative loss difference {d:.2e}");
+            eprintln!(
+                "layout {model} {strategy}/{plan}, {slots}: max relative loss difference {d:.2e}"
+            );
             assert!(
                 d < 1e-5,
                 "{model} {strategy}/{plan}: {d:.2e}\n plain {:?}\n gpu   {:?}",
