@@ -943,11 +943,9 @@ mod tests {
         assert!(matches!(arrays(&rows, 4, false).rope, Rope::Table { .. }));
     }
 
-    #[test]
-    fn real_token_rows_round_up_to_spare_rows_that_nothing_reads() {
-        Device::set_default(&Device::cpu());
-        // Two right-padded rows of 3 with 2 and 1 real tokens: 3 real tokens, rounded to 4.
-        let mb = MicroBatch {
+    /// Two right-padded rows of 3 with 2 and 1 real tokens.
+    fn short_rows() -> MicroBatch {
+        MicroBatch {
             rows: 2,
             seq_len: 3,
             input_ids: vec![5, 6, 0, 8, 0, 0],
@@ -958,7 +956,14 @@ mod tests {
             loss_tokens: 2,
             input_tokens: 3,
             padded_tokens: 6,
-        };
+        }
+    }
+
+    #[test]
+    fn real_token_rows_round_up_to_spare_rows_that_nothing_reads() {
+        Device::set_default(&Device::cpu());
+        // 3 real tokens, rounded to 4.
+        let mb = short_rows();
         let freqs = rope_freqs(&ModelShape::tiny());
         let new = |multiple, slots| {
             MicroBatchArrays::new(&mb, &freqs, 1, true, true, multiple, slots).unwrap()
@@ -993,18 +998,7 @@ mod tests {
     fn every_padding_form_moves_the_real_rows_and_their_gradients_alike() {
         use mlx_rs::transforms::value_and_grad_with_argnums;
         Device::set_default(&Device::cpu());
-        let mb = MicroBatch {
-            rows: 2,
-            seq_len: 3,
-            input_ids: vec![5, 6, 0, 8, 0, 0],
-            labels: vec![6, -100, -100, 9, -100, -100],
-            position_ids: vec![0, 1, 2, 0, 1, 2],
-            segment_ids: None,
-            row_lengths: vec![2, 1],
-            loss_tokens: 2,
-            input_tokens: 3,
-            padded_tokens: 6,
-        };
+        let mb = short_rows();
         let freqs = rope_freqs(&ModelShape::tiny());
         // [4, 2]: three real rows and one spare.
         let x = Array::from_slice(&[1.0f32, -2.0, 0.5, 3.0, -1.5, 0.25, 7.0, 8.0], &[4, 2]);
