@@ -8,6 +8,13 @@
 //! folder in the binary's rpath. On macOS MLX is linked statically and nothing is needed.
 
 fn main() {
+    // `cfg(macos)`: the code paths of a macOS build. Set here on macOS; `scripts/test.sh` also
+    // type-checks those paths on Linux with `--cfg macos` (rustc refuses `--cfg target_os`), so
+    // a Mac-only path that stops compiling is caught without a Mac.
+    println!("cargo::rustc-check-cfg=cfg(macos)");
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("macos") {
+        println!("cargo::rustc-cfg=macos");
+    }
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=DEP_MLX_LIB_DIR");
     println!("cargo:rerun-if-env-changed=DEP_MLX_VERSION");

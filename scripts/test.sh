@@ -8,6 +8,12 @@ bash scripts/setup.sh
 export LIBTORCH_USE_PYTORCH=1
 cargo fmt --all -- --check
 cargo clippy -q --workspace --all-targets --release -- -D warnings
+# The macOS code paths, type-checked here without a Mac: `cfg(macos)` is what each crate's build.rs
+# sets on macOS (rustc refuses `--cfg target_os`). The MLX binary's Metal build is the one this
+# benchmark exists for, and it cannot be built on Linux.
+cargo rustc -q --profile check -p shared --lib -- --cfg macos -D warnings
+cargo rustc -q --profile check -p macos_mlx_benchmark --bin macos_mlx_benchmark -- --cfg macos -D warnings
+cargo rustc -q --profile check -p macos_mlx_benchmark --bin macos_mlx_benchmark -- --cfg macos -D warnings --test
 # Build every binary first: the parity test runs both benchmark binaries. It is handed the PyTorch
 # binary this build produced (cargo's `executable`), never a leftover in the target folder.
 bins="$(cargo build --release --message-format=json-render-diagnostics --workspace --bins | python3 scripts/cargo-bins.py)"

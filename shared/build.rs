@@ -2,6 +2,13 @@
 use std::process::Command;
 
 fn main() {
+    // `cfg(macos)`: the code paths of a macOS build. Set here on macOS; `scripts/test.sh` also
+    // type-checks those paths on Linux with `--cfg macos` (rustc refuses `--cfg target_os`), so
+    // a Mac-only path that stops compiling is caught without a Mac.
+    println!("cargo::rustc-check-cfg=cfg(macos)");
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("macos") {
+        println!("cargo::rustc-cfg=macos");
+    }
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let v = Command::new(rustc)
         .arg("--version")

@@ -16,7 +16,7 @@ use shared::measure::memory::DeviceKind;
 pub enum MlxDevice {
     Cpu,
     /// Apple GPU through Metal.
-    #[cfg_attr(not(target_os = "macos"), allow(dead_code))]
+    #[cfg_attr(not(macos), allow(dead_code))]
     Metal,
     /// NVIDIA GPU through MLX's CUDA backend.
     Cuda,
@@ -50,12 +50,12 @@ impl MlxDevice {
 
 /// The GPU backend of the loaded MLX library, if it has one.
 pub fn gpu_backend() -> Option<MlxDevice> {
-    #[cfg(target_os = "macos")]
+    #[cfg(macos)]
     {
         // mlx-rs's Metal build: every Apple Silicon Mac has the GPU.
         Some(MlxDevice::Metal)
     }
-    #[cfg(not(target_os = "macos"))]
+    #[cfg(not(macos))]
     {
         let mut cuda = false;
         // SAFETY: mlx_cuda_is_available writes one bool and returns a status; it is exported by

@@ -1,19 +1,21 @@
-//! The fine-tuning benchmark on MLX (mlx-rs): Metal on Apple Silicon, the CPU elsewhere.
+//! The fine-tuning benchmark on MLX (mlx-rs): Metal on Apple Silicon, MLX's CUDA backend on NVIDIA GPUs (Linux), the CPU elsewhere.
 //! `cargo run -p macos_mlx_benchmark --release -- --help` lists the flags.
 
 /// `Fast` trains on the first 100 records, `Full` on all of dolly-15k. Edit this line to change
 /// the default; the command line (`--mode`, `--samples`) overrides it.
 const TUNING_MODE: TuningMode = TuningMode::Fast;
 
-#[cfg(not(target_os = "macos"))]
+// Activation checkpointing through MLX's C API: every backend, Metal included.
 mod checkpoint;
+// MLX's custom CUDA kernels, for the fused AdamW and the random init on the device.
+#[cfg(not(macos))]
 mod cuda_kernel;
 mod decoder;
 mod device;
-#[cfg(not(target_os = "macos"))]
+#[cfg(not(macos))]
 mod fused_adamw;
 /// Metal has no fused AdamW kernel yet (`Tuning::fused_adamw` is CUDA-only).
-#[cfg(target_os = "macos")]
+#[cfg(macos)]
 mod fused_adamw {
     use anyhow::Result;
     use mlx_rs::Array;
@@ -41,7 +43,7 @@ mod fused_adamw {
         anyhow::bail!("the fused AdamW kernel is CUDA-only")
     }
 }
-#[cfg(not(target_os = "macos"))]
+#[cfg(not(macos))]
 mod init;
 mod memory;
 #[cfg(target_os = "linux")]
@@ -109,4 +111,35 @@ fn preflight(cfg: &Config) -> anyhow::Result<DeviceFacts> {
         seq_multiple: tuning.seq_multiple,
         queued_work_bytes: tuning.queued_work_bytes(mlx_device),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// The crates a dependency table of `Cargo.toml` names.
+    fn table(manifest: &str, header: &str) -> Vec<String> {
+        let start = manifest
+            .find(header)
+            .unwrap_or_else(|| panic!("Cargo.toml has no {header}"));
+        manifest[start + header.len()..]
+            .lines()
+            .skip(1)
+            .take_while(|l| !l.starts_with('['))
+            .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+            .filter_map(|l| l.split('=').next().map(|n| n.trim().to_string()))
+            .collect()
+    }
+
+    /// `scripts/test.sh` type-checks the macOS code paths on Linux (`--cfg macos`) against the
+    /// Linux dependencies, so the macOS table must name every MLX crate the Linux one does (the
+    /// code calls `mlx_sys` directly): a crate missing there breaks only the Mac build.
+    #[test]
+    fn the_macos_build_has_every_mlx_crate_of_the_linux_build() {
+        let m = include_str!("../Cargo.toml");
+        let mac = table(m, "[target.'cfg(target_os = \"macos\")'.dependencies]");
+        let linux = table(m, "[target.'cfg(not(target_os = \"macos\"))'.dependencies]");
+        assert_eq!(linux, ["mlx-rs", "mlx-sys"]);
+        for c in &linux {
+            assert!(mac.contains(c), "the macOS dependencies lack {c}: {mac:?}");
+        }
+    }
 }

@@ -90,7 +90,7 @@ pub fn reading(on_gpu: bool) -> MemoryReading {
         process_gib: None,
         // On a Mac no per-process GPU figure is read yet (the task's graphics footprint,
         // `task_vm_info`, is the candidate); elsewhere the runner reads NVML.
-        process_source: if cfg!(target_os = "macos") && on_gpu {
+        process_source: if cfg!(macos) && on_gpu {
             "not read: macOS gives no per-process GPU memory figure that this benchmark reads yet"
                 .into()
         } else {

@@ -119,7 +119,7 @@ impl MlxBackend {
         let adapter_seed = shared::model::adapter_seed(cfg.workload.seed);
         let (mut load_host_s, mut load_device_s) = (0.0, 0.0);
         let mut t_host = Instant::now();
-        #[cfg(not(target_os = "macos"))]
+        #[cfg(not(macos))]
         let on_device = match &prepared.weights {
             shared::model::WeightSource::Random { seed }
                 if device == MlxDevice::Cuda && !shared::hooks::flag("FTB_HOST_INIT")? =>
@@ -128,11 +128,11 @@ impl MlxBackend {
             }
             _ => None,
         };
-        #[cfg(target_os = "macos")]
+        #[cfg(macos)]
         let on_device: Option<u64> = None;
         if let Some(seed) = on_device {
             // Random weights on CUDA: generated there (same values; see `init.rs`).
-            #[cfg(not(target_os = "macos"))]
+            #[cfg(not(macos))]
             for spec in &specs {
                 let s = shared::model::random_init_seed(&spec.name, seed, adapter_seed);
                 let a = crate::init::init_on_cuda(spec, s)?.as_dtype(dtype)?;

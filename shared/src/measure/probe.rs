@@ -124,7 +124,7 @@ pub fn probe_nvidia() -> Result<Vec<Gpu>, String> {
 }
 
 fn probe_apple() -> Option<AppleChip> {
-    if !cfg!(target_os = "macos") {
+    if !cfg!(macos) {
         return None;
     }
     let sysctl = |k: &str| -> Option<String> {
@@ -220,7 +220,7 @@ pub fn peak_rss(reset: bool) -> (Option<f64>, String) {
             );
         }
     }
-    #[cfg(target_os = "macos")]
+    #[cfg(macos)]
     {
         let _ = reset;
         // SAFETY: getrusage fills the struct it is given.

@@ -10,7 +10,7 @@
 //! the tests run anywhere; only [`AppleProbe`]'s use is limited to macOS (in `MachineProbes`).
 //! Not yet run on Apple hardware: the parsers follow the output formats of macOS 13-15.
 
-#![cfg_attr(not(target_os = "macos"), allow(dead_code))]
+#![cfg_attr(not(macos), allow(dead_code))]
 
 use std::io::{BufRead, Read};
 use std::process::{Child, Command, Stdio};

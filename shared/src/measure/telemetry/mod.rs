@@ -355,9 +355,9 @@ fn probes_for_this_machine() -> Box<dyn Probe> {
 
 impl MachineProbes {
     pub fn new() -> Self {
-        #[cfg(target_os = "macos")]
+        #[cfg(macos)]
         let apple = Some(apple::AppleProbe::new());
-        #[cfg(not(target_os = "macos"))]
+        #[cfg(not(macos))]
         let apple = None;
         Self {
             cpu: cpu::CpuProbe::new(),
