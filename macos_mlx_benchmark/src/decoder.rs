@@ -168,21 +168,25 @@ fn apply_rope(x: &Array, cos: &Array, sin: &Array) -> Result<Array, Exception> {
 }
 
 impl Attention {
-    fn forward(
-        &self,
-        x: &Array,
-        inp: &ForwardInputs<'_>,
-        p: Precision,
-        fast_norm: bool,
-    ) -> Result<Array, Exception> {
+    fn forward(&self, x: &Array, inp: &ForwardInputs<'_>, k: &Kernels) -> Result<Array, Exception> {
+        let (p, fast_norm) = (k.precision, k.fast_norm);
         let (b, t) = (inp.rows, inp.seq);
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        // Real tokens with a fused projection under `qkv_layout_once`: q | k | v laid out in the
+        // padded rows together, one layout (and one in the backward) instead of three.
+        let once = match (inp.real, &self.qkv_proj) {
+            (Some(r), Some(_)) if k.qkv_layout_once => Some(r),
+            _ => None,
+        };
         let parts = match &self.qkv_proj {
             Some(qkv_proj) => {
+                let qkv = qkv_proj.forward(x, p)?;
+                let qkv = match once {
+                    Some(r) => r.to_padded(&qkv)?,
+                    None => qkv,
+                };
                 // q = the first h*d columns, k = the next kv*d, v = the rest.
-                qkv_proj
-                    .forward(x, p)?
-                    .split_at_indices(&[h * d, (h + kv) * d], -1)?
+                qkv.split_at_indices(&[h * d, (h + kv) * d], -1)?
             }
             None => vec![
                 present(&self.q_proj, "q_proj")?.forward(x, p)?,
@@ -194,8 +198,8 @@ impl Attention {
         // micro-batch's padded rows (see `RealTokens`).
         let heads = |a: &Array, n: i32| -> Result<Array, Exception> {
             let a = match inp.real {
-                Some(r) => r.to_padded(a)?,
-                None => a.clone(),
+                Some(r) if once.is_none() => r.to_padded(a)?,
+                _ => a.clone(),
             };
             a.reshape(&[b, t, n, d])?.transpose_axes(&[0, 2, 1, 3])
         };
@@ -371,8 +375,7 @@ impl DecoderLayer {
         let h = x.add(self.self_attn.forward(
             &self.input_layernorm.forward(x, k.fast_norm)?,
             inp,
-            p,
-            k.fast_norm,
+            k,
         )?)?;
         h.add(self.mlp.forward(
             &self.post_attention_layernorm.forward(&h, k.fast_norm)?,
@@ -416,6 +419,8 @@ pub struct Kernels {
     /// `fast::rms_norm` instead of the written-out RMSNorm.
     pub fast_norm: bool,
     pub swiglu: SwiGlu,
+    /// `Tuning::qkv_layout_once`.
+    pub qkv_layout_once: bool,
 }
 
 /// What a forward pass needs besides the token ids.

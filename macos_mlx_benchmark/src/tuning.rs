@@ -87,6 +87,14 @@ pub struct Tuning {
     /// backend; the default stays `Row0` until a GPU measurement says otherwise
     /// (`FTB_MLX_PADDING_SLOTS=row0|spread|scatter`).
     pub padding_slots: PaddingSlots,
+    /// With `real_tokens` and a fused q | k | v projection (Phi-3): the projection's output is
+    /// laid out in the padded rows once, then split, instead of q, k and v each on their own:
+    /// one gather (or scatter) per layer instead of three, and as many fewer in the backward;
+    /// the same bytes moved. q, k and v are then strided views of one array. Predicted to help
+    /// where the host's encoding bounds the step (MLX on CUDA, measured host-bound); off until
+    /// measured (`FTB_MLX_QKV_LAYOUT_ONCE=1`). Serves every GPU backend; no effect on Llama and
+    /// Qwen3, whose projections are separate.
+    pub qkv_layout_once: bool,
     /// MLX's CUDA backend records its kernels into CUDA graphs (its default) or launches them one
     /// by one (`MLX_USE_CUDA_GRAPHS=0`, which the binary then sets before MLX starts). CUDA only.
     /// Graphs bound what queued work holds (`queue_mb`); without them MLX queues up to 1,000
@@ -134,6 +142,7 @@ impl Tuning {
                 // 19,045 at 128, 18,623 at 1 (no spare rows).
                 real_multiple: 1024,
                 padding_slots: PaddingSlots::Row0,
+                qkv_layout_once: false,
                 cuda_graphs: true,
                 fused_adamw: true,
             },
@@ -145,6 +154,7 @@ impl Tuning {
                 real_tokens: true,
                 real_multiple: 1,
                 padding_slots: PaddingSlots::Row0,
+                qkv_layout_once: false,
                 cuda_graphs: true,
                 fused_adamw: false,
                 queue_mb: 0,
@@ -157,6 +167,7 @@ impl Tuning {
                 real_tokens: false,
                 real_multiple: 1,
                 padding_slots: PaddingSlots::Row0,
+                qkv_layout_once: false,
                 cuda_graphs: true,
                 fused_adamw: false,
                 queue_mb: 0,
@@ -166,7 +177,7 @@ impl Tuning {
 
     /// The defaults for `device`, with any `FTB_MLX_SEQ_MULTIPLE`, `FTB_MLX_FAST_KERNELS`,
     /// `FTB_MLX_COMPILE`, `FTB_MLX_OVERLAP`, `FTB_MLX_REAL_TOKENS`, `FTB_MLX_REAL_MULTIPLE`,
-    /// `FTB_MLX_PADDING_SLOTS`, `FTB_MLX_FUSED_ADAMW`, `MLX_USE_CUDA_GRAPHS` and (CUDA)
+    /// `FTB_MLX_PADDING_SLOTS`, `FTB_MLX_QKV_LAYOUT_ONCE`, `FTB_MLX_FUSED_ADAMW`, `MLX_USE_CUDA_GRAPHS` and (CUDA)
     /// `MLX_MAX_MB_PER_BUFFER` applied. A value that does not parse is a usage error.
     pub fn for_device(device: MlxDevice, strategy: StrategyKind) -> Result<Self, ConfigError> {
         Self::with_env(device, strategy, |k| std::env::var(k).ok())
@@ -233,6 +244,7 @@ impl Tuning {
                 )
             })?;
         }
+        flag("FTB_MLX_QKV_LAYOUT_ONCE", &mut t.qkv_layout_once)?;
         flag("FTB_MLX_FUSED_ADAMW", &mut t.fused_adamw)?;
         if t.fused_adamw && device != MlxDevice::Cuda {
             return Err(bad(
@@ -283,6 +295,7 @@ impl Tuning {
             "real_tokens": self.real_tokens,
             "real_multiple": self.real_multiple,
             "padding_slots": self.padding_slots.name(),
+            "qkv_layout_once": self.qkv_layout_once,
             "cuda_graphs": self.cuda_graphs,
             "fused_adamw": self.fused_adamw,
             "queue_mb": self.queue_mb,
