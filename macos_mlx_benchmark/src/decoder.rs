@@ -29,12 +29,13 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use crate::tuning::PaddingSlots;
+use crate::tuning::{PaddingSlots, Tuning};
 use anyhow::Result;
 use mlx_rs::error::Exception;
 use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
 use mlx_rs::macros::ModuleParameters;
 use mlx_rs::module::{ModuleParameters as _, Param, Parameter};
+use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{ops, Array, Dtype};
 use shared::config::StrategyConfig;
 use shared::data::batch::{self, MicroBatch};
@@ -221,10 +222,9 @@ impl Attention {
         };
         let scale = 1.0 / (d as f32).sqrt();
         let out = fast::scaled_dot_product_attention(&q, &k, &v, scale, mask, None)?;
-        let out = out.transpose_axes(&[0, 2, 1, 3])?;
         let out = match inp.real {
-            Some(r) => r.to_real(&out.reshape(&[b * t, h * d])?)?,
-            None => out.reshape(&[b, t, h * d])?,
+            Some(r) => r.heads_to_real(&out)?,
+            None => out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, t, h * d])?,
         };
         self.o_proj.forward(&out, p)
     }
@@ -676,6 +676,9 @@ pub struct RealTokens {
     pub scatter: Array,
     /// `B*T`.
     pub slots: i32,
+    /// With `Tuning::gather_heads`: `[N]` int32 row and column of each real token's slot, for
+    /// [`RealTokens::heads_to_real`].
+    pub heads_at: Option<(Array, Array)>,
 }
 
 impl RealTokens {
@@ -696,18 +699,34 @@ impl RealTokens {
     pub fn to_real(&self, a: &Array) -> Result<Array, Exception> {
         a.take_axis(&self.scatter, 0)
     }
+
+    /// Attention's output `[B, heads, T, D]` -> `[N, heads * D]` real-token rows. Without
+    /// `heads_at`: transposed to `[B, T, heads, D]`, which the reshape to `[B*T, heads * D]`
+    /// copies, then gathered. With it: one gather of each real token's `[heads, D]` straight from
+    /// the heads layout (rows and columns as indices on axes 0 and 2), no copy.
+    pub fn heads_to_real(&self, out: &Array) -> Result<Array, Exception> {
+        let (h, d) = (out.dim(1), out.dim(3));
+        match &self.heads_at {
+            Some((rows, cols)) => {
+                let g = out.try_index((rows, .., cols))?;
+                g.reshape(&[g.dim(0), h * d])
+            }
+            None => self.to_real(
+                &out.transpose_axes(&[0, 2, 1, 3])?
+                    .reshape(&[self.slots, h * d])?,
+            ),
+        }
+    }
 }
 
 impl MicroBatchArrays {
-    pub fn new(
-        mb: &MicroBatch,
-        freqs: &Array,
-        seq_multiple: usize,
-        fast_rope: bool,
-        real_tokens: bool,
-        real_multiple: usize,
-        padding_slots: PaddingSlots,
-    ) -> Result<Self> {
+    /// The arrays of `mb` laid out as `t` says (`seq_multiple`, `fast_kernels` for RoPE,
+    /// `real_tokens`, `real_multiple`, `padding_slots`, `gather_heads`).
+    pub fn new(mb: &MicroBatch, freqs: &Array, t: &Tuning) -> Result<Self> {
+        let (seq_multiple, fast_rope, real_tokens) =
+            (t.seq_multiple, t.fast_kernels, t.real_tokens);
+        let (real_multiple, padding_slots, gather_heads) =
+            (t.real_multiple, t.padding_slots, t.gather_heads);
         let (rows, t) = (mb.rows, mb.seq_len);
         let tp = t.div_ceil(seq_multiple.max(1)) * seq_multiple.max(1);
         let (b, tpi) = (rows as i32, tp as i32);
@@ -771,6 +790,13 @@ impl MicroBatchArrays {
             real = Some(RealTokens {
                 gather: (padding_slots != PaddingSlots::Scatter)
                     .then(|| Array::from_slice(&gather, &[gather.len() as i32])),
+                heads_at: gather_heads.then(|| {
+                    let at = |f: &dyn Fn(i32) -> i32| -> Array {
+                        let v: Vec<i32> = scatter.iter().map(|&s| f(s)).collect();
+                        Array::from_slice(&v, &[v.len() as i32])
+                    };
+                    (at(&|s| s / tpi), at(&|s| s % tpi))
+                }),
                 scatter: Array::from_slice(&scatter, &[scatter.len() as i32]),
                 slots: (rows * tp) as i32,
             });
@@ -859,6 +885,7 @@ fn document_mask(seg: &Array, t: i32) -> Result<Array, Exception> {
 mod tests {
     use super::*;
     use mlx_rs::Device;
+    use shared::config::StrategyKind;
     use shared::data::batch::MicroBatch;
 
     fn packed_micro_batch() -> MicroBatch {
@@ -878,17 +905,29 @@ mod tests {
         }
     }
 
+    /// The tuning of these tests: the CPU's, with the layout choices given.
+    fn layout(
+        seq_multiple: usize,
+        fast_kernels: bool,
+        real_tokens: bool,
+        real_multiple: usize,
+        padding_slots: PaddingSlots,
+        gather_heads: bool,
+    ) -> Tuning {
+        Tuning {
+            seq_multiple,
+            fast_kernels,
+            real_tokens,
+            real_multiple,
+            padding_slots,
+            gather_heads,
+            ..Tuning::default_for(crate::device::MlxDevice::Cpu, StrategyKind::Full)
+        }
+    }
+
     fn arrays(mb: &MicroBatch, multiple: usize, fast_rope: bool) -> MicroBatchArrays {
-        MicroBatchArrays::new(
-            mb,
-            &rope_freqs(&ModelShape::tiny()),
-            multiple,
-            fast_rope,
-            false,
-            1,
-            PaddingSlots::Row0,
-        )
-        .unwrap()
+        let t = layout(multiple, fast_rope, false, 1, PaddingSlots::Row0, false);
+        MicroBatchArrays::new(mb, &rope_freqs(&ModelShape::tiny()), &t).unwrap()
     }
 
     #[test]
@@ -971,7 +1010,8 @@ mod tests {
         let mb = short_rows();
         let freqs = rope_freqs(&ModelShape::tiny());
         let new = |multiple, slots| {
-            MicroBatchArrays::new(&mb, &freqs, 1, true, true, multiple, slots).unwrap()
+            MicroBatchArrays::new(&mb, &freqs, &layout(1, true, true, multiple, slots, false))
+                .unwrap()
         };
         let a = new(4, PaddingSlots::Row0);
         assert_eq!(a.ids.as_slice::<i32>(), &[5, 6, 8, 0]);
@@ -1008,34 +1048,52 @@ mod tests {
         // [4, 2]: three real rows and one spare.
         let x = Array::from_slice(&[1.0f32, -2.0, 0.5, 3.0, -1.5, 0.25, 7.0, 8.0], &[4, 2]);
         let mut results = Vec::new();
-        for slots in [
+        let forms = [
             PaddingSlots::Row0,
             PaddingSlots::Spread,
             PaddingSlots::Scatter,
-        ] {
-            let a = MicroBatchArrays::new(&mb, &freqs, 1, true, true, 4, slots).unwrap();
+        ];
+        for (slots, gather_heads) in forms.iter().flat_map(|&s| [(s, false), (s, true)]) {
+            let what = format!("{slots:?}, gather_heads {gather_heads}");
+            let a =
+                MicroBatchArrays::new(&mb, &freqs, &layout(1, true, true, 4, slots, gather_heads))
+                    .unwrap();
             let r = a.real.clone().unwrap();
             let padded = r.to_padded(&x).unwrap();
             assert_eq!(padded.shape(), &[6, 2]);
             let p = padded.as_slice::<f32>().to_vec();
             // Real tokens sit at slots 0, 1 (row 0) and 3 (row 1).
-            assert_eq!(&p[0..4], &[1.0, -2.0, 0.5, 3.0], "{slots:?}");
-            assert_eq!(&p[6..8], &[-1.5, 0.25], "{slots:?}");
+            assert_eq!(&p[0..4], &[1.0, -2.0, 0.5, 3.0], "{what}");
+            assert_eq!(&p[6..8], &[-1.5, 0.25], "{what}");
             let back = r.to_real(&padded).unwrap();
             assert_eq!(&back.as_slice::<f32>()[..6], &x.as_slice::<f32>()[..6]);
+            // Padded rows as attention's output: [B, heads, T, D] with one head of width 2.
+            let heads = |a: &Array| a.reshape(&[2, 3, 1, 2])?.transpose_axes(&[0, 2, 1, 3]);
+            let back = r.heads_to_real(&heads(&padded).unwrap()).unwrap();
+            assert_eq!(back.shape(), &[4, 2]);
+            assert_eq!(
+                &back.as_slice::<f32>()[..6],
+                &x.as_slice::<f32>()[..6],
+                "{what}"
+            );
             // Loss over the real rows only (the spare row's weight is 0, as no loss reads it).
             let w = Array::from_slice(&[0.5f32, 2.0, -1.0, 1.0, 3.0, -0.5, 0.0, 0.0], &[4, 2]);
             let f = move |x: &[Array]| -> Result<Vec<Array>, Exception> {
                 let y = ops::sin(r.to_padded(&x[0])?)?.multiply(Array::from_f32(2.0))?;
-                Ok(vec![r.to_real(&y)?.multiply(&w)?.sum(None)?])
+                let back = r.heads_to_real(&heads(&y)?)?;
+                Ok(vec![back.multiply(&w)?.sum(None)?])
             };
             let (v, g) =
                 value_and_grad_with_argnums(f, &[0][..])(std::slice::from_ref(&x)).unwrap();
-            results.push((v[0].item_exact::<f32>(), g[0].as_slice::<f32>().to_vec()));
+            results.push((
+                what,
+                v[0].item_exact::<f32>(),
+                g[0].as_slice::<f32>().to_vec(),
+            ));
         }
-        assert!(results[0].1.iter().any(|g| *g != 0.0));
-        for (slots, r) in ["spread", "scatter"].iter().zip(&results[1..]) {
-            assert_eq!(r, &results[0], "{slots}");
+        assert!(results[0].2.iter().any(|g| *g != 0.0));
+        for r in &results[1..] {
+            assert_eq!((r.1, &r.2), (results[0].1, &results[0].2), "{}", r.0);
         }
     }
 
@@ -1083,9 +1141,13 @@ mod tests {
             input_tokens: t as usize,
             padded_tokens: t as usize,
         };
-        let table = MicroBatchArrays::new(&mb, &freqs, 1, false, false, 1, PaddingSlots::Row0)
-            .unwrap()
-            .rope;
+        let table = MicroBatchArrays::new(
+            &mb,
+            &freqs,
+            &layout(1, false, false, 1, PaddingSlots::Row0, false),
+        )
+        .unwrap()
+        .rope;
         let slow = table.apply(&x).unwrap();
         let diff = fast
             .subtract(&slow)

@@ -402,16 +402,7 @@ impl MlxBackend {
                 continue;
             }
             ran += 1;
-            let t = &self.tuning;
-            let arrays = MicroBatchArrays::new(
-                mb,
-                &self.freqs,
-                t.seq_multiple,
-                t.fast_kernels,
-                t.real_tokens,
-                t.real_multiple,
-                t.padding_slots,
-            )?;
+            let arrays = MicroBatchArrays::new(mb, &self.freqs, &self.tuning)?;
             self.attention_tokens += arrays.attention_tokens;
             self.dense_tokens += arrays.dense_tokens;
             let loss_fn = |model: &mut CausalLM,

@@ -95,6 +95,12 @@ pub struct Tuning {
     /// measured (`FTB_MLX_QKV_LAYOUT_ONCE=1`). Serves every GPU backend; no effect on Llama and
     /// Qwen3, whose projections are separate.
     pub qkv_layout_once: bool,
+    /// With `real_tokens`: attention's output `[B, heads, T, D]` reaches the real-token rows in one
+    /// gather from the heads layout (`RealTokens::heads_to_real`) instead of a transpose that the
+    /// reshape copies, then a gather: one kernel and one pass over the padded output fewer per
+    /// layer, and the same in the backward of each trained layer. Off until measured
+    /// (`FTB_MLX_GATHER_HEADS=1`); serves every GPU backend.
+    pub gather_heads: bool,
     /// MLX's CUDA backend records its kernels into CUDA graphs (its default) or launches them one
     /// by one (`MLX_USE_CUDA_GRAPHS=0`, which the binary then sets before MLX starts). CUDA only.
     /// Graphs bound what queued work holds (`queue_mb`); without them MLX queues up to 1,000
@@ -143,6 +149,7 @@ impl Tuning {
                 real_multiple: 1024,
                 padding_slots: PaddingSlots::Row0,
                 qkv_layout_once: false,
+                gather_heads: false,
                 cuda_graphs: true,
                 fused_adamw: true,
             },
@@ -155,6 +162,7 @@ impl Tuning {
                 real_multiple: 1,
                 padding_slots: PaddingSlots::Row0,
                 qkv_layout_once: false,
+                gather_heads: false,
                 cuda_graphs: true,
                 fused_adamw: false,
                 queue_mb: 0,
@@ -168,6 +176,7 @@ impl Tuning {
                 real_multiple: 1,
                 padding_slots: PaddingSlots::Row0,
                 qkv_layout_once: false,
+                gather_heads: false,
                 cuda_graphs: true,
                 fused_adamw: false,
                 queue_mb: 0,
@@ -177,7 +186,8 @@ impl Tuning {
 
     /// The defaults for `device`, with any `FTB_MLX_SEQ_MULTIPLE`, `FTB_MLX_FAST_KERNELS`,
     /// `FTB_MLX_COMPILE`, `FTB_MLX_OVERLAP`, `FTB_MLX_REAL_TOKENS`, `FTB_MLX_REAL_MULTIPLE`,
-    /// `FTB_MLX_PADDING_SLOTS`, `FTB_MLX_QKV_LAYOUT_ONCE`, `FTB_MLX_FUSED_ADAMW`, `MLX_USE_CUDA_GRAPHS` and (CUDA)
+    /// `FTB_MLX_PADDING_SLOTS`, `FTB_MLX_QKV_LAYOUT_ONCE`, `FTB_MLX_GATHER_HEADS`,
+    /// `FTB_MLX_FUSED_ADAMW`, `MLX_USE_CUDA_GRAPHS` and (CUDA)
     /// `MLX_MAX_MB_PER_BUFFER` applied. A value that does not parse is a usage error.
     pub fn for_device(device: MlxDevice, strategy: StrategyKind) -> Result<Self, ConfigError> {
         Self::with_env(device, strategy, |k| std::env::var(k).ok())
@@ -245,6 +255,7 @@ impl Tuning {
             })?;
         }
         flag("FTB_MLX_QKV_LAYOUT_ONCE", &mut t.qkv_layout_once)?;
+        flag("FTB_MLX_GATHER_HEADS", &mut t.gather_heads)?;
         flag("FTB_MLX_FUSED_ADAMW", &mut t.fused_adamw)?;
         if t.fused_adamw && device != MlxDevice::Cuda {
             return Err(bad(
@@ -296,6 +307,7 @@ impl Tuning {
             "real_multiple": self.real_multiple,
             "padding_slots": self.padding_slots.name(),
             "qkv_layout_once": self.qkv_layout_once,
+            "gather_heads": self.gather_heads,
             "cuda_graphs": self.cuda_graphs,
             "fused_adamw": self.fused_adamw,
             "queue_mb": self.queue_mb,

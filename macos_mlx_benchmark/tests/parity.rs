@@ -436,6 +436,11 @@ fn the_gpu_layout_computes_the_same_losses() {
             if once {
                 gpu_layout.push(("FTB_MLX_QKV_LAYOUT_ONCE", "1"));
             }
+            // Attention's output gathered straight from the heads layout: tiny full and Llama.
+            let gather_heads = i % 2 == 0;
+            if gather_heads {
+                gpu_layout.push(("FTB_MLX_GATHER_HEADS", "1"));
+            }
             let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
             let extra = [
                 "--model",
@@ -450,10 +455,11 @@ fn the_gpu_layout_computes_the_same_losses() {
             assert_eq!(b.backend.details["tuning"]["real_tokens"], true);
             assert_eq!(b.backend.details["tuning"]["padding_slots"], slots);
             assert_eq!(b.backend.details["tuning"]["qkv_layout_once"], once);
+            assert_eq!(b.backend.details["tuning"]["gather_heads"], gather_heads);
             let d = max_rel_diff(&a.metrics.loss_curve, &b.metrics.loss_curve);
             let g = max_rel_diff(&grad_norms(da.path(), &a), &grad_norms(db.path(), &b));
             eprintln!(
-                "layout {model} {strategy}/{plan}, {slots}, qkv once {once}: max relative difference: losses {d:.2e}, gradient norms {g:.2e}"
+                "layout {model} {strategy}/{plan}, {slots}, qkv once {once}, gather heads {gather_heads}: max relative difference: losses {d:.2e}, gradient norms {g:.2e}"
             );
             assert!(
                 g < 1e-5,
