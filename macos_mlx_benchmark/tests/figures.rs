@@ -83,6 +83,72 @@ fn memory_figures_and_the_estimate_against_the_allocated_peak() {
     }
 }
 
+/// Activation checkpointing lowers MLX's peak where activations make it: a Phi-3 of 8 blocks of
+/// width 512 on 4,096-token micro-batches (the tiny preset peaks in the LM head instead), and the
+/// estimate stays within 10 % of the measured peak with and without it. Measured when written
+/// (2026-12-05, this test's 2 steps): 3.79 GiB without, 1.80 with; estimates -5.2 % and +3.8 %.
+#[test]
+fn checkpointing_lowers_the_peak_where_activations_make_it() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("mid");
+    std::fs::create_dir(&model).unwrap();
+    let mut shape = shared::model::ModelShape::tiny();
+    shape.hidden_size = 512;
+    shape.num_layers = 8;
+    shape.num_heads = 8;
+    shape.num_kv_heads = 8;
+    shape.intermediate_size = 2048;
+    std::fs::write(
+        model.join("config.json"),
+        shape.to_config_json().to_string(),
+    )
+    .unwrap();
+    let model = model.to_str().unwrap();
+    let mut peaks = Vec::new();
+    for ckpt in [false, true] {
+        let out = d.path().join(format!("run-{ckpt}"));
+        let mut args = vec![
+            "--model",
+            model,
+            "--weights",
+            "random",
+            "--dataset",
+            "synthetic",
+            // Two steps: the first has no optimizer state while it computes.
+            "--samples",
+            "64",
+            "--dtype",
+            "float32",
+            "--max-seq-len",
+            "128",
+            "--max-tokens-per-micro-batch",
+            "4096",
+            "--micro-batch-size",
+            "32",
+            "--grad-accum",
+            "1",
+            "--strategy",
+            "full",
+        ];
+        if ckpt {
+            args.push("--grad-checkpoint");
+        }
+        let s = ok(&out, &args);
+        let m = &s.metrics.memory;
+        let e = m.estimate_error.unwrap();
+        assert!(
+            e.abs() < 0.10,
+            "checkpointing {ckpt}: estimate error {e:+.3}"
+        );
+        peaks.push(m.device_peak_allocated_gib.unwrap());
+    }
+    eprintln!(
+        "MLX peak: {:.3} GiB without checkpointing, {:.3} with",
+        peaks[0], peaks[1]
+    );
+    assert!(peaks[1] < 0.75 * peaks[0], "{peaks:?}");
+}
+
 /// Short runs: the `steady:` note; a 1-step run has no steady figures at all.
 #[test]
 fn short_runs_note_their_steady_figures() {

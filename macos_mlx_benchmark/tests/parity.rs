@@ -247,8 +247,10 @@ fn checkpoints_of_each_family_load_by_name() {
 /// Activation checkpointing changes how a step computes, not what: in each binary, fp32 on the
 /// CPU, every family and strategy (and packed rows with document masks), the per-step losses and
 /// gradient norms with `--grad-checkpoint` are those without (1e-5 relative), the workload hash
-/// is the same, and the summary says checkpointing was on. MLX keeps a peak on the CPU: it must
-/// not grow.
+/// is the same, and the summary says checkpointing was on. What checkpointing does to MLX's peak
+/// is `figures.rs`'s test: these tiny models peak in the LM head, where their peaks vary by a few
+/// MB from run to run (174.6 to 178.4 MB, tiny full, the same command three times) against the
+/// 2.5 MB that checkpointing saves them.
 #[test]
 fn checkpointing_changes_nothing_but_memory() {
     let Some(torch) = pytorch_bin() else { return };
@@ -294,20 +296,6 @@ fn checkpointing_changes_nothing_but_memory() {
             assert!(dg < 1e-5, "{what}: gradient norms differ by {dg:.2e}");
             let l = &plain.metrics.loss_curve;
             assert!(l[7] < l[0] - 0.05, "{what}: no training: {l:?}");
-            if plain.backend.framework == "mlx" {
-                let peak = |s: &shared::summary::Summary| {
-                    s.metrics
-                        .memory
-                        .device_peak_allocated_gib
-                        .expect("MLX's peak")
-                };
-                assert!(
-                    peak(&ckpt) <= peak(&plain) * 1.01,
-                    "{what}: checkpointing raised MLX's peak from {} to {} GiB",
-                    peak(&plain),
-                    peak(&ckpt)
-                );
-            }
         }
     }
 }
