@@ -43,6 +43,7 @@ mod fused_adamw {
         anyhow::bail!("the fused AdamW kernel is CUDA-only")
     }
 }
+mod graph;
 #[cfg(not(macos))]
 mod init;
 mod memory;

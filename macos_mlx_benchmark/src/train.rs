@@ -76,6 +76,9 @@ pub struct MlxBackend {
     /// input of a recorded graph until the graph completes), so the window of a phase is where its
     /// memory was asked for, with what the GPU still held from before.
     profile_peaks: std::collections::BTreeMap<&'static str, usize>,
+    /// With `profile`: the operations of MLX's graph for the first micro-batch's loss and
+    /// gradients, by name (`graph::count_ops`), taken once.
+    graph_ops: Option<std::collections::BTreeMap<String, usize>>,
     /// Seconds spent building the model: making the initial values on the host, and putting them
     /// on the device (the summary's `backend.details.load_breakdown_s`).
     load_host_s: f64,
@@ -202,6 +205,7 @@ impl MlxBackend {
             libmlx: device::loaded_libmlx(),
             profile: shared::hooks::flag("FTB_PROFILE")?.then(Default::default),
             profile_peaks: Default::default(),
+            graph_ops: None,
             load_host_s,
             load_device_s,
         })
@@ -414,6 +418,11 @@ impl MlxBackend {
             // Gradients w.r.t. the trainable (unfrozen) parameters only.
             let mut value_and_grad = nn::value_and_grad(loss_fn);
             let (mb_loss, mb_grads) = value_and_grad(&mut self.model, (&arrays, &denom))?;
+            if self.profile.is_some() && self.graph_ops.is_none() {
+                let outputs: Vec<&Array> =
+                    mb_grads.values().chain(std::iter::once(&mb_loss)).collect();
+                self.graph_ops = Some(crate::graph::count_ops(&outputs)?);
+            }
             // Gradient accumulation: sum over the step's micro-batches.
             grads = Some(match grads.take() {
                 None => mb_grads,
@@ -609,6 +618,22 @@ impl Backend for MlxBackend {
                 "profile_peak_by_phase_gib".into(),
                 serde_json::to_value(gib).unwrap_or_default(),
             );
+            if let Some(ops) = &self.graph_ops {
+                let total: usize = ops.values().sum();
+                let views: usize = ops
+                    .iter()
+                    .filter(|(k, _)| crate::graph::is_view(k))
+                    .map(|(_, v)| v)
+                    .sum();
+                details.insert(
+                    "profile_graph_ops_first_micro_batch".into(),
+                    serde_json::json!({
+                        "total": total,
+                        "not_views": total - views,
+                        "by_operation": ops,
+                    }),
+                );
+            }
         }
         details.insert(
             "positions_computed_last_step".into(),
