@@ -108,6 +108,18 @@ fn grad_norms(out: &Path, s: &shared::summary::Summary) -> Vec<f64> {
         .collect()
 }
 
+/// The flags of one case: a model, a strategy and a batch plan.
+fn case<'a>(model: &'a str, strategy: &'a str, plan: &'a str) -> [&'a str; 6] {
+    [
+        "--model",
+        model,
+        "--strategy",
+        strategy,
+        "--batch-plan",
+        plan,
+    ]
+}
+
 fn max_rel_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "step counts differ");
     a.iter()
@@ -179,14 +191,7 @@ fn every_family_computes_the_same_losses() {
             ("lora", "padded"),
             ("full", "packed"),
         ] {
-            let extra = [
-                "--model",
-                model,
-                "--strategy",
-                strategy,
-                "--batch-plan",
-                plan,
-            ];
+            let extra = case(model, strategy, plan);
             let t = assert_same_losses(&torch, &mlx, &extra);
             let want = shared::model::ModelShape::from_preset(
                 <shared::config::ModelPreset as clap::ValueEnum>::from_str(model, true).unwrap(),
@@ -264,14 +269,7 @@ fn checkpointing_changes_nothing_but_memory() {
     cases.push(("tiny", "full", "packed"));
     for (model, strategy, plan) in cases {
         for bin in [&torch, &mlx] {
-            let extra = [
-                "--model",
-                model,
-                "--strategy",
-                strategy,
-                "--batch-plan",
-                plan,
-            ];
+            let extra = case(model, strategy, plan);
             let what = format!("{} {}", bin.display(), extra.join(" "));
             let (d0, d1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
             let plain = run(bin, d0.path(), &extra);
@@ -351,14 +349,7 @@ fn both_frameworks_compute_the_same_losses_on_the_gpu() {
         for strategy in ["last-n", "full", "lora"] {
             for plan in ["padded", "packed"] {
                 let (dt, dm) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-                let extra = [
-                    "--model",
-                    model,
-                    "--strategy",
-                    strategy,
-                    "--batch-plan",
-                    plan,
-                ];
+                let extra = case(model, strategy, plan);
                 let t = run_on(&torch, dt.path(), "cuda", &extra);
                 let m = run_on(&mlx, dm.path(), "gpu", &extra);
                 let what = format!("gpu {model} {strategy}/{plan}");
@@ -430,14 +421,7 @@ fn the_gpu_layout_computes_the_same_losses() {
                 gpu_layout.push(("FTB_MLX_GATHER_HEADS", "1"));
             }
             let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-            let extra = [
-                "--model",
-                model,
-                "--strategy",
-                strategy,
-                "--batch-plan",
-                plan,
-            ];
+            let extra = case(model, strategy, plan);
             let a = run_env(&mlx, da.path(), "cpu", &extra, &plain);
             let b = run_env(&mlx, db.path(), "cpu", &extra, &gpu_layout);
             assert_eq!(b.backend.details["tuning"]["real_tokens"], true);
