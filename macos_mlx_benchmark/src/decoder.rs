@@ -175,10 +175,7 @@ impl Attention {
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // Real tokens with a fused projection under `qkv_layout_once`: q | k | v laid out in the
         // padded rows together, one layout (and one in the backward) instead of three.
-        let once = match (inp.real, &self.qkv_proj) {
-            (Some(r), Some(_)) if k.qkv_layout_once => Some(r),
-            _ => None,
-        };
+        let once = inp.real.filter(|r| r.qkv_once && self.qkv_proj.is_some());
         let parts = match &self.qkv_proj {
             Some(qkv_proj) => {
                 let qkv = qkv_proj.forward(x, p)?;
@@ -419,8 +416,6 @@ pub struct Kernels {
     /// `fast::rms_norm` instead of the written-out RMSNorm.
     pub fast_norm: bool,
     pub swiglu: SwiGlu,
-    /// `Tuning::qkv_layout_once`.
-    pub qkv_layout_once: bool,
 }
 
 /// What a forward pass needs besides the token ids.
@@ -679,6 +674,8 @@ pub struct RealTokens {
     /// With `Tuning::gather_heads`: `[N]` int32 row and column of each real token's slot, for
     /// [`RealTokens::heads_to_real`].
     pub heads_at: Option<(Array, Array)>,
+    /// `Tuning::qkv_layout_once`: a fused q | k | v projection is laid out once, then split.
+    pub qkv_once: bool,
 }
 
 impl RealTokens {
@@ -720,13 +717,16 @@ impl RealTokens {
 }
 
 impl MicroBatchArrays {
-    /// The arrays of `mb` laid out as `t` says (`seq_multiple`, `fast_kernels` for RoPE,
-    /// `real_tokens`, `real_multiple`, `padding_slots`, `gather_heads`).
-    pub fn new(mb: &MicroBatch, freqs: &Array, t: &Tuning) -> Result<Self> {
+    /// The arrays of `mb` laid out as `tuning` says (`seq_multiple`, `fast_kernels` for RoPE,
+    /// `real_tokens`, `real_multiple`, `padding_slots`, `gather_heads`, `qkv_layout_once`).
+    pub fn new(mb: &MicroBatch, freqs: &Array, tuning: &Tuning) -> Result<Self> {
         let (seq_multiple, fast_rope, real_tokens) =
-            (t.seq_multiple, t.fast_kernels, t.real_tokens);
-        let (real_multiple, padding_slots, gather_heads) =
-            (t.real_multiple, t.padding_slots, t.gather_heads);
+            (tuning.seq_multiple, tuning.fast_kernels, tuning.real_tokens);
+        let (real_multiple, padding_slots, gather_heads) = (
+            tuning.real_multiple,
+            tuning.padding_slots,
+            tuning.gather_heads,
+        );
         let (rows, t) = (mb.rows, mb.seq_len);
         let tp = t.div_ceil(seq_multiple.max(1)) * seq_multiple.max(1);
         let (b, tpi) = (rows as i32, tp as i32);
@@ -791,12 +791,12 @@ impl MicroBatchArrays {
                 gather: (padding_slots != PaddingSlots::Scatter)
                     .then(|| Array::from_slice(&gather, &[gather.len() as i32])),
                 heads_at: gather_heads.then(|| {
-                    let at = |f: &dyn Fn(i32) -> i32| -> Array {
-                        let v: Vec<i32> = scatter.iter().map(|&s| f(s)).collect();
-                        Array::from_slice(&v, &[v.len() as i32])
-                    };
-                    (at(&|s| s / tpi), at(&|s| s % tpi))
+                    let (r, c): (Vec<i32>, Vec<i32>) =
+                        scatter.iter().map(|&s| (s / tpi, s % tpi)).unzip();
+                    let n = r.len() as i32;
+                    (Array::from_slice(&r, &[n]), Array::from_slice(&c, &[n]))
                 }),
+                qkv_once: tuning.qkv_layout_once,
                 scatter: Array::from_slice(&scatter, &[scatter.len() as i32]),
                 slots: (rows * tp) as i32,
             });

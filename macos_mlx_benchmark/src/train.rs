@@ -165,7 +165,6 @@ impl MlxBackend {
             precision,
             fast_norm: tuning.fast_kernels,
             swiglu: SwiGlu::new(tuning.compile),
-            qkv_layout_once: tuning.qkv_layout_once,
         };
         let model = CausalLM::from_tensors(&shape, strategy, kernels, tensors)?;
 
