@@ -344,8 +344,11 @@ fn both_frameworks_compute_the_same_losses_on_the_gpu() {
         );
         return;
     }
-    // Every family (tiny shapes) through both GPU paths.
-    for model in ["tiny", "tiny-llama", "tiny-qwen3"] {
+    // Every family (tiny shapes) through both GPU paths; FTB_PARITY_MODELS (comma-separated)
+    // runs some of them, for a device call with little time left.
+    let models =
+        std::env::var("FTB_PARITY_MODELS").unwrap_or_else(|_| "tiny,tiny-llama,tiny-qwen3".into());
+    for model in models.split(',') {
         for strategy in ["last-n", "full", "lora"] {
             for plan in ["padded", "packed"] {
                 let (dt, dm) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -359,7 +362,8 @@ fn both_frameworks_compute_the_same_losses_on_the_gpu() {
                 let (lt, lm) = (&t.metrics.loss_curve, &m.metrics.loss_curve);
                 assert_eq!(lt.len(), 8);
                 let d = max_rel_diff(lt, lm);
-                // Gradient norms: printed, not yet asserted (no GPU figure of them so far).
+                // Gradient norms: the CPU test's bound (the H200 measured at most 8.7e-7 on
+                // 2026-12-05, benchmarks/h200-2026-12-05/call1/log.txt).
                 let g = max_rel_diff(&grad_norms(dt.path(), &t), &grad_norms(dm.path(), &m));
                 eprintln!(
                     "{what}: max relative difference: losses {d:.2e}, gradient norms {g:.2e}"
@@ -368,6 +372,7 @@ fn both_frameworks_compute_the_same_losses_on_the_gpu() {
                     d < 1e-5,
                     "{what}: losses differ by {d:.2e}\n pytorch {lt:?}\n mlx     {lm:?}"
                 );
+                assert!(g < 1e-4, "{what}: gradient norms differ by {g:.2e}");
             }
         }
     }
