@@ -38,7 +38,7 @@ for t in .device/tests/*; do
   [[ -x $t && -z ${SKIP_TESTS:-} ]] || continue
   echo "=== test $t" | tee -a "$out/log.txt"
   # The GPU tests only (the rest run in CI): the parity test's GPU case, the device init check.
-  case $(basename "$t") in parity) filter=on_the_gpu ;; macos_mlx_benchmark) filter="device_values fused_matches" ;; *) filter= ;; esac
+  case $(basename "$t") in parity) filter=on_the_gpu ;; macos_mlx_benchmark) filter="device_values fused_matches strided_qkv" ;; *) filter= ;; esac
   timeout "${TEST_TIMEOUT:-300}" "$t" $filter --nocapture --test-threads 1 >>"$out/log.txt" 2>&1
   echo "exit $?" | tee -a "$out/log.txt"
   grep -E "^test |^test result|skipped|max rel" "$out/log.txt" | tail -12

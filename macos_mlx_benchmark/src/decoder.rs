@@ -1179,4 +1179,92 @@ mod tests {
         let r = rotate_half(&x).unwrap();
         assert_eq!(r.as_slice::<f32>(), &[-3., -4., 1., 2.]);
     }
+
+    /// q, k and v as strided views of one q | k | v matrix (what `qkv_layout_once` hands MLX's
+    /// fused kernels: a T stride of 3 H D) against the same values as separate arrays, through
+    /// RoPE with frequencies and attention, stage by stage. Exact on the CPU. On MLX's CUDA
+    /// backend (0.32.2) training with the views gave a NaN loss (H200, 2026-12-05), so there
+    /// `Tuning` refuses `FTB_MLX_QKV_LAYOUT_ONCE` with the fused kernels; this test prints which
+    /// stage differs, and fails once none does, so that the refusal is looked at again.
+    #[test]
+    fn strided_qkv_views_through_the_fused_kernels() {
+        use crate::device::{gpu_backend, MlxDevice};
+        let cuda = gpu_backend() == Some(MlxDevice::Cuda);
+        // Phi-3-mini's heads on the GPU; fewer on the CPU, where it only has to agree.
+        let (b, t, h, d) = if cuda {
+            (2, 512, 32, 96)
+        } else {
+            (1, 256, 2, 96)
+        };
+        let dtype = if cuda {
+            Dtype::Bfloat16
+        } else {
+            Dtype::Float32
+        };
+        Device::set_default(&if cuda { Device::gpu() } else { Device::cpu() });
+        mlx_rs::random::seed(7).unwrap();
+        let parts: Vec<Array> = (0..3)
+            .map(|_| {
+                mlx_rs::random::normal::<f32>(&[b * t, h * d], None, None, None)
+                    .and_then(|a| a.as_dtype(dtype))
+                    .unwrap()
+            })
+            .collect();
+        let fused = ops::concatenate(&parts, -1).unwrap();
+        let views = fused.split_at_indices(&[h * d, 2 * h * d], -1).unwrap();
+        let heads = |a: &Array| {
+            a.reshape(&[b, t, h, d])
+                .and_then(|a| a.transpose_axes(&[0, 2, 1, 3]))
+                .unwrap()
+        };
+        let wavelengths: Vec<f32> = (0..d / 2)
+            .map(|j| 10000f32.powf(2.0 * j as f32 / d as f32))
+            .collect();
+        let freqs = Array::from_slice(&wavelengths, &[d / 2]);
+        let rope = |x: &Array| fast::rope(x, d, false, None::<f32>, 1.0, 0, Some(&freqs)).unwrap();
+        let attend = |q: &Array, k: &Array, v: &Array| {
+            let scale = 1.0 / (d as f32).sqrt();
+            let mask = ScaledDotProductAttentionMask::Causal;
+            fast::scaled_dot_product_attention(q, k, v, scale, mask, None).unwrap()
+        };
+        let stages = |qkv: &[Array]| {
+            let (q, k, v) = (heads(&qkv[0]), heads(&qkv[1]), heads(&qkv[2]));
+            let (rq, rk) = (rope(&q), rope(&k));
+            let plain = attend(&q, &k, &v);
+            let roped = attend(&rq, &rk, &v);
+            [
+                ("rope(q)", rq),
+                ("rope(k)", rk),
+                ("attention", plain),
+                ("attention(rope)", roped),
+            ]
+        };
+        let mut agree = true;
+        for ((name, a), (_, c)) in stages(&views).into_iter().zip(stages(&parts)) {
+            let (a, c) = (
+                a.as_dtype(Dtype::Float32).unwrap(),
+                c.as_dtype(Dtype::Float32).unwrap(),
+            );
+            mlx_rs::transforms::eval([&a, &c]).unwrap();
+            let (a, c) = (a.as_slice::<f32>(), c.as_slice::<f32>());
+            let finite = a.iter().all(|x| x.is_finite());
+            let diff = a
+                .iter()
+                .zip(c)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            eprintln!(
+                "{name}: views against separate arrays differ by {diff:.3e}, finite {finite}"
+            );
+            agree &= finite && diff == 0.0;
+        }
+        if cuda {
+            assert!(
+                !agree,
+                "on CUDA the fused kernels now agree on strided q/k/v views: MLX fixed it, or this test no longer reaches the fault; run lastn_once on the GPU (benchmarks/RESULTS.md) and lift FTB_MLX_QKV_LAYOUT_ONCE's refusal in tuning.rs if it trains"
+            );
+        } else {
+            assert!(agree, "strided views must compute what separate arrays do");
+        }
+    }
 }

@@ -255,6 +255,19 @@ impl Tuning {
             })?;
         }
         flag("FTB_MLX_QKV_LAYOUT_ONCE", &mut t.qkv_layout_once)?;
+        // Measured on the H200 (2026-12-05, MLX 0.32.2, benchmarks/h200-2026-12-05/): with MLX's
+        // fused kernels, q, k and v as strided views of one laid-out q | k | v give a NaN loss at
+        // step 0 (last-n and LoRA), and without CUDA graphs an illegal memory access; with
+        // FTB_MLX_FAST_KERNELS=0 the same run trains. The CPU runs the written-out forms and
+        // agrees exactly, so the fault is in a CUDA kernel's handling of those strides
+        // (benchmarks/repro/mlx_cuda_strided_qkv.py narrows it down).
+        if t.qkv_layout_once && t.fast_kernels && device == MlxDevice::Cuda {
+            return Err(bad(
+                "FTB_MLX_QKV_LAYOUT_ONCE",
+                var("FTB_MLX_QKV_LAYOUT_ONCE").as_deref().unwrap_or_default(),
+                "on MLX's CUDA backend (0.32.2) it gives a NaN loss with MLX's fused kernels: unset it, or add FTB_MLX_FAST_KERNELS=0 (slower, for experiments)",
+            ));
+        }
         flag("FTB_MLX_GATHER_HEADS", &mut t.gather_heads)?;
         flag("FTB_MLX_FUSED_ADAMW", &mut t.fused_adamw)?;
         if t.fused_adamw && device != MlxDevice::Cuda {
@@ -420,5 +433,23 @@ mod tests {
             e.contains("FTB_MLX_FUSED_ADAMW") && e.contains("CUDA"),
             "{e}"
         );
+        // q | k | v laid out once: refused with CUDA's fused kernels (NaN there), allowed
+        // without them and on the CPU.
+        let once = |device, extra: &[(&str, &str)]| {
+            let mut vars = vec![("FTB_MLX_QKV_LAYOUT_ONCE", "1")];
+            vars.extend_from_slice(extra);
+            Tuning::with_env(device, StrategyKind::LastN, env(&vars))
+        };
+        let e = once(MlxDevice::Cuda, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("FTB_MLX_QKV_LAYOUT_ONCE") && e.contains("FTB_MLX_FAST_KERNELS=0"),
+            "{e}"
+        );
+        assert!(
+            once(MlxDevice::Cuda, &[("FTB_MLX_FAST_KERNELS", "0")])
+                .unwrap()
+                .qkv_layout_once
+        );
+        assert!(once(MlxDevice::Cpu, &[]).unwrap().qkv_layout_once);
     }
 }
