@@ -94,7 +94,24 @@ fn main() {
         preflight,
         MlxBackend::new,
     );
-    std::process::exit(code);
+    exit_without_teardown(code)
+}
+
+/// Ends the process once everything is written, without the C++ static destructors that
+/// `std::process::exit` runs: MLX's CUDA backend synchronises its stream in them, and after a
+/// failure of that backend the synchronisation throws, so the process aborted (exit 134) after
+/// writing its `failed` summary (measured on the H200, 2026-12-05: a cuDNN error, then
+/// `cudaStreamSynchronize ... illegal memory access` in teardown). The driver and the operating
+/// system free the device and host memory either way.
+fn exit_without_teardown(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: fflush(NULL) flushes every C stream; _exit ends the process at once.
+    unsafe {
+        libc::fflush(std::ptr::null_mut());
+        libc::_exit(code)
+    }
 }
 
 /// `--device` is resolved against the MLX library this process loaded (`device.rs`): a GPU that
