@@ -149,6 +149,10 @@ pub struct Decoder {
     /// Blocks before this index are frozen with nothing trainable before them: they run without
     /// building an autograd graph (`last-n`).
     pub first_grad_layer: usize,
+    /// With checkpointing, the LM head and the loss run over this many loss tokens at a time,
+    /// each chunk's backward right after its forward, so that one chunk's logits are alive at
+    /// once (`shared::measure::memory::HEAD_CHUNK_TOKENS`, which the estimate counts).
+    pub head_chunk_tokens: usize,
 }
 
 /// How attention keeps tokens apart.
@@ -252,7 +256,8 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, dt: DType) -> Tensor {
 
 /// A micro-batch's forward pass, kept for its backward pass ([`Decoder::forward`]).
 pub struct Forward {
-    /// The micro-batch's loss sum over the step's loss tokens: a scalar with autograd.
+    /// The micro-batch's loss sum over the step's loss tokens: a scalar with autograd, or,
+    /// with checkpointing, without (the head's backward has run, see `head_loss_chunked`).
     pub loss: Tensor,
     checkpointed: Option<Checkpointed>,
 }
@@ -390,6 +395,7 @@ impl Decoder {
             lm_head,
             lookup_grad: true,
             first_grad_layer,
+            head_chunk_tokens: shared::measure::memory::HEAD_CHUNK_TOKENS,
         })
     }
 
@@ -541,7 +547,8 @@ impl Decoder {
     /// A micro-batch's forward pass: its loss sum over `denom` (the step's loss tokens), with
     /// what [`Decoder::backward`] needs. With `checkpoint` (activation checkpointing) the blocks
     /// that need gradients run without autograd, each keeping only its input; the final norm,
-    /// the LM head and the loss run with autograd from the last block's output.
+    /// the LM head and the loss run with autograd from the last block's output, the head and
+    /// the loss in chunks with their backward (`head_loss_chunked`).
     pub fn forward(&self, inp: &Inputs, denom: f64, checkpoint: bool) -> Forward {
         if !checkpoint {
             return Forward {
@@ -565,9 +572,48 @@ impl Decoder {
         let last = out.detach().set_requires_grad(true);
         let h = rms_norm(&last, &self.norm, self.shape.rms_norm_eps, self.dtype);
         Forward {
-            loss: self.head_loss(&h, inp) / denom,
+            loss: self.head_loss_chunked(&h, inp, denom),
             checkpointed: Some(Checkpointed { inputs, last, rope }),
         }
+    }
+
+    /// The loss sum over `denom` of hidden states after the final norm, with its backward done:
+    /// the LM head and the loss over `head_chunk_tokens` loss positions at a time, each chunk's
+    /// backward run at once (into the head's gradient and the hidden states'), so that one
+    /// chunk's fp32 logits are alive instead of every loss position's (the largest term of a
+    /// checkpointed step with a 128k or 152k vocabulary). Then the hidden states' gradient is
+    /// carried through the final norm to `h`'s graph (the last block's output). The same sums
+    /// as [`Decoder::head_loss`], added chunk by chunk; the returned loss has no graph.
+    fn head_loss_chunked(&self, h: &Tensor, inp: &Inputs, denom: f64) -> Tensor {
+        let hsz = h.size()[2];
+        let keep = &inp.loss_positions;
+        let n = keep.size()[0];
+        let chunk = self.head_chunk_tokens.max(1) as i64;
+        let labels = inp.labels.view([-1]).index_select(0, keep);
+        let rows = h.view([-1, hsz]).index_select(0, keep);
+        let leaf = rows.detach().set_requires_grad(true);
+        let mut total = Tensor::zeros([], (Kind::Float, h.device()));
+        let mut start = 0;
+        while start < n {
+            let len = chunk.min(n - start);
+            let logits = self.head(&leaf.narrow(0, start, len));
+            let loss = logits.cross_entropy_loss::<Tensor>(
+                &labels.narrow(0, start, len),
+                None,
+                tch::Reduction::Sum,
+                IGNORE_INDEX,
+                0.0,
+            ) / denom;
+            loss.backward();
+            total += loss.detach();
+            start += len;
+        }
+        let g = leaf.grad();
+        if g.defined() {
+            // `sum(rows · g)` has gradient `g` at `rows` (see `Decoder::backward`).
+            (&rows * g).sum(Kind::Float).backward();
+        }
+        total
     }
 
     /// The backward pass of [`Decoder::forward`]: gradients accumulate into the parameters'
@@ -578,11 +624,16 @@ impl Decoder {
     /// gradient at `y` is `g` exactly (an element-wise product by 1), so the parameters get the
     /// same gradients as from one graph.
     pub fn backward(&self, f: Forward, inp: &Inputs) {
-        f.loss.backward();
         let Some(c) = f.checkpointed else {
+            f.loss.backward();
             return;
         };
-        let mut grad = c.last.grad();
+        // The head's backward ran in the forward pass (`head_loss_chunked`). A micro-batch
+        // without loss positions leaves the last block's output without a gradient: zeros.
+        let mut grad = match c.last.grad() {
+            g if g.defined() => g,
+            _ => c.last.zeros_like(),
+        };
         let layers = &self.layers[self.first_grad_layer..];
         for (k, (b, x)) in layers.iter().zip(c.inputs).enumerate().rev() {
             // The first block's input needs a gradient only where autograd already tracks it

@@ -298,7 +298,8 @@ fn fused_adamw_and_clipping_match_libtorch() {
 
 /// Activation checkpointing (`Decoder::forward` with `checkpoint`) computes the same loss and the
 /// same gradient of every parameter as one autograd graph: fp32 on the CPU, every family, a
-/// frozen prefix (last-n) and none (full), padded rows and packed rows with document masks.
+/// frozen prefix (last-n) and none (full), padded rows and packed rows with document masks, the
+/// LM head in one chunk and in several (`Decoder::head_chunk_tokens`).
 #[test]
 fn checkpointing_computes_the_same_gradients() {
     let shapes = [
@@ -336,24 +337,38 @@ fn checkpointing_computes_the_same_gradients() {
                 let mb = micro_batch(&docs(), packed);
                 let inp = Inputs::new(&mb, dev);
                 let (l0, g0) = grads(&model, &inp, false);
-                let (l1, g1) = grads(&model, &inp, true);
-                let what =
-                    format!("{family:?} first_grad_layer {first_grad_layer} packed {packed}");
+                // The head in one chunk (the default's 1,024 positions hold them all), then in
+                // chunks of 3 loss positions, each with its own backward.
+                let positions = inp.loss_positions.size()[0];
                 assert!(
-                    (l1 - l0).abs() <= 1e-6 * l0.abs(),
-                    "{what}: loss {l0} vs {l1}"
+                    positions > 3 * 2,
+                    "the test needs several chunks: {positions}"
                 );
-                let mut worst = 0.0f64;
-                for (a, b) in g0.iter().zip(&g1) {
-                    let scale = a.abs().max().double_value(&[]).max(1e-12);
-                    let d = (a - b).abs().max().double_value(&[]) / scale;
-                    worst = worst.max(d);
+                for chunk in [shared::measure::memory::HEAD_CHUNK_TOKENS, 3] {
+                    model.head_chunk_tokens = chunk;
+                    let (l1, g1) = grads(&model, &inp, true);
+                    let what = format!(
+                        "{family:?} first_grad_layer {first_grad_layer} packed {packed} head chunk {chunk}"
+                    );
+                    assert!(
+                        (l1 - l0).abs() <= 1e-6 * l0.abs(),
+                        "{what}: loss {l0} vs {l1}"
+                    );
+                    let mut worst = 0.0f64;
+                    for (a, b) in g0.iter().zip(&g1) {
+                        let scale = a.abs().max().double_value(&[]).max(1e-12);
+                        let d = (a - b).abs().max().double_value(&[]) / scale;
+                        worst = worst.max(d);
+                    }
+                    eprintln!("{what}: loss {l0:.6}, worst gradient difference {worst:.1e}");
+                    assert!(worst < 1e-5, "{what}: gradients differ by {worst:.2e}");
                 }
-                eprintln!("{what}: loss {l0:.6}, worst gradient difference {worst:.1e}");
-                assert!(worst < 1e-5, "{what}: gradients differ by {worst:.2e}");
                 // The gradients are not all zero (a frozen model would agree trivially).
                 let nonzero = g0.iter().filter(|g| g.abs().max().double_value(&[]) > 0.0);
-                assert!(nonzero.count() > 3, "{what}: no gradients");
+                assert!(
+                    nonzero.count() > 3,
+                    "{family:?} first_grad_layer {first_grad_layer} packed {packed}: no gradients"
+                );
             }
         }
     }

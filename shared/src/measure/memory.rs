@@ -57,6 +57,12 @@ const GIB: f64 = (1u64 << 30) as f64;
 /// Assumed CUDA context + library workspaces (see the module documentation).
 pub const CUDA_RUNTIME_ALLOWANCE_BYTES: u64 = 1 << 30;
 
+/// Loss positions per chunk of the LM head and loss in the PyTorch binary's checkpointed step
+/// (`Decoder::head_loss_chunked`): one chunk's fp32 logits alive instead of the micro-batch's.
+/// 1,024 positions of a 152k vocabulary are 1.7 GiB at 12 bytes a logit; the product per chunk
+/// ([1,024 x H] by [H x V]) stays large enough for the matrix units.
+pub const HEAD_CHUNK_TOKENS: usize = 1024;
+
 /// The precision a run resolves to (`--dtype auto` resolved for the device).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -438,9 +444,15 @@ fn micro_batch_bytes(
     let biased = if ckpt { g.min(1) } else { g };
     // Head: the hidden state at loss positions kept for the head's gradients, and, at the
     // backward peak, the fp32 log-softmax output, its gradient and the input gradient (12 B per
-    // logit; MLX's loss graph holds more, see `mlx_loss_bytes_per_logit`).
+    // logit; MLX's loss graph holds more, see `mlx_loss_bytes_per_logit`). PyTorch with
+    // checkpointing runs the head in chunks of `HEAD_CHUNK_TOKENS` loss positions, each with its
+    // backward: one chunk's logits, and the hidden states' gradient beside the hidden states.
     let per_logit = if mlx { mlx_loss_bytes_per_logit(p) } else { 12 };
-    let head = loss * (h * a + per_logit * v);
+    let head = if ckpt && !mlx {
+        loss * 2 * h * a + loss.min(HEAD_CHUNK_TOKENS as u64) * per_logit * v
+    } else {
+        loss * (h * a + per_logit * v)
+    };
     // One block's MLP working set: the fused gate|up output, SiLU and the product (4 × I values).
     let transient = tokens * 4 * i * a;
     let masks = match &mb.segment_ids {
@@ -1174,6 +1186,14 @@ mod tests {
             assert_eq!(with.recompute_bytes, tokens * (per_block + 2 * 3072 * 2));
             // Without: every block's activations (the same per-block count).
             assert_eq!(without.activations_bytes, tokens * (g * per_block + common));
+            // The head: every loss position's logits without; with, the PyTorch step runs it in
+            // chunks of HEAD_CHUNK_TOKENS (8,192 loss positions here: 8 chunks).
+            let (loss, v) = (8192u64, 32_064u64);
+            assert_eq!(without.head_bytes, loss * (3072 * 2 + 12 * v));
+            assert_eq!(
+                with.head_bytes,
+                loss * 2 * 3072 * 2 + HEAD_CHUNK_TOKENS as u64 * 12 * v
+            );
             let persistent = with.weights_bytes + with.gradients_bytes + with.optimizer_bytes;
             assert_eq!(
                 with.peak_bytes,
