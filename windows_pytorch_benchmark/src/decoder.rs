@@ -585,33 +585,23 @@ impl Decoder {
     /// carried through the final norm to `h`'s graph (the last block's output). The same sums
     /// as [`Decoder::head_loss`], added chunk by chunk; the returned loss has no graph.
     fn head_loss_chunked(&self, h: &Tensor, inp: &Inputs, denom: f64) -> Tensor {
-        let hsz = h.size()[2];
-        let keep = &inp.loss_positions;
-        let n = keep.size()[0];
+        let (rows, labels) = at_loss_positions(h, inp);
+        let n = rows.size()[0];
         let chunk = self.head_chunk_tokens.max(1) as i64;
-        let labels = inp.labels.view([-1]).index_select(0, keep);
-        let rows = h.view([-1, hsz]).index_select(0, keep);
         let leaf = rows.detach().set_requires_grad(true);
         let mut total = Tensor::zeros([], (Kind::Float, h.device()));
         let mut start = 0;
         while start < n {
             let len = chunk.min(n - start);
             let logits = self.head(&leaf.narrow(0, start, len));
-            let loss = logits.cross_entropy_loss::<Tensor>(
-                &labels.narrow(0, start, len),
-                None,
-                tch::Reduction::Sum,
-                IGNORE_INDEX,
-                0.0,
-            ) / denom;
+            let loss = token_loss_sum(&logits, &labels.narrow(0, start, len)) / denom;
             loss.backward();
             total += loss.detach();
             start += len;
         }
         let g = leaf.grad();
         if g.defined() {
-            // `sum(rows · g)` has gradient `g` at `rows` (see `Decoder::backward`).
-            (&rows * g).sum(Kind::Float).backward();
+            backward_from(&rows, &g);
         }
         total
     }
@@ -619,10 +609,8 @@ impl Decoder {
     /// The backward pass of [`Decoder::forward`]: gradients accumulate into the parameters'
     /// `.grad`. With checkpointing: the head's and the loss's backward first (its logits are
     /// freed), then block by block from the last, the block computed again with autograd from
-    /// its kept input and its backward fed the gradient arriving from above. libtorch's
-    /// `backward(gradient)` is not in tch: the block's backward runs from `sum(y · g)`, whose
-    /// gradient at `y` is `g` exactly (an element-wise product by 1), so the parameters get the
-    /// same gradients as from one graph.
+    /// its kept input and its backward fed the gradient arriving from above (`backward_from`),
+    /// so the parameters get the same gradients as from one graph.
     pub fn backward(&self, f: Forward, inp: &Inputs) {
         let Some(c) = f.checkpointed else {
             f.loss.backward();
@@ -641,7 +629,7 @@ impl Decoder {
             // none, as without checkpointing.
             let x = if k > 0 { x.set_requires_grad(true) } else { x };
             let y = self.block(b, &x, &c.rope, &inp.attention);
-            (y * &grad).sum(Kind::Float).backward();
+            backward_from(&y, &grad);
             if k > 0 {
                 grad = x.grad();
             }
@@ -670,16 +658,26 @@ impl Decoder {
 
     /// The loss sum of hidden states after the final norm: the LM head at the loss positions.
     fn head_loss(&self, h: &Tensor, inp: &Inputs) -> Tensor {
-        let hsz = h.size()[2];
-        let labels = inp.labels.view([-1]);
-        let keep = &inp.loss_positions;
-        let logits = self.head(&h.view([-1, hsz]).index_select(0, keep));
-        logits.cross_entropy_loss::<Tensor>(
-            &labels.index_select(0, keep),
-            None,
-            tch::Reduction::Sum,
-            IGNORE_INDEX,
-            0.0,
-        )
+        let (rows, labels) = at_loss_positions(h, inp);
+        token_loss_sum(&self.head(&rows), &labels)
     }
+}
+
+/// Hidden states `[rows, T, H]` and labels at the micro-batch's loss positions: `[L, H]`, `[L]`.
+fn at_loss_positions(h: &Tensor, inp: &Inputs) -> (Tensor, Tensor) {
+    let keep = &inp.loss_positions;
+    let rows = h.view([-1, h.size()[2]]).index_select(0, keep);
+    (rows, inp.labels.view([-1]).index_select(0, keep))
+}
+
+/// Sum of the token cross-entropies of fp32 `logits` `[L, V]` against `labels` `[L]`.
+fn token_loss_sum(logits: &Tensor, labels: &Tensor) -> Tensor {
+    logits.cross_entropy_loss::<Tensor>(labels, None, tch::Reduction::Sum, IGNORE_INDEX, 0.0)
+}
+
+/// Runs `y`'s backward pass fed `grad` as the gradient arriving at `y`. libtorch's
+/// `backward(gradient)` is not in tch: this runs it from `sum(y · grad)`, whose gradient at `y`
+/// is `grad` exactly (an element-wise product by 1).
+fn backward_from(y: &Tensor, grad: &Tensor) {
+    (y * grad).sum(Kind::Float).backward();
 }
