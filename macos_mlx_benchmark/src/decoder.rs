@@ -1217,10 +1217,9 @@ mod tests {
                 .and_then(|a| a.transpose_axes(&[0, 2, 1, 3]))
                 .unwrap()
         };
-        let wavelengths: Vec<f32> = (0..d / 2)
-            .map(|j| 10000f32.powf(2.0 * j as f32 / d as f32))
-            .collect();
-        let freqs = Array::from_slice(&wavelengths, &[d / 2]);
+        // Phi-3-mini's RoPE frequencies, as the binary passes them (its heads are 96 wide too).
+        let freqs = rope_freqs(&ModelShape::phi3_mini());
+        assert_eq!(freqs.dim(0), d / 2);
         let rope = |x: &Array| fast::rope(x, d, false, None::<f32>, 1.0, 0, Some(&freqs)).unwrap();
         let attend = |q: &Array, k: &Array, v: &Array| {
             let scale = 1.0 / (d as f32).sqrt();
