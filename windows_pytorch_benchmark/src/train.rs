@@ -123,6 +123,30 @@ pub enum AttentionMode {
     SdpaDefault,
 }
 
+/// Loss positions per chunk of the checkpointed step's LM head: `FTB_HEAD_CHUNK_TOKENS` (a positive
+/// integer) for A/B measurements on a device, `shared::measure::memory::HEAD_CHUNK_TOKENS` unset.
+/// The memory estimate keeps counting the default, so a run with another value reports its own
+/// peak against that estimate.
+fn head_chunk_tokens() -> Result<usize, ConfigError> {
+    const NAME: &str = "FTB_HEAD_CHUNK_TOKENS";
+    match std::env::var(NAME) {
+        Err(_) => Ok(shared::measure::memory::HEAD_CHUNK_TOKENS),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(ConfigError::value(
+                NAME,
+                format!("{v:?}"),
+                "not a positive number of loss positions",
+                &format!(
+                    "unset it (default {}), or give e.g. 4096; a value above a micro-batch's loss \
+                     positions runs the head in one chunk",
+                    shared::measure::memory::HEAD_CHUNK_TOKENS
+                ),
+            )),
+        },
+    }
+}
+
 impl AttentionMode {
     /// `FTB_ATTENTION=auto|varlen|sdpa|sdpa-default` (unset = auto). `auto` is varlen where it
     /// applies, except with `--pad-to`: padding to a fixed length is then part of the
@@ -172,6 +196,7 @@ pub fn check_hooks() -> Result<(), ConfigError> {
     for name in ["FTB_HOST_INIT", "FTB_PROFILE", "FTB_DEBUG_PANICS"] {
         shared::hooks::flag(name)?;
     }
+    head_chunk_tokens()?;
     Ok(())
 }
 
@@ -290,6 +315,7 @@ impl TorchBackend {
         let mut model =
             Decoder::from_tensors(shape, dtype, device, tensors, lora_scale, first_grad_layer)?;
         model.lookup_grad = lookup_grad;
+        model.head_chunk_tokens = head_chunk_tokens()?;
         let t = &cfg.workload.train;
         // AdamW: ATen's fused multi-tensor kernel (torch.optim.AdamW(fused=True)) where it
         // exists; libtorch's per-parameter torch::optim::AdamW on MPS. Same update (tested).

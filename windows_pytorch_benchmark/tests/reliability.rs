@@ -1226,6 +1226,8 @@ fn testing_hooks_reject_values_they_cannot_parse() {
         ("FTB_HOST_INIT", "2"),
         ("FTB_DEBUG_PANICS", "verbose"),
         ("FTB_ATTENTION", "fastest"),
+        ("FTB_HEAD_CHUNK_TOKENS", "0"),
+        ("FTB_HEAD_CHUNK_TOKENS", "1k"),
     ] {
         let d = tempfile::tempdir().unwrap();
         let mut args: Vec<&str> = FAST.to_vec();
