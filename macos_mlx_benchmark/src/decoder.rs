@@ -1240,10 +1240,11 @@ mod tests {
         };
         let mut agree = true;
         for ((name, a), (_, c)) in stages(&views).into_iter().zip(stages(&parts)) {
-            let (a, c) = (
-                a.as_dtype(Dtype::Float32).unwrap(),
-                c.as_dtype(Dtype::Float32).unwrap(),
-            );
+            // Row-major copies to read: MLX's CUDA backend keeps a transposed input's strides
+            // through the cast, and `as_slice` refuses such an array (NotContiguous, measured on
+            // the H100 of 2026-12-05).
+            let read = |x: &Array| x.as_dtype(Dtype::Float32).and_then(|x| x.contiguous());
+            let (a, c) = (read(&a).unwrap(), read(&c).unwrap());
             mlx_rs::transforms::eval([&a, &c]).unwrap();
             let (a, c) = (a.as_slice::<f32>(), c.as_slice::<f32>());
             let finite = a.iter().all(|x| x.is_finite());

@@ -38,6 +38,25 @@ pub fn start_of_run() -> Result<()> {
     Ok(())
 }
 
+/// MLX's CUDA allocator sets its memory limit to this share of the device's memory (MLX 0.32,
+/// `backend/cuda/allocator.cpp`: `memory_limit_ = total_memory_ * 0.95`).
+const MLX_CUDA_DEFAULT_SHARE: f64 = 0.95;
+
+/// Limits what MLX's allocator holds (live arrays and buffer cache together) to `percent` of the
+/// GPU's memory, read back from MLX's own default limit; 0 keeps MLX's limit. Called on MLX's
+/// CUDA backend only (`Tuning::memory_percent` says why). Returns the limit set, in bytes.
+pub fn limit_on_cuda(percent: usize) -> Result<Option<usize>> {
+    if percent == 0 {
+        return Ok(None);
+    }
+    let default = mlx_rs::memory::memory_limit().context("reading MLX's memory limit")?;
+    let limit = (default as f64 / MLX_CUDA_DEFAULT_SHARE * percent as f64 / 100.0) as usize;
+    let limit = limit.min(default);
+    mlx_rs::memory::set_memory_limit(limit).context("setting MLX's memory limit")?;
+    mlx_rs::memory::set_cache_limit(limit).context("setting MLX's cache limit")?;
+    Ok(Some(limit))
+}
+
 /// Reads active + cache memory and keeps the highest (between steps, outside the timed region).
 pub fn sample_held() {
     if let (Ok(a), Ok(c)) = (
@@ -96,5 +115,25 @@ pub fn reading(on_gpu: bool) -> MemoryReading {
         } else {
             String::new()
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The limit is the given share of the memory MLX's default limit stands for, and both of
+    /// MLX's limits take it (MLX's API answers on the CPU too; the call site is CUDA's alone).
+    #[test]
+    fn the_cuda_limit_is_a_share_of_the_device() {
+        let default = mlx_rs::memory::memory_limit().unwrap();
+        assert_eq!(super::limit_on_cuda(0).unwrap(), None);
+        assert_eq!(mlx_rs::memory::memory_limit().unwrap(), default);
+        let set = super::limit_on_cuda(50).unwrap().unwrap();
+        let want = default as f64 / super::MLX_CUDA_DEFAULT_SHARE * 0.5;
+        assert!((set as f64 - want).abs() <= 1.0, "{set} against {want}");
+        assert_eq!(mlx_rs::memory::memory_limit().unwrap(), set);
+        // Above MLX's own limit it keeps MLX's.
+        mlx_rs::memory::set_memory_limit(default).unwrap();
+        assert_eq!(super::limit_on_cuda(100).unwrap(), Some(default));
+        mlx_rs::memory::set_memory_limit(default).unwrap();
     }
 }

@@ -112,6 +112,9 @@ impl MlxBackend {
         });
         // Peak memory is reported "since the backend was built" (each repeat starts fresh).
         crate::memory::start_of_run()?;
+        if device == MlxDevice::Cuda {
+            crate::memory::limit_on_cuda(tuning.memory_percent)?;
+        }
         let shape = prepared.shape.clone();
         let strategy = &cfg.workload.strategy;
         let specs = shared::tensors::expected(&shape, strategy);
@@ -577,7 +580,24 @@ fn catch_mlx<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 
 impl Backend for MlxBackend {
     fn train_step(&mut self, step: &Step, lr: f64) -> Result<StepReport> {
-        catch_mlx(|| self.step(step, lr))
+        let percent = self.tuning.memory_percent;
+        catch_mlx(|| self.step(step, lr)).map_err(|e| {
+            // MLX's CUDA graphs live outside its allocator's count: when its buffer cache has
+            // taken the card up to the allocator's limit, instantiating a graph fails.
+            if format!("{e:#}").contains("cudaGraphInstantiate") {
+                e.context(format!(
+                    "MLX's CUDA backend had no memory left for a CUDA graph beside its buffer \
+                     cache (MLX's allocator may hold {}): set FTB_MLX_MEMORY_PERCENT lower",
+                    if percent == 0 {
+                        "95 % of the card, MLX's own limit".to_string()
+                    } else {
+                        format!("{percent} % of the card, FTB_MLX_MEMORY_PERCENT")
+                    }
+                ))
+            } else {
+                e
+            }
+        })
     }
 
     /// MLX's held memory (active + cache) between steps, outside the timed region.
