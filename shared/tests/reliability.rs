@@ -301,17 +301,15 @@ fn reading_a_damaged_summary_names_the_file_and_the_field() {
     assert!(s.metrics.memory.estimate.is_none());
 }
 
-/// The estimate against the peaks measured on the H200 (NVML: this process's device memory,
-/// CUDA context and the caching allocator's reserve included, so compared with the estimate's
-/// `required_free_bytes`, the runtime allowance included) for the three strategies, from the
-/// schema-1 summaries committed in `benchmarks/h200-2026-11-28-perf4/` (bf16, 1,024 synthetic
-/// records, bucketed 16k-token micro-batches), read through the schema conversion. Measured there:
-/// last-n 23.56 GiB, full 84.88 GiB, LoRA 63.63 GiB; estimated: 19.95, 79.12, 58.01 GiB (-15 %,
-/// -7 %, -9 %). Those runs predate later changes to the model code, so this checks the order of
-/// the estimate (within 20 %), and the lead re-measures on the current code (schema 2 records the
-/// allocated peak, which the estimate's `peak_bytes` is compared with).
+/// The estimate of the current code against allocated peaks measured on a GPU, from summaries
+/// committed under `benchmarks/`: the runs whose step the code has not changed since (the head
+/// chunked, with checkpointing: `h100-2026-12-05/call1`, bf16, 4,096 synthetic records, 16k-token
+/// micro-batches). Measured there: qwen3-1.7b full 16.50 GiB, phi-3-mini LoRA 10.98, qwen3-0.6b
+/// full 7.49; estimated 15.74, 11.18, 6.78 (-4.6 %, +1.8 %, -9.6 %). Each must stay within 10 %
+/// (issue 15). An earlier version of this test compared the H200 runs of 2026-11-28, which predate
+/// the chunked head of every step (their step kept every loss position's logits).
 #[test]
-fn estimate_is_near_the_peaks_measured_on_the_h200() {
+fn estimate_is_near_the_peaks_measured_on_a_gpu() {
     use clap::Parser;
     use shared::measure::memory::{estimate, DeviceKind, Precision};
     #[derive(Parser)]
@@ -320,35 +318,36 @@ fn estimate_is_near_the_peaks_measured_on_the_h200() {
         args: CliArgs,
     }
     let root =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../benchmarks/h200-2026-11-28-perf4/runs");
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../benchmarks/h100-2026-12-05/call1/runs");
     if !root.exists() {
         eprintln!("skipped: {} is absent", root.display());
         return;
     }
-    for run in ["lastn", "full", "lora"] {
+    for run in ["pt_q17_full_ck", "pt_lora_ck", "pt_q06_full_ck"] {
         let path = root.join(run).join("benchmark_summary.json");
         let measured = Summary::read(&path).unwrap_or_else(|e| panic!("{e:#}"));
         let cli = Cli::try_parse_from(&measured.run.command_line).unwrap();
         let cfg = Config::resolve(TuningMode::Fast, &cli.args, Framework::Pytorch).unwrap();
         let p = shared::workload::prepare(&cfg).unwrap();
-        // The same workload (schema 2 hashes it differently, so compare what defines it).
         assert_eq!(cfg.workload, measured.workload.config, "{run}");
         assert_eq!(p.steps.len(), measured.workload.steps_planned, "{run}");
+        // The device computes real tokens only (flash attention's varlen path), as the run did.
+        let steps = shared::measure::memory::without_padding(&p.steps);
         let e = estimate(
             &p.shape,
             &cfg.workload.strategy,
             Precision::Bf16,
             DeviceKind::Cuda(0),
-            &p.steps,
+            &steps,
         );
-        let peak_gib = measured.metrics.memory.device_process_peak_gib.unwrap();
-        let need_gib = e.required_free_bytes as f64 / (1u64 << 30) as f64;
-        let ratio = need_gib / peak_gib;
+        let peak = measured.metrics.memory.device_peak_allocated_gib.unwrap();
+        let est = e.peak_bytes as f64 / (1u64 << 30) as f64;
+        let ratio = est / peak;
         eprintln!(
-            "{run}: estimated {need_gib:.2} GiB, measured {peak_gib:.2} GiB ({:+.1} %)",
+            "{run}: estimated {est:.2} GiB, measured {peak:.2} GiB ({:+.1} %)",
             100.0 * (ratio - 1.0)
         );
-        assert!((ratio - 1.0).abs() < 0.20, "{run}: ratio {ratio:.3}");
+        assert!((ratio - 1.0).abs() < 0.10, "{run}: ratio {ratio:.3}");
     }
 }
 

@@ -149,9 +149,9 @@ pub struct Decoder {
     /// Blocks before this index are frozen with nothing trainable before them: they run without
     /// building an autograd graph (`last-n`).
     pub first_grad_layer: usize,
-    /// With checkpointing, the LM head and the loss run over this many loss tokens at a time,
-    /// each chunk's backward right after its forward, so that one chunk's logits are alive at
-    /// once (`shared::measure::memory::HEAD_CHUNK_TOKENS`, which the estimate counts).
+    /// The LM head and the loss run over this many loss tokens at a time, each chunk's backward
+    /// right after its forward, so that one chunk's logits are alive at once
+    /// (`shared::measure::memory::HEAD_CHUNK_TOKENS`, which the estimate counts).
     pub head_chunk_tokens: usize,
 }
 
@@ -256,9 +256,12 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, dt: DType) -> Tensor {
 
 /// A micro-batch's forward pass, kept for its backward pass ([`Decoder::forward`]).
 pub struct Forward {
-    /// The micro-batch's loss sum over the step's loss tokens: a scalar with autograd, or,
-    /// with checkpointing, without (the head's backward has run, see `head_loss_chunked`).
+    /// The micro-batch's loss sum over the step's loss tokens, without autograd: the head's
+    /// backward has run (see `head_loss_chunked`).
     pub loss: Tensor,
+    /// The hidden states at the loss positions (with the graph that made them) and their
+    /// gradient from the head: the backward pass of the rest starts here.
+    head_grad: Option<(Tensor, Tensor)>,
     checkpointed: Option<Checkpointed>,
 }
 
@@ -545,14 +548,16 @@ impl Decoder {
     }
 
     /// A micro-batch's forward pass: its loss sum over `denom` (the step's loss tokens), with
-    /// what [`Decoder::backward`] needs. With `checkpoint` (activation checkpointing) the blocks
-    /// that need gradients run without autograd, each keeping only its input; the final norm,
-    /// the LM head and the loss run with autograd from the last block's output, the head and
-    /// the loss in chunks with their backward (`head_loss_chunked`).
+    /// what [`Decoder::backward`] needs. The LM head and the loss run in chunks with their
+    /// backward (`head_loss_chunked`). With `checkpoint` (activation checkpointing) the blocks
+    /// that need gradients run without autograd, each keeping only its input; the final norm
+    /// runs with autograd from the last block's output.
     pub fn forward(&self, inp: &Inputs, denom: f64, checkpoint: bool) -> Forward {
         if !checkpoint {
+            let (loss, head_grad) = self.head_loss_chunked(&self.hidden(inp), inp, denom);
             return Forward {
-                loss: self.loss_sum(inp) / denom,
+                loss,
+                head_grad,
                 checkpointed: None,
             };
         }
@@ -571,20 +576,28 @@ impl Decoder {
         // The backward pass of the blocks starts from this tensor's gradient.
         let last = out.detach().set_requires_grad(true);
         let h = rms_norm(&last, &self.norm, self.shape.rms_norm_eps, self.dtype);
+        let (loss, head_grad) = self.head_loss_chunked(&h, inp, denom);
         Forward {
-            loss: self.head_loss_chunked(&h, inp, denom),
+            loss,
+            head_grad,
             checkpointed: Some(Checkpointed { inputs, last, rope }),
         }
     }
 
-    /// The loss sum over `denom` of hidden states after the final norm, with its backward done:
-    /// the LM head and the loss over `head_chunk_tokens` loss positions at a time, each chunk's
-    /// backward run at once (into the head's gradient and the hidden states'), so that one
-    /// chunk's fp32 logits are alive instead of every loss position's (the largest term of a
-    /// checkpointed step with a 128k or 152k vocabulary). Then the hidden states' gradient is
-    /// carried through the final norm to `h`'s graph (the last block's output). The same sums
-    /// as [`Decoder::head_loss`], added chunk by chunk; the returned loss has no graph.
-    fn head_loss_chunked(&self, h: &Tensor, inp: &Inputs, denom: f64) -> Tensor {
+    /// The loss sum over `denom` of hidden states after the final norm, with the head's backward
+    /// done: the LM head and the loss over `head_chunk_tokens` loss positions at a time, each
+    /// chunk's backward run at once (into the head's gradient and the hidden states'), so that
+    /// one chunk's fp32 logits are alive instead of every loss position's (12 bytes a logit: with
+    /// a 128k or 152k vocabulary the largest term of a checkpointed step, and a large one of any
+    /// step). Returns the loss (no graph) and the hidden states at the loss positions with their
+    /// gradient, from which [`Decoder::backward`] carries it through the final norm and the
+    /// blocks. The same sums as [`Decoder::head_loss`], added chunk by chunk.
+    fn head_loss_chunked(
+        &self,
+        h: &Tensor,
+        inp: &Inputs,
+        denom: f64,
+    ) -> (Tensor, Option<(Tensor, Tensor)>) {
         let (rows, labels) = at_loss_positions(h, inp);
         let n = rows.size()[0];
         let chunk = self.head_chunk_tokens.max(1) as i64;
@@ -600,24 +613,25 @@ impl Decoder {
             start += len;
         }
         let g = leaf.grad();
-        if g.defined() {
-            backward_from(&rows, &g);
-        }
-        total
+        (total, g.defined().then_some((rows, g)))
     }
 
     /// The backward pass of [`Decoder::forward`]: gradients accumulate into the parameters'
-    /// `.grad`. With checkpointing: the head's and the loss's backward first (its logits are
-    /// freed), then block by block from the last, the block computed again with autograd from
-    /// its kept input and its backward fed the gradient arriving from above (`backward_from`),
-    /// so the parameters get the same gradients as from one graph.
+    /// `.grad`. The head's backward ran in the forward pass (`head_loss_chunked`, its logits
+    /// freed); from the gradient it left at the hidden states, the final norm's and the blocks'.
+    /// With checkpointing, block by block from the last, the block computed again with autograd
+    /// from its kept input and its backward fed the gradient arriving from above
+    /// (`backward_from`), so the parameters get the same gradients as from one graph.
     pub fn backward(&self, f: Forward, inp: &Inputs) {
+        // Nothing before the head may train (last-n over no block, with the norm frozen).
+        if let Some((rows, g)) = f.head_grad.as_ref().filter(|(r, _)| r.requires_grad()) {
+            backward_from(rows, g);
+        }
         let Some(c) = f.checkpointed else {
-            f.loss.backward();
             return;
         };
-        // The head's backward ran in the forward pass (`head_loss_chunked`). A micro-batch
-        // without loss positions leaves the last block's output without a gradient: zeros.
+        // A micro-batch without loss positions leaves the last block's output without a
+        // gradient: zeros.
         let mut grad = match c.last.grad() {
             g if g.defined() => g,
             _ => c.last.zeros_like(),

@@ -123,7 +123,7 @@ pub enum AttentionMode {
     SdpaDefault,
 }
 
-/// Loss positions per chunk of the checkpointed step's LM head: `FTB_HEAD_CHUNK_TOKENS` (a positive
+/// Loss positions per chunk of the step's LM head: `FTB_HEAD_CHUNK_TOKENS` (a positive
 /// integer) for A/B measurements on a device, `shared::measure::memory::HEAD_CHUNK_TOKENS` unset.
 /// The memory estimate keeps counting the default, so a run with another value reports its own
 /// peak against that estimate.

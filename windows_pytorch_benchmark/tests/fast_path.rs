@@ -296,12 +296,13 @@ fn fused_adamw_and_clipping_match_libtorch() {
     }
 }
 
-/// Activation checkpointing (`Decoder::forward` with `checkpoint`) computes the same loss and the
-/// same gradient of every parameter as one autograd graph: fp32 on the CPU, every family, a
-/// frozen prefix (last-n) and none (full), padded rows and packed rows with document masks, the
-/// LM head in one chunk and in several (`Decoder::head_chunk_tokens`).
+/// The step's forward and backward (`Decoder::forward`, with and without activation
+/// checkpointing) compute the same loss and the same gradient of every parameter as one autograd
+/// graph (`Decoder::loss_sum`): fp32 on the CPU, every family, a frozen prefix (last-n) and none
+/// (full), padded rows and packed rows with document masks, the LM head in one chunk and in
+/// several (`Decoder::head_chunk_tokens`).
 #[test]
-fn checkpointing_computes_the_same_gradients() {
+fn the_chunked_head_and_checkpointing_compute_the_same_gradients() {
     let shapes = [
         ModelShape::tiny(),
         ModelShape::from_preset(shared::config::ModelPreset::TinyLlama),
@@ -313,16 +314,27 @@ fn checkpointing_computes_the_same_gradients() {
         for first_grad_layer in [0, shape.num_layers - 1] {
             let (mut model, params) = tiny_model(shape.clone(), dev, DType::Float32);
             model.first_grad_layer = first_grad_layer;
-            let grads = |model: &Decoder, inp: &Inputs, checkpoint: bool| {
+            let grads = |model: &Decoder, inp: &Inputs, checkpoint: Option<bool>| {
                 for p in &params {
                     let mut g = p.grad();
                     if g.defined() {
                         let _ = g.zero_();
                     }
                 }
-                let f = model.forward(inp, 3.0, checkpoint);
-                let loss = f.loss.double_value(&[]);
-                model.backward(f, inp);
+                let loss = match checkpoint {
+                    // One graph: the head unchunked, one backward from the loss.
+                    None => {
+                        let l = model.loss_sum(inp) / 3.0;
+                        l.backward();
+                        l.double_value(&[])
+                    }
+                    Some(checkpoint) => {
+                        let f = model.forward(inp, 3.0, checkpoint);
+                        let loss = f.loss.double_value(&[]);
+                        model.backward(f, inp);
+                        loss
+                    }
+                };
                 // A frozen prefix's parameters get no gradient: zeros, on both sides.
                 let g: Vec<Tensor> = params
                     .iter()
@@ -336,19 +348,24 @@ fn checkpointing_computes_the_same_gradients() {
             for packed in [false, true] {
                 let mb = micro_batch(&docs(), packed);
                 let inp = Inputs::new(&mb, dev);
-                let (l0, g0) = grads(&model, &inp, false);
-                // The head in one chunk (the default's 1,024 positions hold them all), then in
-                // chunks of 3 loss positions, each with its own backward.
+                let (l0, g0) = grads(&model, &inp, None);
+                // The step's head in one chunk (the default's 1,024 positions hold them all),
+                // then in chunks of 3 loss positions, each with its own backward.
                 let positions = inp.loss_positions.size()[0];
                 assert!(
                     positions > 3 * 2,
                     "the test needs several chunks: {positions}"
                 );
-                for chunk in [shared::measure::memory::HEAD_CHUNK_TOKENS, 3] {
+                for (chunk, checkpoint) in [
+                    (shared::measure::memory::HEAD_CHUNK_TOKENS, false),
+                    (3, false),
+                    (shared::measure::memory::HEAD_CHUNK_TOKENS, true),
+                    (3, true),
+                ] {
                     model.head_chunk_tokens = chunk;
-                    let (l1, g1) = grads(&model, &inp, true);
+                    let (l1, g1) = grads(&model, &inp, Some(checkpoint));
                     let what = format!(
-                        "{family:?} first_grad_layer {first_grad_layer} packed {packed} head chunk {chunk}"
+                        "{family:?} first_grad_layer {first_grad_layer} packed {packed} checkpoint {checkpoint} head chunk {chunk}"
                     );
                     assert!(
                         (l1 - l0).abs() <= 1e-6 * l0.abs(),

@@ -57,7 +57,7 @@ const GIB: f64 = (1u64 << 30) as f64;
 /// Assumed CUDA context + library workspaces (see the module documentation).
 pub const CUDA_RUNTIME_ALLOWANCE_BYTES: u64 = 1 << 30;
 
-/// Loss positions per chunk of the LM head and loss in the PyTorch binary's checkpointed step
+/// Loss positions per chunk of the LM head and loss in the PyTorch binary's step
 /// (`Decoder::head_loss_chunked`): one chunk's fp32 logits alive instead of the micro-batch's.
 /// 1,024 positions of a 152k vocabulary are 1.7 GiB at 12 bytes a logit; the product per chunk
 /// ([1,024 x H] by [H x V]) stays large enough for the matrix units.
@@ -444,11 +444,12 @@ fn micro_batch_bytes(
     let biased = if ckpt { g.min(1) } else { g };
     // Head: the hidden state at loss positions kept for the head's gradients, and, at the
     // backward peak, the fp32 log-softmax output, its gradient and the input gradient (12 B per
-    // logit; MLX's loss graph holds more, see `mlx_loss_bytes_per_logit`). PyTorch with
-    // checkpointing runs the head in chunks of `HEAD_CHUNK_TOKENS` loss positions, each with its
-    // backward: one chunk's logits, and the hidden states' gradient beside the hidden states.
+    // logit; MLX's loss graph holds more, see `mlx_loss_bytes_per_logit`). PyTorch runs the
+    // head in chunks of `HEAD_CHUNK_TOKENS` loss positions, each with its backward: one chunk's
+    // logits, and the hidden states' gradient beside the hidden states. Without checkpointing
+    // the sum below still adds a block's transient to it (an overestimate by the smaller).
     let per_logit = if mlx { mlx_loss_bytes_per_logit(p) } else { 12 };
-    let head = if ckpt && !mlx {
+    let head = if !mlx {
         loss * 2 * h * a + loss.min(HEAD_CHUNK_TOKENS as u64) * per_logit * v
     } else {
         loss * (h * a + per_logit * v)
@@ -976,8 +977,9 @@ mod tests {
         );
         // 200 padded tokens x (1 block + final norm 8 B + RoPE tables 2 x 16 x 4 = 128 B).
         assert_eq!(e.activations_bytes, 200 * (per_block + 8 + 128));
-        // Head at 150 loss tokens: hidden 64 x 4 + 12 B per logit x 32,064.
-        assert_eq!(e.head_bytes, 150 * (256 + 12 * 32_064));
+        // Head at 150 loss tokens (one chunk): the hidden states and their gradient 2 x 64 x 4,
+        // and 12 B per logit x 32,064.
+        assert_eq!(e.head_bytes, 150 * (2 * 256 + 12 * 32_064));
         assert_eq!(e.transient_bytes, 200 * 4 * 128 * 4);
         assert_eq!(e.weight_casts_bytes, 0);
         assert_eq!(e.runtime_bytes, 0);
@@ -1056,7 +1058,8 @@ mod tests {
             &one_micro_batch(2, 1024, 1024),
         );
         assert_eq!(half.activations_bytes * 2, bf16.activations_bytes);
-        assert_eq!(half.head_bytes * 2, bf16.head_bytes);
+        // The head's hidden states halve; its logits stay one chunk of HEAD_CHUNK_TOKENS.
+        assert_eq!(bf16.head_bytes - half.head_bytes, 1024 * 2 * 3072 * 2);
     }
 
     #[test]
@@ -1186,14 +1189,12 @@ mod tests {
             assert_eq!(with.recompute_bytes, tokens * (per_block + 2 * 3072 * 2));
             // Without: every block's activations (the same per-block count).
             assert_eq!(without.activations_bytes, tokens * (g * per_block + common));
-            // The head: every loss position's logits without; with, the PyTorch step runs it in
-            // chunks of HEAD_CHUNK_TOKENS (8,192 loss positions here: 8 chunks).
+            // The head: the PyTorch step runs it in chunks of HEAD_CHUNK_TOKENS (8,192 loss
+            // positions here: 8 chunks), with checkpointing or without.
             let (loss, v) = (8192u64, 32_064u64);
-            assert_eq!(without.head_bytes, loss * (3072 * 2 + 12 * v));
-            assert_eq!(
-                with.head_bytes,
-                loss * 2 * 3072 * 2 + HEAD_CHUNK_TOKENS as u64 * 12 * v
-            );
+            let chunked = loss * 2 * 3072 * 2 + HEAD_CHUNK_TOKENS as u64 * 12 * v;
+            assert_eq!(with.head_bytes, chunked);
+            assert_eq!(without.head_bytes, chunked);
             let persistent = with.weights_bytes + with.gradients_bytes + with.optimizer_bytes;
             assert_eq!(
                 with.peak_bytes,
