@@ -42,6 +42,37 @@ pub fn checkpointed(
     f: impl FnMut(&[Array]) -> Result<Vec<Array>, Exception> + 'static,
     inputs: &[Array],
 ) -> Result<Vec<Array>, Exception> {
+    custom_vjp(f, inputs, Vjp::Recompute, "checkpoint")
+}
+
+/// `f(inputs)`, which returns a scalar value and then its gradient with respect to each input
+/// (`[value, d value / d inputs[0], ...]`), with those gradients as its VJP: the backward pass
+/// scales them by the value's cotangent instead of differentiating `f`. For a function that
+/// computes its own gradients cheaper than autodiff of its graph would hold them (the LM head in
+/// chunks, `crate::decoder::head_loss_chunked`). Returns every output; the value is the first.
+pub fn with_own_gradients(
+    f: impl FnMut(&[Array]) -> Result<Vec<Array>, Exception> + 'static,
+    inputs: &[Array],
+) -> Result<Vec<Array>, Exception> {
+    custom_vjp(f, inputs, Vjp::OwnGradients, "custom gradient")
+}
+
+/// What the backward pass of a [`custom_vjp`] function does.
+#[derive(Clone, Copy)]
+enum Vjp {
+    /// Computes the function again from its inputs (`recompute_vjp`).
+    Recompute,
+    /// Scales the gradients the function returned (`own_gradients_vjp`).
+    OwnGradients,
+}
+
+/// `f(inputs)` under mlx-c's `mlx_custom_vjp` with the VJP `vjp`.
+fn custom_vjp(
+    f: impl FnMut(&[Array]) -> Result<Vec<Array>, Exception> + 'static,
+    inputs: &[Array],
+    vjp: Vjp,
+    what: &str,
+) -> Result<Vec<Array>, Exception> {
     // mlx-rs registers its error handler (which stores MLX's message for the caller instead of
     // mlx-c's default, which exits the process) on its first fallible operation; this module
     // calls mlx-c directly, so make sure it is registered.
@@ -60,38 +91,40 @@ pub fn checkpointed(
             Box::into_raw(payload) as *mut c_void,
             Some(drop_payload),
         );
-        // The VJP owns a copy of the function (mlx-c closures are shared pointers).
-        let mut own = mlx_sys::mlx_closure_new();
-        let mut status = mlx_sys::mlx_closure_set(&mut own, fun);
-        let vjp = mlx_sys::mlx_closure_custom_new_func_payload(
-            Some(recompute_vjp),
-            Box::into_raw(Box::new(own)) as *mut c_void,
-            Some(drop_closure),
-        );
+        let mut status = 0;
+        let vjp = match vjp {
+            Vjp::Recompute => {
+                // The VJP owns a copy of the function (mlx-c closures are shared pointers).
+                let mut own = mlx_sys::mlx_closure_new();
+                status = mlx_sys::mlx_closure_set(&mut own, fun);
+                mlx_sys::mlx_closure_custom_new_func_payload(
+                    Some(recompute_vjp),
+                    Box::into_raw(Box::new(own)) as *mut c_void,
+                    Some(drop_closure),
+                )
+            }
+            Vjp::OwnGradients => mlx_sys::mlx_closure_custom_new_func_payload(
+                Some(own_gradients_vjp),
+                std::ptr::null_mut(),
+                None,
+            ),
+        };
         let mut ckpt = mlx_sys::mlx_closure_new();
         if status == 0 {
             status = mlx_sys::mlx_custom_vjp(&mut ckpt, fun, vjp);
         }
         mlx_sys::mlx_closure_custom_free(vjp);
         mlx_sys::mlx_closure_free(fun);
-        let ins = mlx_sys::mlx_vector_array_new();
-        for a in inputs {
-            mlx_sys::mlx_vector_array_append_value(ins, a.as_ptr());
-        }
+        let ins = new_vector(inputs);
         let mut outs = mlx_sys::mlx_vector_array_new();
         if status == 0 {
             status = mlx_sys::mlx_closure_apply(&mut outs, ckpt, ins);
         }
         let mut outputs = Vec::new();
         if status == 0 {
-            for i in 0..mlx_sys::mlx_vector_array_size(outs) {
-                let mut a = mlx_sys::mlx_array_new();
-                if mlx_sys::mlx_vector_array_get(&mut a, outs, i) != 0 {
-                    mlx_sys::mlx_array_free(a);
-                    status = 1;
-                    break;
-                }
-                outputs.push(Array::from_ptr(a));
+            match read_vector(outs) {
+                Ok(v) => outputs = v,
+                Err(_) => status = 1,
             }
         }
         mlx_sys::mlx_vector_array_free(outs);
@@ -104,10 +137,66 @@ pub fn checkpointed(
             .with(|e| e.borrow_mut().take())
             .unwrap_or_else(|| "see MLX's message above".into());
         return Err(Exception::from(
-            format!("MLX's checkpoint transform failed: {why}").as_str(),
+            format!("MLX's {what} transform failed: {why}").as_str(),
         ));
     }
     Ok(outputs)
+}
+
+/// `arrays`, each made to depend on every array of `deps` (mlx-c's `mlx_depends`): MLX computes
+/// `deps` before anything computed from the returned arrays. The values are `arrays`' own.
+pub fn depends(arrays: &[Array], deps: &[Array]) -> Result<Vec<Array>, Exception> {
+    // SAFETY: every vector made here is freed here; the outputs are new references.
+    let (status, out) = unsafe {
+        let (ins, ds) = (new_vector(arrays), new_vector(deps));
+        let mut res = mlx_sys::mlx_vector_array_new();
+        let mut status = mlx_sys::mlx_depends(&mut res, ins, ds);
+        let mut out = Vec::new();
+        if status == 0 {
+            match read_vector(res) {
+                Ok(v) => out = v,
+                Err(_) => status = 1,
+            }
+        }
+        mlx_sys::mlx_vector_array_free(res);
+        mlx_sys::mlx_vector_array_free(ins);
+        mlx_sys::mlx_vector_array_free(ds);
+        (status, out)
+    };
+    if status != 0 {
+        return Err(Exception::from("MLX's depends failed"));
+    }
+    Ok(out)
+}
+
+/// The arrays of an mlx-c vector, as new references.
+///
+/// # Safety
+/// `v` must be a live mlx-c array vector.
+unsafe fn read_vector(v: mlx_sys::mlx_vector_array) -> Result<Vec<Array>, String> {
+    let n = mlx_sys::mlx_vector_array_size(v);
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut a = mlx_sys::mlx_array_new();
+        if mlx_sys::mlx_vector_array_get(&mut a, v, i) != 0 {
+            mlx_sys::mlx_array_free(a);
+            return Err("could not read an array vector".to_string());
+        }
+        out.push(Array::from_ptr(a));
+    }
+    Ok(out)
+}
+
+/// A new mlx-c vector holding new references to `arrays`.
+///
+/// # Safety
+/// The caller owns the vector and must free it or hand it to mlx-c.
+unsafe fn new_vector(arrays: &[Array]) -> mlx_sys::mlx_vector_array {
+    let v = mlx_sys::mlx_vector_array_new();
+    for a in arrays {
+        mlx_sys::mlx_vector_array_append_value(v, a.as_ptr());
+    }
+    v
 }
 
 /// The message of the last checkpointed function that failed on this thread, once: a failure
@@ -126,35 +215,64 @@ extern "C" fn call_payload(
         // SAFETY: `payload` is the `Box<ArraysFn>` leaked in `checkpointed`, alive while mlx-c
         // holds the closure; MLX calls it from the thread that builds the graph.
         let f = unsafe { &mut *(payload as *mut ArraysFn) };
-        let n = unsafe { mlx_sys::mlx_vector_array_size(input) };
-        let mut args = Vec::with_capacity(n);
-        for i in 0..n {
-            // SAFETY: a new reference per element, owned by the `Array`.
-            unsafe {
-                let mut a = mlx_sys::mlx_array_new();
-                if mlx_sys::mlx_vector_array_get(&mut a, input, i) != 0 {
-                    mlx_sys::mlx_array_free(a);
-                    return Err("could not read the checkpointed function's inputs".to_string());
-                }
-                args.push(Array::from_ptr(a));
-            }
-        }
+        // SAFETY: `input` is the vector mlx-c passes for the call.
+        let args = unsafe { read_vector(input) }
+            .map_err(|_| "could not read the custom function's inputs".to_string())?;
         let out = f(&args).map_err(|e| e.what().to_string())?;
         // SAFETY: mlx-c hands an unallocated vector in `res` and frees what it finds there
         // after the call; the new vector holds new references to the outputs.
-        unsafe {
-            let v = mlx_sys::mlx_vector_array_new();
-            for a in &out {
-                mlx_sys::mlx_vector_array_append_value(v, a.as_ptr());
-            }
-            *res = v;
-        }
+        unsafe { *res = new_vector(&out) };
         Ok(())
     }));
     let why = match run {
         Ok(Ok(())) => return 0,
         Ok(Err(why)) => why,
         Err(_) => "the checkpointed function panicked".to_string(),
+    };
+    LAST_ERROR.with(|e| *e.borrow_mut() = Some(why));
+    1
+}
+
+/// The VJP of a [`with_own_gradients`] function: the gradients it returned after its value,
+/// each scaled by the value's cotangent, in its input's dtype.
+extern "C" fn own_gradients_vjp(
+    res: *mut mlx_sys::mlx_vector_array,
+    primals: mlx_sys::mlx_vector_array,
+    cotangents: mlx_sys::mlx_vector_array,
+    outputs: mlx_sys::mlx_vector_array,
+    _payload: *mut c_void,
+) -> i32 {
+    let run = catch_unwind(AssertUnwindSafe(|| -> Result<(), String> {
+        // SAFETY: the vectors mlx-c passes for the call.
+        let (primals, cotangents, outputs) = unsafe {
+            (
+                read_vector(primals)?,
+                read_vector(cotangents)?,
+                read_vector(outputs)?,
+            )
+        };
+        let c = cotangents.first().ok_or("no cotangent for the value")?;
+        if outputs.len() != primals.len() + 1 {
+            return Err(format!(
+                "the function returned {} gradients for {} inputs",
+                outputs.len().saturating_sub(1),
+                primals.len()
+            ));
+        }
+        let grads = primals
+            .iter()
+            .zip(&outputs[1..])
+            .map(|(p, g)| g.multiply(c).and_then(|g| g.as_dtype(p.dtype())))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.what().to_string())?;
+        // SAFETY: as in `call_payload`.
+        unsafe { *res = new_vector(&grads) };
+        Ok(())
+    }));
+    let why = match run {
+        Ok(Ok(())) => return 0,
+        Ok(Err(why)) => why,
+        Err(_) => "a custom gradient panicked".to_string(),
     };
     LAST_ERROR.with(|e| *e.borrow_mut() = Some(why));
     1
@@ -249,6 +367,11 @@ extern "C" fn drop_payload(payload: *mut c_void) {
     }
 }
 
+/// Held by the unit tests that read MLX's process-wide peak counter, so that they do not run at
+/// the same time and count each other's arrays.
+#[cfg(test)]
+pub static PEAK_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,6 +416,7 @@ mod tests {
     /// before the input's moves on, see `recompute_vjp`).
     #[test]
     fn the_recomputation_waits_for_the_gradient() {
+        let _alone = PEAK_TESTS.lock().unwrap_or_else(|e| e.into_inner());
         let n = 1 << 20; // f32 elements: 4 MiB
         let block = |x: &[Array]| -> Result<Vec<Array>, Exception> {
             let mut acc = x[0].clone();

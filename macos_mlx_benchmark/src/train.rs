@@ -168,6 +168,7 @@ impl MlxBackend {
             precision,
             fast_norm: tuning.fast_kernels,
             swiglu: SwiGlu::new(tuning.compile),
+            head_chunk: tuning.head_chunk,
         };
         let model = CausalLM::from_tensors(&shape, strategy, kernels, tensors)?;
 
@@ -361,23 +362,6 @@ pub(crate) fn adamw_update(weight_decay: bool, x: &[Array]) -> Result<Vec<Array>
     Ok(vec![new_p, m, v])
 }
 
-/// Sum of the token cross-entropies `logsumexp(logits) - logits[target]`, in fp32.
-///
-/// Written with a single `exp` pass: `lse = m + log(sum(exp(x - m)))` with the row maximum `m`
-/// held constant (its gradient is zero). The backward pass reuses `exp`'s output, whereas
-/// `logsumexp` recomputes the softmax; on the CPU, MLX's `exp` is scalar code and this halves the
-/// time of the largest elementwise work of the step.
-fn token_loss_sum(logits: &Array, targets: &Array) -> Result<Array, Exception> {
-    let x = logits.as_dtype(Dtype::Float32)?;
-    let m = mlx_rs::stop_gradient(x.max_axis(-1, true)?)?;
-    let sum_exp = x.subtract(&m)?.exp()?.sum_axis(-1, false)?;
-    let lse = m.squeeze_axes(&[-1])?.add(sum_exp.log()?)?;
-    let picked = x
-        .take_along_axis(targets.reshape(&[-1, 1])?, -1)?
-        .squeeze_axes(&[-1])?;
-    lse.subtract(picked)?.sum(None)
-}
-
 impl MlxBackend {
     /// `FTB_PROFILE=1`: charges the host time since `*mark` to `phase`.
     fn charge(&mut self, phase: &'static str, mark: &mut Instant) {
@@ -414,8 +398,7 @@ impl MlxBackend {
             let loss_fn = |model: &mut CausalLM,
                            (a, denom): (&MicroBatchArrays, &Array)|
              -> Result<Array, Exception> {
-                let logits = model.forward(&a.forward_inputs())?;
-                token_loss_sum(&logits, &a.targets)?.divide(denom)
+                model.loss(&a.forward_inputs(), &a.targets, denom)
             };
             // Gradients w.r.t. the trainable (unfrozen) parameters only.
             let mut value_and_grad = nn::value_and_grad(loss_fn);

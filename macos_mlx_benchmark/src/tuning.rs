@@ -133,7 +133,20 @@ pub struct Tuning {
     /// `cudaGraphInstantiate ... out of memory` at 79.2 GiB held by the process while MLX's
     /// allocated peak was 38-59 GiB. CUDA only (`FTB_MLX_MEMORY_PERCENT`); Metal keeps MLX's.
     pub memory_percent: usize,
+    /// The LM head and the loss over this many loss positions at a time, each chunk computing
+    /// its gradients before the next chunk's logits (`decoder::head_loss_chunked`); 0 keeps the
+    /// head in the step's one graph (`FTB_MLX_HEAD_CHUNK`). With a 128k or 152k vocabulary the
+    /// head's fp32 logits and their gradients are the largest term of a small model's step.
+    pub head_chunk: usize,
 }
+
+/// Loss positions per chunk of the LM head on Metal and the CPU
+/// (`shared::measure::memory::MLX_HEAD_CHUNK_TOKENS`, which the memory estimate counts).
+const HEAD_CHUNK: usize = shared::measure::memory::MLX_HEAD_CHUNK_TOKENS;
+
+/// On MLX's CUDA backend the head stays one graph until the chunks are measured there: the step
+/// is bound by the host, and each chunk adds operations for it to encode.
+const HEAD_CHUNK_CUDA: usize = 0;
 
 impl Tuning {
     pub fn default_for(device: MlxDevice, strategy: StrategyKind) -> Self {
@@ -163,6 +176,7 @@ impl Tuning {
                 cuda_graphs: true,
                 fused_adamw: true,
                 memory_percent: 80,
+                head_chunk: HEAD_CHUNK_CUDA,
             },
             MlxDevice::Metal => Tuning {
                 seq_multiple: 32,
@@ -178,6 +192,7 @@ impl Tuning {
                 fused_adamw: false,
                 queue_mb: 0,
                 memory_percent: 0,
+                head_chunk: HEAD_CHUNK,
             },
             MlxDevice::Cpu => Tuning {
                 seq_multiple: 1,
@@ -193,6 +208,7 @@ impl Tuning {
                 fused_adamw: false,
                 queue_mb: 0,
                 memory_percent: 0,
+                head_chunk: HEAD_CHUNK,
             },
         }
     }
@@ -267,6 +283,7 @@ impl Tuning {
                 )
             })?;
         }
+        whole("FTB_MLX_HEAD_CHUNK", 0, 1 << 20, &mut t.head_chunk)?;
         flag("FTB_MLX_QKV_LAYOUT_ONCE", &mut t.qkv_layout_once)?;
         // Measured on the H200 (2026-12-05, MLX 0.32.2, benchmarks/h200-2026-12-05/): with MLX's
         // fused kernels, q, k and v as strided views of one laid-out q | k | v give a NaN loss at
@@ -345,6 +362,7 @@ impl Tuning {
             "fused_adamw": self.fused_adamw,
             "queue_mb": self.queue_mb,
             "memory_percent": self.memory_percent,
+            "head_chunk": self.head_chunk,
         })
     }
 }

@@ -63,6 +63,14 @@ pub const CUDA_RUNTIME_ALLOWANCE_BYTES: u64 = 1 << 30;
 /// ([1,024 x H] by [H x V]) stays large enough for the matrix units.
 pub const HEAD_CHUNK_TOKENS: usize = 1024;
 
+/// Loss positions per chunk of the MLX binary's LM head and loss on Metal and the CPU
+/// (`decoder::head_loss_chunked`, `Tuning::head_chunk`; MLX's CUDA backend keeps the head in one
+/// graph). Smaller than PyTorch's: MLX holds more per logit in a chunk
+/// ([`mlx_chunk_bytes_per_logit`]). On the CPU (tiny-qwen3, 2,513 loss positions per micro-batch,
+/// fp32) MLX's peak was 0.99 / 1.64 / 2.94 GiB at chunks of 128 / 256 / 512 against 5.95 GiB
+/// in one graph, at the same speed.
+pub const MLX_HEAD_CHUNK_TOKENS: usize = 256;
+
 /// The precision a run resolves to (`--dtype auto` resolved for the device).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -364,6 +372,21 @@ pub fn mlx_loss_bytes_per_logit(p: Precision) -> u64 {
     }
 }
 
+/// Bytes per logit MLX holds while it computes one chunk of the chunked head (the chunk's logits,
+/// the loss graph and its VJP, `decoder::head_loss_chunked`): the slope of MLX's measured peak
+/// over the chunk size on the CPU (MLX 0.32.2, tiny-qwen3, chunks of 128 and 512): 36 B (fp32,
+/// last-n, the head trains), 40 B (fp32, LoRA, the head frozen), 40 B (bf16, last-n), so 4 B
+/// more with a frozen head. More than the one-graph loss holds per logit
+/// ([`mlx_loss_bytes_per_logit`]), but over a chunk's positions instead of all.
+pub fn mlx_chunk_bytes_per_logit(p: Precision, head_trains: bool) -> u64 {
+    let frozen = if head_trains { 0 } else { 4 };
+    frozen
+        + match p {
+            Precision::Float32 => 36,
+            Precision::Bf16 | Precision::MixedBf16 => 40,
+        }
+}
+
 /// One micro-batch's bytes at the peak of its step, by term (see [`MemoryEstimate`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct MicroBatchBytes {
@@ -448,11 +471,18 @@ fn micro_batch_bytes(
     // head in chunks of `HEAD_CHUNK_TOKENS` loss positions, each with its backward: one chunk's
     // logits, and the hidden states' gradient beside the hidden states. Without checkpointing
     // the sum below still adds a block's transient to it (an overestimate by the smaller).
-    let per_logit = if mlx { mlx_loss_bytes_per_logit(p) } else { 12 };
+    // MLX on Metal and the CPU chunks its head too (`MLX_HEAD_CHUNK_TOKENS`): one chunk's
+    // logits at `mlx_chunk_bytes_per_logit`, the hidden states and their gradient, and, when the
+    // head trains, its gradient summed over the chunks in fp32 (V x H x 4).
     let head = if !mlx {
-        loss * 2 * h * a + loss.min(HEAD_CHUNK_TOKENS as u64) * per_logit * v
+        loss * 2 * h * a + loss.min(HEAD_CHUNK_TOKENS as u64) * 12 * v
+    } else if !matches!(device, DeviceKind::Cuda(_)) {
+        let trains = shape.is_trainable(shape.head_weight_name(), s);
+        let dw = if trains { v * h * 4 } else { 0 };
+        let per_logit = mlx_chunk_bytes_per_logit(p, trains);
+        loss * 2 * h * a + loss.min(MLX_HEAD_CHUNK_TOKENS as u64) * per_logit * v + dw
     } else {
-        loss * (h * a + per_logit * v)
+        loss * (h * a + mlx_loss_bytes_per_logit(p) * v)
     };
     // One block's MLP working set: the fused gate|up output, SiLU and the product (4 × I values).
     let transient = tokens * 4 * i * a;
