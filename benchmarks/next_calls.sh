@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The device calls RESULTS.md lists under "What the next device calls should run", by number, so a
+# session with a device runs them without retyping (each fits one 10-minute call; run them in the
+# order 1, 4, 2, 3, 5). On the device machine, after `bash benchmarks/pack_device.sh` here and with
+# carry [".device"]:   bash benchmarks/next_calls.sh N
+set -uo pipefail
+S="--weights random --dataset synthetic --samples 4096"
+g=mlx_gpu.sh
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+case ${1:-} in
+1) # The MLX allocator limit (FTB_MLX_MEMORY_PERCENT, default 80 on CUDA): the runs that failed
+   # on the H100 with cudaGraphInstantiate out of memory, two that completed, 95 % for comparison.
+  TEST_TIMEOUT=${TEST_TIMEOUT:-60} FTB_PARITY_MODELS=${FTB_PARITY_MODELS:-tiny-qwen3} VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-100} \
+    bash "$here/$g" \
+    qwen3-0.6b_full "--device gpu $S --model qwen3-0.6b --strategy full" \
+    qwen3-0.6b_lora "--device gpu $S --model qwen3-0.6b --strategy lora" \
+    llama-3.2-1b_lora "--device gpu $S --model llama-3.2-1b --strategy lora" \
+    llama-3.2-3b_lora "--device gpu $S --model llama-3.2-3b --strategy lora" \
+    mlx_lastn "--device gpu $S" \
+    mlx_lastn_95 "FTB_MLX_MEMORY_PERCENT=95 --device gpu $S" \
+    llama-3.2-1b_full "--device gpu $S --model llama-3.2-1b --strategy full" ;;
+2) # The MLX binary's remaining families (qwen3-4b full checkpointed: 37 GiB estimated).
+  A=()
+  for m in qwen3-1.7b qwen3-4b; do
+    F=""; [[ $m == qwen3-4b ]] && F="--grad-checkpoint"
+    A+=("${m}_lastn" "--device gpu $S --model $m" "${m}_full" "--device gpu $S --model $m --strategy full $F" "${m}_lora" "--device gpu $S --model $m --strategy lora")
+  done
+  SKIP_TESTS=1 VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-90} bash "$here/$g" "${A[@]}" ;;
+3) # Issue 13: phi-3-mini through both binaries on one card, with the compare reports.
+  SKIP_TESTS=1 VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-130} COMPARE="mlx_lastn pt_lastn; mlx_full pt_full; mlx_lora pt_lora" \
+    bash "$here/$g" \
+    pt_lastn "--device cuda $S" mlx_lastn "--device gpu $S" \
+    pt_lora "--device cuda $S --strategy lora" mlx_lora "--device gpu $S --strategy lora" \
+    pt_full "--device cuda $S --strategy full" mlx_full "--device gpu $S --strategy full --grad-checkpoint" ;;
+4) # The PyTorch head in chunks without checkpointing (the default since aa4820c) against one chunk.
+  SKIP_TESTS=1 VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-90} bash "$here/$g" \
+    pt_q06_full "--device cuda $S --model qwen3-0.6b --strategy full" \
+    pt_q06_full_1chunk "FTB_HEAD_CHUNK_TOKENS=1000000 --device cuda $S --model qwen3-0.6b --strategy full" \
+    pt_lora "--device cuda $S --strategy lora" \
+    pt_lora_1chunk "FTB_HEAD_CHUNK_TOKENS=1000000 --device cuda $S --strategy lora" \
+    pt_lastn "--device cuda $S" \
+    pt_lastn_1chunk "FTB_HEAD_CHUNK_TOKENS=1000000 --device cuda $S" ;;
+5) # The MLX head in chunks on CUDA (one graph there by default).
+  SKIP_TESTS=1 VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-90} bash "$here/$g" \
+    mlx_lastn "--device gpu $S" mlx_lastn_chunk "FTB_MLX_HEAD_CHUNK=256 --device gpu $S" \
+    q06_full "--device gpu $S --model qwen3-0.6b --strategy full" \
+    q06_full_chunk "FTB_MLX_HEAD_CHUNK=256 --device gpu $S --model qwen3-0.6b --strategy full" ;;
+*) echo "usage: bash benchmarks/next_calls.sh 1|2|3|4|5 (RESULTS.md, \"What the next device calls should run\")" >&2; exit 2 ;;
+esac
