@@ -534,9 +534,15 @@ fn head_loss_chunked(
             });
             start = end;
         }
+        // No loss position: a zero loss and zero gradients.
         let loss = loss.unwrap_or_else(|| Array::from_f32(0.0));
-        let mut out = vec![loss, ops::concatenate(&dh, 0)?];
-        if let Some(dw) = dw {
+        let dh = match dh.is_empty() {
+            true => ops::zeros_like(h)?,
+            false => ops::concatenate(&dh, 0)?,
+        };
+        let mut out = vec![loss, dh];
+        if w_trains {
+            let dw = dw.map_or_else(|| ops::zeros_like(w), Ok)?;
             out.push(dw.as_dtype(w.dtype())?);
         }
         Ok(out)
@@ -585,12 +591,14 @@ impl CausalLM {
         if chunk == 0 {
             return token_loss_sum(&self.forward(inp)?, targets)?.divide(denom);
         }
+        // Every position when none are selected: rows of [B * T, H].
         let h = self.hidden(inp)?;
+        let h = h.reshape(&[-1, h.dim(-1)])?;
         head_loss_chunked(
             &h,
             self.head_weight(),
             self.head_trains,
-            targets,
+            &targets.reshape(&[-1])?,
             denom,
             chunk,
             self.kernels.precision,
@@ -1093,6 +1101,23 @@ mod tests {
                 );
             }
         }
+        // No loss position: a zero loss and zero gradients of the right shapes.
+        let (e, t0) = (
+            Array::zeros::<f32>(&[0, 32]).unwrap(),
+            Array::zeros::<i32>(&[0]).unwrap(),
+        );
+        let empty = move |a: &[Array]| -> Result<Vec<Array>, Exception> {
+            Ok(vec![head_loss_chunked(
+                &a[0], &a[1], true, &t0, &denom, 64, p,
+            )?])
+        };
+        let (v, g) = value_and_grad_with_argnums(empty, &[0, 1][..])(&[e, w.clone()]).unwrap();
+        assert_eq!(v[0].item_exact::<f32>(), 0.0);
+        assert_eq!((g[0].shape(), g[1].shape()), (&[0, 32][..], w.shape()));
+        assert_eq!(
+            g[1].abs().unwrap().max(None).unwrap().item_exact::<f32>(),
+            0.0
+        );
         // Memory: MLX's peak while the loss and the input's gradient are evaluated (measured
         // alone: 315 MiB in one graph, 100 in chunks).
         let _alone = crate::checkpoint::PEAK_TESTS
