@@ -447,6 +447,8 @@ mod tests {
             ("FTB_MLX_PADDING_SLOTS", "spreadd"),
             ("FTB_MLX_MEMORY_PERCENT", "99"),
             ("FTB_MLX_MEMORY_PERCENT", "0.8"),
+            ("FTB_MLX_HEAD_CHUNK", "-1"),
+            ("FTB_MLX_HEAD_CHUNK", "all"),
             // The variable it replaced names its successor.
             ("FTB_MLX_SPREAD_PADDING", "1"),
         ] {
@@ -455,6 +457,23 @@ mod tests {
                 .to_string();
             assert!(e.contains(k) && e.contains(v), "{e}");
         }
+        // The head in chunks of 256 on Metal and the CPU, one graph on CUDA unless set.
+        for (dev, chunk) in [
+            (MlxDevice::Metal, 256),
+            (MlxDevice::Cpu, 256),
+            (MlxDevice::Cuda, 0),
+        ] {
+            assert_eq!(
+                Tuning::default_for(dev, StrategyKind::LastN).head_chunk,
+                chunk
+            );
+        }
+        let set = Tuning::with_env(
+            MlxDevice::Cuda,
+            StrategyKind::LastN,
+            env(&[("FTB_MLX_HEAD_CHUNK", "512")]),
+        );
+        assert_eq!(set.unwrap().head_chunk, 512);
         // MLX's allocator limit: 80 % on CUDA unless set, MLX's own elsewhere, refused there.
         assert_eq!(
             Tuning::default_for(MlxDevice::Cuda, StrategyKind::Lora).memory_percent,
