@@ -378,7 +378,13 @@ fn the_chunked_head_and_checkpointing_compute_the_same_gradients() {
                         worst = worst.max(d);
                     }
                     eprintln!("{what}: loss {l0:.6}, worst gradient difference {worst:.1e}");
-                    assert!(worst < 1e-5, "{what}: gradients differ by {worst:.2e}");
+                    // Rounding, not a fault: the softmax sums the vocabulary in fp32, in a [3, V] chunk
+                    // in another order than in the [N, V] tensor. Measured on an AMD EPYC (AVX2):
+                    // every tensor within a near-uniform 3e-6 to 1.7e-5, growing as sqrt(V)
+                    // (7.9e-6 Phi-3 32k, 1.6e-5 Llama 128k, 1.7e-5 Qwen3 152k), the losses equal;
+                    // 4.2e-7 on the machine of an earlier session. A chunk missed, counted twice
+                    // or scaled wrongly moves the gradients by about 3 / positions (> 1e-2).
+                    assert!(worst < 1e-4, "{what}: gradients differ by {worst:.2e}");
                 }
                 // The gradients are not all zero (a frozen model would agree trivially).
                 let nonzero = g0.iter().filter(|g| g.abs().max().double_value(&[]) > 0.0);
