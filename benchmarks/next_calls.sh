@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls RESULTS.md lists under "What the next device calls should run", by number, so a
 # session with a device runs them without retyping (each fits one 10-minute call; run them in the
-# order 1, 4, 2, 3, 5). On the device machine, after `bash benchmarks/pack_device.sh` here and with
+# order 1, 4, 2, 3, 5; 6 fits beside any). On the device machine, after `bash benchmarks/pack_device.sh` here and with
 # carry [".device"]:   bash benchmarks/next_calls.sh N
 set -uo pipefail
 S="--weights random --dataset synthetic --samples 4096"
@@ -45,5 +45,7 @@ case ${1:-} in
     mlx_lastn "--device gpu $S" mlx_lastn_chunk "FTB_MLX_HEAD_CHUNK=256 --device gpu $S" \
     q06_full "--device gpu $S --model qwen3-0.6b --strategy full" \
     q06_full_chunk "FTB_MLX_HEAD_CHUNK=256 --device gpu $S --model qwen3-0.6b --strategy full" ;;
-*) echo "usage: bash benchmarks/next_calls.sh 1|2|3|4|5 (RESULTS.md, \"What the next device calls should run\")" >&2; exit 2 ;;
+6) # The Python reproductions of MLX's CUDA failures (benchmarks/repro/), two to three minutes.
+  bash "$here/repro/run_gpu.sh" ;;
+*) echo "usage: bash benchmarks/next_calls.sh 1|2|3|4|5|6 (RESULTS.md, \"What the next device calls should run\")" >&2; exit 2 ;;
 esac

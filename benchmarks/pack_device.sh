@@ -9,6 +9,10 @@ cd "$repo"
 export LIBTORCH_USE_PYTORCH=1
 mkdir -p .device/xz
 [[ -f .device/mlxpack/libmlx.so.xz ]] || bash ../shared/tools/mlx-cuda-pack.sh .device/mlxpack 0.32.2 90
+# MLX's Python binding for the device's Python 3.12 (0.7 MB), for benchmarks/repro/run_gpu.sh.
+ls .device/mlxpy/mlx-0.32.2-cp312-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps \
+  --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_35_x86_64 \
+  -d .device/mlxpy mlx==0.32.2
 bins="$(cargo build --release --message-format=json-render-diagnostics \
   -p windows_pytorch_benchmark -p macos_mlx_benchmark -p shared --bins | python3 scripts/cargo-bins.py)"
 # Test binaries that run on the GPU: the parity test and the MLX binary's unit tests (device init).
@@ -34,5 +38,5 @@ done <<<"$tests"
 git rev-parse HEAD >.device/xz/COMMIT
 git status --short >.device/xz/DIRTY
 (cd .device/xz && for f in *; do [[ $f == COMMIT || $f == DIRTY ]] || xz -T2 -6 -f "$f"; done)
-du -sh .device/xz .device/mlxpack
+du -sh .device/xz .device/mlxpack .device/mlxpy
 ls -l .device/xz
