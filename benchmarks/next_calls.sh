@@ -40,11 +40,13 @@ case ${1:-} in
     pt_lora_1chunk "FTB_HEAD_CHUNK_TOKENS=1000000 --device cuda $S --strategy lora" \
     pt_lastn "--device cuda $S" \
     pt_lastn_1chunk "FTB_HEAD_CHUNK_TOKENS=1000000 --device cuda $S" ;;
-5) # The MLX head in chunks on CUDA (one graph there by default).
+5) # The MLX head in chunks on CUDA (one graph there by default), 256 and 1,024 loss positions.
   SKIP_TESTS=1 VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-90} bash "$here/$g" \
     mlx_lastn "--device gpu $S" mlx_lastn_chunk "FTB_MLX_HEAD_CHUNK=256 --device gpu $S" \
+    mlx_lastn_chunk1k "FTB_MLX_HEAD_CHUNK=1024 --device gpu $S" \
     q06_full "--device gpu $S --model qwen3-0.6b --strategy full" \
-    q06_full_chunk "FTB_MLX_HEAD_CHUNK=256 --device gpu $S --model qwen3-0.6b --strategy full" ;;
+    q06_full_chunk "FTB_MLX_HEAD_CHUNK=256 --device gpu $S --model qwen3-0.6b --strategy full" \
+    q06_full_chunk1k "FTB_MLX_HEAD_CHUNK=1024 --device gpu $S --model qwen3-0.6b --strategy full" ;;
 6) # The Python reproductions of MLX's CUDA failures (benchmarks/repro/), two to three minutes.
   bash "$here/repro/run_gpu.sh" ;;
 *) echo "usage: bash benchmarks/next_calls.sh 1|2|3|4|5|6 (RESULTS.md, \"What the next device calls should run\")" >&2; exit 2 ;;
