@@ -23,12 +23,7 @@ fi
 # PyTorch: the device's own torch 2.11 (libtorch for tch 0.24).
 torch_lib=$(python3 -c "import torch,os;print(os.path.dirname(torch.__file__)+'/lib')")
 # MLX: the CUDA build of the same version (0.32.2) in place of the CPU libmlx the binary links.
-R=/tmp/mlxrt
-if [[ ! -f $R/mlx/lib/libmlx.so ]]; then
-  mkdir -p $R/mlx/lib
-  xz -dc .device/mlxpack/libmlx.so.xz >$R/mlx/lib/libmlx.so
-  tar -xJf .device/mlxpack/mlx-include-libs.tar.xz -C $R
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/mlx_unpack.sh"
 export LD_LIBRARY_PATH=$R/mlx/lib:$torch_lib:${LD_LIBRARY_PATH:-} TORCH_CPP_LOG_LEVEL=ERROR
 export FTB_PYTORCH_BIN=$PWD/.device/windows_pytorch_benchmark FTB_MLX_BIN=$PWD/.device/macos_mlx_benchmark
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv

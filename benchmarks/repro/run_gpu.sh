@@ -9,12 +9,7 @@
 set -uo pipefail
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
-R=/tmp/mlxrt
-if [[ ! -f $R/mlx/lib/libmlx.so ]]; then
-  mkdir -p $R/mlx/lib
-  xz -dc .device/mlxpack/libmlx.so.xz >$R/mlx/lib/libmlx.so
-  tar -xJf .device/mlxpack/mlx-include-libs.tar.xz -C $R
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/../mlx_unpack.sh"
 py=$(python3 -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
 wheel=$(ls .device/mlxpy/mlx-0.32.2-"$py"-*.whl 2>/dev/null | head -1)
 [[ -n $wheel ]] || { echo "run_gpu: no mlx 0.32.2 wheel for $py in .device/mlxpy (benchmarks/pack_device.sh downloads cp312's)" >&2; exit 2; }
