@@ -9,16 +9,16 @@ g=mlx_gpu.sh
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 case ${1:-} in
 1) # The MLX allocator limit (FTB_MLX_MEMORY_PERCENT, default 80 on CUDA): the runs that failed
-   # on the H100 with cudaGraphInstantiate out of memory, two that completed, 95 % for comparison.
-  TEST_TIMEOUT=${TEST_TIMEOUT:-60} FTB_PARITY_MODELS=${FTB_PARITY_MODELS:-tiny-qwen3} VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-100} \
+   # on the H100 with cudaGraphInstantiate out of memory, phi-3-mini last-n, 95 % for comparison
+  # (llama-3.2-3b LoRA took 1.6 s a step there: 64 steps need the 130 s).
+  TEST_TIMEOUT=${TEST_TIMEOUT:-60} FTB_PARITY_MODELS=${FTB_PARITY_MODELS:-tiny-qwen3} VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-130} \
     bash "$here/$g" \
     qwen3-0.6b_full "--device gpu $S --model qwen3-0.6b --strategy full" \
     qwen3-0.6b_lora "--device gpu $S --model qwen3-0.6b --strategy lora" \
     llama-3.2-1b_lora "--device gpu $S --model llama-3.2-1b --strategy lora" \
     llama-3.2-3b_lora "--device gpu $S --model llama-3.2-3b --strategy lora" \
     mlx_lastn "--device gpu $S" \
-    mlx_lastn_95 "FTB_MLX_MEMORY_PERCENT=95 --device gpu $S" \
-    llama-3.2-1b_full "--device gpu $S --model llama-3.2-1b --strategy full" ;;
+    mlx_lastn_95 "FTB_MLX_MEMORY_PERCENT=95 --device gpu $S" ;;
 2) # The MLX binary's remaining families (qwen3-4b full checkpointed: 37 GiB estimated).
   A=()
   for m in qwen3-1.7b qwen3-4b; do
@@ -32,10 +32,12 @@ case ${1:-} in
     pt_lastn "--device cuda $S" mlx_lastn "--device gpu $S" \
     pt_lora "--device cuda $S --strategy lora" mlx_lora "--device gpu $S --strategy lora" \
     pt_full "--device cuda $S --strategy full" mlx_full "--device gpu $S --strategy full --grad-checkpoint" ;;
-4) # The PyTorch head in chunks without checkpointing (the default since aa4820c) against one chunk.
+4) # The PyTorch head in chunks without checkpointing (the default since aa4820c) against one chunk;
+   # qwen3-0.6b full (22.7 % MFU, issue 14 asks 30) once more with its time by phase (FTB_PROFILE).
   SKIP_TESTS=1 VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-90} bash "$here/$g" \
     pt_q06_full "--device cuda $S --model qwen3-0.6b --strategy full" \
     pt_q06_full_1chunk "FTB_HEAD_CHUNK_TOKENS=1000000 --device cuda $S --model qwen3-0.6b --strategy full" \
+    pt_q06_full_prof "FTB_PROFILE=1 --device cuda $S --model qwen3-0.6b --strategy full" \
     pt_lora "--device cuda $S --strategy lora" \
     pt_lora_1chunk "FTB_HEAD_CHUNK_TOKENS=1000000 --device cuda $S --strategy lora" \
     pt_lastn "--device cuda $S" \
@@ -49,5 +51,10 @@ case ${1:-} in
     q06_full_chunk1k "FTB_MLX_HEAD_CHUNK=1024 --device gpu $S --model qwen3-0.6b --strategy full" ;;
 6) # The Python reproductions of MLX's CUDA failures (benchmarks/repro/), two to three minutes.
   bash "$here/repro/run_gpu.sh" ;;
-*) echo "usage: bash benchmarks/next_calls.sh 1|2|3|4|5|6 (RESULTS.md, \"What the next device calls should run\")" >&2; exit 2 ;;
+7) # Issue 14: where qwen3-0.6b full's GPU time goes in the PyTorch binary (Nsight Compute, every
+   # kernel timed alone; the window passes over the random initialisation's kernels, which
+   # kernel_profile.py also sorts apart by name). Shares, not totals: the window is part of a run.
+  SKIP_TESTS=1 VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-300} NCU_ARGS=${NCU_ARGS:-"--launch-skip 20000 --launch-count 12000"} \
+    bash "$here/$g" ncu_pt_q06_full "--device cuda --weights random --dataset synthetic --samples 1024 --model qwen3-0.6b --strategy full" ;;
+*) echo "usage: bash benchmarks/next_calls.sh 1|2|3|4|5|6|7 (RESULTS.md, \"What the next device calls should run\")" >&2; exit 2 ;;
 esac
