@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls RESULTS.md lists under "What the next device calls should run", by number, so a
 # session with a device runs them without retyping (each fits one 10-minute call; run them in the
-# order 1, 4, 2, 3, 5; 6 fits beside any). On the device machine, after `bash benchmarks/pack_device.sh` here and with
+# order 1, 4, 2, 3, 5, 7; 6 fits beside any). On the device machine, after `bash benchmarks/pack_device.sh` here and with
 # carry [".device"]:   bash benchmarks/next_calls.sh N
 set -uo pipefail
 S="--weights random --dataset synthetic --samples 4096"
