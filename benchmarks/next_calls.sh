@@ -38,6 +38,8 @@ case ${1:-} in
     pt_q06_full "--device cuda $S --model qwen3-0.6b --strategy full" \
     pt_q06_full_1chunk "FTB_HEAD_CHUNK_TOKENS=1000000 --device cuda $S --model qwen3-0.6b --strategy full" \
     pt_q06_full_prof "FTB_PROFILE=1 --device cuda $S --model qwen3-0.6b --strategy full" \
+    pt_q06_full_late "FTB_LATE_INPUTS=1 --device cuda $S --model qwen3-0.6b --strategy full" \
+    pt_lora_late "FTB_LATE_INPUTS=1 --device cuda $S --strategy lora" \
     pt_lora "--device cuda $S --strategy lora" \
     pt_lora_1chunk "FTB_HEAD_CHUNK_TOKENS=1000000 --device cuda $S --strategy lora" \
     pt_lastn "--device cuda $S" \

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use anyhow::{anyhow, Context, Result};
 use shared::config::{Config, DeviceChoice, Framework, StrategyKind};
-use shared::data::batch::Step;
+use shared::data::batch::{MicroBatch, Step};
 use shared::device::Available;
 use shared::error::ConfigError;
 use shared::measure::memory::DeviceKind;
@@ -75,6 +75,11 @@ pub struct TorchBackend {
     /// `FTB_PROFILE=1`: synchronise between phases and add up their wall time (forward, backward,
     /// clipping, optimizer). Costs the overlap between phases, so only for finding where time goes.
     profile: Option<[f64; 4]>,
+    /// `FTB_LATE_INPUTS=1`: copy each micro-batch's inputs to the device just before its forward
+    /// pass, as the binary did before (an A/B knob). A copy from pageable host memory makes
+    /// libtorch wait for the stream, so on CUDA that drains the queue between micro-batches; by
+    /// default the step's inputs are all copied when it starts, where the queue is empty anyway.
+    late_inputs: bool,
 }
 
 /// `--device` for libtorch, by shared's rule (`shared::device::resolve`). Asks libtorch about
@@ -193,7 +198,12 @@ impl AttentionMode {
 /// The hooks this binary reads besides the shared runner's (`FTB_ATTENTION` is checked where the
 /// attention path is picked): a value that does not parse is a usage error, found in the preflight.
 pub fn check_hooks() -> Result<(), ConfigError> {
-    for name in ["FTB_HOST_INIT", "FTB_PROFILE", "FTB_DEBUG_PANICS"] {
+    for name in [
+        "FTB_HOST_INIT",
+        "FTB_PROFILE",
+        "FTB_DEBUG_PANICS",
+        "FTB_LATE_INPUTS",
+    ] {
         shared::hooks::flag(name)?;
     }
     head_chunk_tokens()?;
@@ -349,6 +359,7 @@ impl TorchBackend {
             #[cfg(target_os = "linux")]
             comm,
             profile: shared::hooks::flag("FTB_PROFILE")?.then_some([0.0; 4]),
+            late_inputs: shared::hooks::flag("FTB_LATE_INPUTS")?,
         })
     }
 
@@ -386,17 +397,27 @@ impl Backend for TorchBackend {
             let denom = step.loss_tokens.max(1) as f64;
             let mut total = Tensor::zeros([], (Kind::Float, self.model.device));
             let mut ran = 0;
-            for mb in &step.micro_batches {
-                // No loss token: its loss and gradients are exactly zero, so it is not run (as on
-                // every backend; the FLOP count leaves it out).
-                if mb.loss_tokens == 0 {
-                    continue;
-                }
+            // No loss token: its loss and gradients are exactly zero, so it is not run (as on
+            // every backend; the FLOP count leaves it out).
+            let run: Vec<_> = step
+                .micro_batches
+                .iter()
+                .filter(|mb| mb.loss_tokens > 0)
+                .collect();
+            let (device, attention) = (self.model.device, self.attention);
+            let upload = |mb: &MicroBatch| match attention {
+                AttentionMode::Varlen => Inputs::varlen(mb, device),
+                _ => Inputs::new(mb, device),
+            };
+            // Every copy to the device waits for the stream (pageable host memory): made here,
+            // before the first forward pass, none of them waits for a micro-batch's backward.
+            let mut early: Vec<Option<Inputs>> = run
+                .iter()
+                .map(|mb| (!self.late_inputs).then(|| upload(mb)))
+                .collect();
+            for (mb, pre) in run.iter().zip(early.iter_mut()) {
                 ran += 1;
-                let inp = match self.attention {
-                    AttentionMode::Varlen => Inputs::varlen(mb, self.model.device),
-                    _ => Inputs::new(mb, self.model.device),
-                };
+                let inp = pre.take().unwrap_or_else(|| upload(mb));
                 // Sum over the micro-batch / the step's loss tokens: the micro-batches' losses add
                 // up to the step's mean, whatever the batch plan.
                 let f = self.model.forward(&inp, denom, self.grad_checkpoint);

@@ -1228,6 +1228,7 @@ fn testing_hooks_reject_values_they_cannot_parse() {
         ("FTB_ATTENTION", "fastest"),
         ("FTB_HEAD_CHUNK_TOKENS", "0"),
         ("FTB_HEAD_CHUNK_TOKENS", "1k"),
+        ("FTB_LATE_INPUTS", "sometimes"),
     ] {
         let d = tempfile::tempdir().unwrap();
         let mut args: Vec<&str> = FAST.to_vec();
