@@ -396,7 +396,6 @@ impl Backend for TorchBackend {
             self.opt.zero_grad()?;
             let denom = step.loss_tokens.max(1) as f64;
             let mut total = Tensor::zeros([], (Kind::Float, self.model.device));
-            let mut ran = 0;
             // No loss token: its loss and gradients are exactly zero, so it is not run (as on
             // every backend; the FLOP count leaves it out).
             let run: Vec<_> = step
@@ -411,13 +410,13 @@ impl Backend for TorchBackend {
             };
             // Every copy to the device waits for the stream (pageable host memory): made here,
             // before the first forward pass, none of them waits for a micro-batch's backward.
-            let mut early: Vec<Option<Inputs>> = run
+            let early: Vec<Option<Inputs>> = run
                 .iter()
                 .map(|mb| (!self.late_inputs).then(|| upload(mb)))
                 .collect();
-            for (mb, pre) in run.iter().zip(early.iter_mut()) {
-                ran += 1;
-                let inp = pre.take().unwrap_or_else(|| upload(mb));
+            let ran = run.len();
+            for (mb, pre) in run.iter().zip(early) {
+                let inp = pre.unwrap_or_else(|| upload(mb));
                 // Sum over the micro-batch / the step's loss tokens: the micro-batches' losses add
                 // up to the step's mean, whatever the batch plan.
                 let f = self.model.forward(&inp, denom, self.grad_checkpoint);

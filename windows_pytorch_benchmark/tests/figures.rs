@@ -47,18 +47,33 @@ fn plan(extra: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// `N` of the plan line `plan ...: N steps of R records (M x G), ...`, and R.
-fn steps_and_records(plan: &str) -> (usize, usize) {
+/// The words of the plan line `plan ...: N steps of R records (M x G), K micro-batches; ...`.
+fn plan_words(plan: &str) -> Vec<&str> {
     let line = plan
         .lines()
         .find(|l| l.starts_with("plan "))
         .expect("a plan line");
-    let words: Vec<&str> = line.split_whitespace().collect();
+    line.split_whitespace().collect()
+}
+
+/// `N` of the plan line, and R.
+fn steps_and_records(plan: &str) -> (usize, usize) {
+    let words = plan_words(plan);
     let at = words.iter().position(|w| *w == "steps").unwrap();
     (
         words[at - 1].parse().unwrap(),
         words[at + 2].parse().unwrap(),
     )
+}
+
+/// `K` of the plan line.
+fn micro_batches(plan: &str) -> usize {
+    let words = plan_words(plan);
+    let at = words
+        .iter()
+        .position(|w| w.starts_with("micro-batches"))
+        .unwrap();
+    words[at - 1].parse().unwrap()
 }
 
 /// The default fast run (100 records) is planned in at least 11 steps, so its steady figures rest
@@ -420,12 +435,19 @@ fn the_chunked_head_lowers_the_peak_of_a_large_vocabulary() {
 /// are identical to the last bit (an input given to the wrong micro-batch changes them).
 #[test]
 fn inputs_copied_when_the_step_starts_train_the_same() {
+    let args = [
+        "--preset",
+        "tiny",
+        "--samples",
+        "64",
+        "--max-tokens-per-micro-batch",
+        "512",
+    ];
     let run = |late: bool| {
         let d = tempfile::tempdir().unwrap();
         let mut c = Command::new(bin());
-        c.args(["--preset", "tiny", "--device", "cpu", "--quiet"])
-            .args(["--samples", "64", "--max-tokens-per-micro-batch", "512"])
-            .arg("--output-dir")
+        c.args(args)
+            .args(["--device", "cpu", "--quiet", "--output-dir"])
             .arg(d.path());
         if late {
             c.env("FTB_LATE_INPUTS", "1");
@@ -441,21 +463,7 @@ fn inputs_copied_when_the_step_starts_train_the_same() {
     assert_eq!(early, late);
     // Several micro-batches per step (the plan line: "4 steps of 16 records (4 x 4), 42
     // micro-batches; ..."), or the order of the copies would not matter.
-    let plan = plan(&[
-        "--preset",
-        "tiny",
-        "--samples",
-        "64",
-        "--max-tokens-per-micro-batch",
-        "512",
-    ]);
+    let plan = plan(&args);
     let (steps, _) = steps_and_records(&plan);
-    let line = plan.lines().find(|l| l.starts_with("plan ")).unwrap();
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let at = words
-        .iter()
-        .position(|w| w.starts_with("micro-batches"))
-        .unwrap();
-    let micro_batches: usize = words[at - 1].parse().unwrap();
-    assert!(micro_batches >= 2 * steps, "{line}");
+    assert!(micro_batches(&plan) >= 2 * steps, "{plan}");
 }
