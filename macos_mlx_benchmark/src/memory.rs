@@ -43,18 +43,23 @@ pub fn start_of_run() -> Result<()> {
 const MLX_CUDA_DEFAULT_SHARE: f64 = 0.95;
 
 /// Limits what MLX's allocator holds (live arrays and buffer cache together) to `percent` of the
-/// GPU's memory, read back from MLX's own default limit; 0 keeps MLX's limit. Called on MLX's
-/// CUDA backend only (`Tuning::memory_percent` says why). Returns the limit set, in bytes.
-pub fn limit_on_cuda(percent: usize) -> Result<Option<usize>> {
+/// GPU's memory, and its buffer cache alone to `cache_percent`, both read back from MLX's own
+/// default limit; `percent` 0 keeps MLX's limits. Called on MLX's CUDA backend only
+/// (`Tuning::memory_percent` and `Tuning::cache_percent` say why). Returns the memory and cache
+/// limits set, in bytes.
+pub fn limit_on_cuda(percent: usize, cache_percent: usize) -> Result<Option<(usize, usize)>> {
     if percent == 0 {
         return Ok(None);
     }
     let default = mlx_rs::memory::memory_limit().context("reading MLX's memory limit")?;
-    let limit = (default as f64 / MLX_CUDA_DEFAULT_SHARE * percent as f64 / 100.0) as usize;
-    let limit = limit.min(default);
+    let share = |p: usize| {
+        let bytes = (default as f64 / MLX_CUDA_DEFAULT_SHARE * p as f64 / 100.0) as usize;
+        bytes.min(default)
+    };
+    let (limit, cache) = (share(percent), share(cache_percent.min(percent)));
     mlx_rs::memory::set_memory_limit(limit).context("setting MLX's memory limit")?;
-    mlx_rs::memory::set_cache_limit(limit).context("setting MLX's cache limit")?;
-    Ok(Some(limit))
+    mlx_rs::memory::set_cache_limit(cache).context("setting MLX's cache limit")?;
+    Ok(Some((limit, cache)))
 }
 
 /// Reads active + cache memory and keeps the highest (between steps, outside the timed region).
@@ -120,20 +125,35 @@ pub fn reading(on_gpu: bool) -> MemoryReading {
 
 #[cfg(test)]
 mod tests {
-    /// The limit is the given share of the memory MLX's default limit stands for, and both of
-    /// MLX's limits take it (MLX's API answers on the CPU too; the call site is CUDA's alone).
+    /// The limits are the given shares of the memory MLX's default limit stands for, and MLX
+    /// takes them (MLX's API answers on the CPU too; the call site is CUDA's alone).
     #[test]
-    fn the_cuda_limit_is_a_share_of_the_device() {
+    fn the_cuda_limits_are_shares_of_the_device() {
         let default = mlx_rs::memory::memory_limit().unwrap();
-        assert_eq!(super::limit_on_cuda(0).unwrap(), None);
+        assert_eq!(super::limit_on_cuda(0, 0).unwrap(), None);
         assert_eq!(mlx_rs::memory::memory_limit().unwrap(), default);
-        let set = super::limit_on_cuda(50).unwrap().unwrap();
-        let want = default as f64 / super::MLX_CUDA_DEFAULT_SHARE * 0.5;
-        assert!((set as f64 - want).abs() <= 1.0, "{set} against {want}");
+        let card = default as f64 / super::MLX_CUDA_DEFAULT_SHARE;
+        let (set, cache) = super::limit_on_cuda(50, 10).unwrap().unwrap();
+        assert!(
+            (set as f64 - card * 0.5).abs() <= 1.0,
+            "{set} against {card}"
+        );
+        assert!(
+            (cache as f64 - card * 0.1).abs() <= 1.0,
+            "{cache} against {card}"
+        );
         assert_eq!(mlx_rs::memory::memory_limit().unwrap(), set);
-        // Above MLX's own limit it keeps MLX's.
+        // MLX's setter answers the limit it replaces.
+        assert_eq!(mlx_rs::memory::set_cache_limit(cache).unwrap(), cache);
+        // Above MLX's own limit it keeps MLX's; the cache never above the memory limit.
         mlx_rs::memory::set_memory_limit(default).unwrap();
-        assert_eq!(super::limit_on_cuda(100).unwrap(), Some(default));
+        assert_eq!(
+            super::limit_on_cuda(100, 100).unwrap(),
+            Some((default, default))
+        );
+        let (set, cache) = super::limit_on_cuda(30, 60).unwrap().unwrap();
+        assert_eq!(set, cache);
         mlx_rs::memory::set_memory_limit(default).unwrap();
+        mlx_rs::memory::set_cache_limit(default).unwrap();
     }
 }

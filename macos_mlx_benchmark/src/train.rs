@@ -113,7 +113,7 @@ impl MlxBackend {
         // Peak memory is reported "since the backend was built" (each repeat starts fresh).
         crate::memory::start_of_run()?;
         if device == MlxDevice::Cuda {
-            crate::memory::limit_on_cuda(tuning.memory_percent)?;
+            crate::memory::limit_on_cuda(tuning.memory_percent, tuning.cache_percent)?;
         }
         let shape = prepared.shape.clone();
         let strategy = &cfg.workload.strategy;
@@ -566,7 +566,7 @@ fn catch_mlx<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 /// limit: `cudaGraphInstantiate ... out of memory` (2026-12-05, the CUDA graphs) and
 /// `cudaMallocAsync ... out of memory` with the process at 79 GiB and MLX's allocated peak at 38-41
 /// (2026-12-06, at an 80 % limit: CUDA's stream-ordered pool keeps what MLX frees).
-fn cuda_oom_hint(message: &str, percent: usize) -> Option<String> {
+fn cuda_oom_hint(message: &str, percent: usize, cache_percent: usize) -> Option<String> {
     let graph = message.contains("cudaGraphInstantiate");
     if !(graph || (message.contains("cudaMalloc") && message.contains("out of memory"))) {
         return None;
@@ -574,12 +574,15 @@ fn cuda_oom_hint(message: &str, percent: usize) -> Option<String> {
     let limit = if percent == 0 {
         "95 % of the card, MLX's own limit".to_string()
     } else {
-        format!("{percent} % of the card, FTB_MLX_MEMORY_PERCENT")
+        format!(
+            "{percent} % of the card, FTB_MLX_MEMORY_PERCENT, {cache_percent} % of it in its buffer cache, FTB_MLX_CACHE_PERCENT"
+        )
     };
     Some(format!(
         "MLX's CUDA backend ran out of device memory {} while its allocator may hold {limit}; \
          the CUDA graphs and CUDA's memory pool are outside that count. Set \
-         FTB_MLX_MEMORY_PERCENT lower or --max-tokens-per-micro-batch smaller (known open fault \
+         FTB_MLX_CACHE_PERCENT or FTB_MLX_MEMORY_PERCENT lower, or \
+         --max-tokens-per-micro-batch smaller (known open fault \
          of MLX 0.32.2 on CUDA: benchmarks/RESULTS.md)",
         if graph {
             "for a CUDA graph"
@@ -591,9 +594,9 @@ fn cuda_oom_hint(message: &str, percent: usize) -> Option<String> {
 
 impl Backend for MlxBackend {
     fn train_step(&mut self, step: &Step, lr: f64) -> Result<StepReport> {
-        let percent = self.tuning.memory_percent;
+        let (percent, cache) = (self.tuning.memory_percent, self.tuning.cache_percent);
         catch_mlx(|| self.step(step, lr)).map_err(|e| {
-            match cuda_oom_hint(&format!("{e:#}"), percent) {
+            match cuda_oom_hint(&format!("{e:#}"), percent, cache) {
                 Some(hint) => e.context(hint),
                 None => e,
             }
@@ -761,21 +764,27 @@ mod tests {
         let graph = "cudaGraphInstantiate(&handle_, graph, nullptr, nullptr, 0) failed: out of memory at mlx/c/transforms.cpp:15";
         let pool =
             "cudaMallocAsync(&data, size, stream) failed: out of memory at mlx/c/transforms.cpp:15";
-        let h = cuda_oom_hint(graph, 80).expect("graph hint");
+        let h = cuda_oom_hint(graph, 80, 20).expect("graph hint");
         assert!(
-            h.contains("for a CUDA graph") && h.contains("80 % of the card"),
+            h.contains("for a CUDA graph")
+                && h.contains("80 % of the card")
+                && h.contains("20 % of it in its buffer cache"),
             "{h}"
         );
-        let h = cuda_oom_hint(pool, 0).expect("pool hint");
+        let h = cuda_oom_hint(pool, 0, 0).expect("pool hint");
         assert!(
             h.contains("for a buffer") && h.contains("MLX's own limit"),
             "{h}"
         );
-        assert!(h.contains("FTB_MLX_MEMORY_PERCENT") && h.contains("--max-tokens-per-micro-batch"));
+        assert!(
+            h.contains("FTB_MLX_MEMORY_PERCENT")
+                && h.contains("FTB_MLX_CACHE_PERCENT")
+                && h.contains("--max-tokens-per-micro-batch")
+        );
         assert_eq!(
-            cuda_oom_hint("[broadcast_shapes] shapes cannot be broadcast", 80),
+            cuda_oom_hint("[broadcast_shapes] shapes cannot be broadcast", 80, 80),
             None
         );
-        assert_eq!(cuda_oom_hint("std::bad_alloc: out of memory", 80), None);
+        assert_eq!(cuda_oom_hint("std::bad_alloc: out of memory", 80, 80), None);
     }
 }

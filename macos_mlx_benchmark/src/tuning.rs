@@ -133,6 +133,16 @@ pub struct Tuning {
     /// `cudaGraphInstantiate ... out of memory` at 79.2 GiB held by the process while MLX's
     /// allocated peak was 38-59 GiB. CUDA only (`FTB_MLX_MEMORY_PERCENT`); Metal keeps MLX's.
     pub memory_percent: usize,
+    /// The share of the GPU's memory MLX's buffer cache may keep of what steps freed
+    /// (`set_cache_limit`), in percent, at most `memory_percent`; MLX's own default is the memory
+    /// limit. MLX's CUDA allocator takes fresh memory from CUDA's stream-ordered pool
+    /// (`cudaMallocAsync`) when no cached buffer fits, and hands cached buffers back to that pool
+    /// only under its own limit: with a cache as large as the limit the process held 79 GiB on an
+    /// 80 GB H100 (2026-12-06, qwen3-0.6b full and LoRA) while MLX counted 63 GiB active + cached
+    /// and 38-41 allocated, and a request for a new buffer failed. A smaller cache hands freed
+    /// buffers back to CUDA's pool, which reuses them for any size. CUDA only
+    /// (`FTB_MLX_CACHE_PERCENT`).
+    pub cache_percent: usize,
     /// The LM head and the loss over this many loss positions at a time, each chunk computing
     /// its gradients before the next chunk's logits (`decoder::head_loss_chunked`); 0 keeps the
     /// head in the step's one graph (`FTB_MLX_HEAD_CHUNK`). With a 128k or 152k vocabulary the
@@ -176,6 +186,7 @@ impl Tuning {
                 cuda_graphs: true,
                 fused_adamw: true,
                 memory_percent: 80,
+                cache_percent: 80,
                 head_chunk: HEAD_CHUNK_CUDA,
             },
             MlxDevice::Metal => Tuning {
@@ -192,6 +203,7 @@ impl Tuning {
                 fused_adamw: false,
                 queue_mb: 0,
                 memory_percent: 0,
+                cache_percent: 0,
                 head_chunk: HEAD_CHUNK,
             },
             MlxDevice::Cpu => Tuning {
@@ -208,6 +220,7 @@ impl Tuning {
                 fused_adamw: false,
                 queue_mb: 0,
                 memory_percent: 0,
+                cache_percent: 0,
                 head_chunk: HEAD_CHUNK,
             },
         }
@@ -314,12 +327,24 @@ impl Tuning {
         if device == MlxDevice::Cuda {
             whole("MLX_MAX_MB_PER_BUFFER", 1, 1 << 20, &mut t.queue_mb)?;
             whole("FTB_MLX_MEMORY_PERCENT", 10, 95, &mut t.memory_percent)?;
-        } else if let Some(v) = var("FTB_MLX_MEMORY_PERCENT") {
-            return Err(bad(
-                "FTB_MLX_MEMORY_PERCENT",
-                &v,
-                "it limits MLX's CUDA allocator only: unset it on this device",
-            ));
+            // Unset, the cache follows the memory limit down (never above it).
+            t.cache_percent = t.cache_percent.min(t.memory_percent);
+            whole(
+                "FTB_MLX_CACHE_PERCENT",
+                0,
+                t.memory_percent,
+                &mut t.cache_percent,
+            )?;
+        } else {
+            for key in ["FTB_MLX_MEMORY_PERCENT", "FTB_MLX_CACHE_PERCENT"] {
+                if let Some(v) = var(key) {
+                    return Err(bad(
+                        key,
+                        &v,
+                        "it limits MLX's CUDA allocator only: unset it on this device",
+                    ));
+                }
+            }
         }
         Ok(t)
     }
@@ -362,6 +387,7 @@ impl Tuning {
             "fused_adamw": self.fused_adamw,
             "queue_mb": self.queue_mb,
             "memory_percent": self.memory_percent,
+            "cache_percent": self.cache_percent,
             "head_chunk": self.head_chunk,
         })
     }
@@ -485,6 +511,30 @@ mod tests {
             env(&[("FTB_MLX_MEMORY_PERCENT", "90")]),
         );
         assert_eq!(set.unwrap().memory_percent, 90);
+        // The buffer cache: as large as the memory limit unless set, never above it.
+        let cache = |pairs: &[(&str, &str)]| {
+            Tuning::with_env(MlxDevice::Cuda, StrategyKind::Full, env(pairs))
+                .map(|t| (t.memory_percent, t.cache_percent))
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(cache(&[]), Ok((80, 80)));
+        assert_eq!(cache(&[("FTB_MLX_MEMORY_PERCENT", "60")]), Ok((60, 60)));
+        assert_eq!(cache(&[("FTB_MLX_CACHE_PERCENT", "0")]), Ok((80, 0)));
+        assert_eq!(cache(&[("FTB_MLX_CACHE_PERCENT", "10")]), Ok((80, 10)));
+        for pairs in [
+            &[("FTB_MLX_CACHE_PERCENT", "81")][..],
+            &[
+                ("FTB_MLX_MEMORY_PERCENT", "50"),
+                ("FTB_MLX_CACHE_PERCENT", "60"),
+            ],
+            &[("FTB_MLX_CACHE_PERCENT", "ten")],
+        ] {
+            let e = cache(pairs).unwrap_err();
+            assert!(
+                e.contains("FTB_MLX_CACHE_PERCENT") && e.contains(pairs.last().unwrap().1),
+                "{e}"
+            );
+        }
         for dev in [MlxDevice::Cpu, MlxDevice::Metal] {
             assert_eq!(
                 Tuning::default_for(dev, StrategyKind::Lora).memory_percent,
@@ -499,6 +549,17 @@ mod tests {
             .to_string();
             assert!(
                 e.contains("FTB_MLX_MEMORY_PERCENT") && e.contains("CUDA"),
+                "{e}"
+            );
+            let e = Tuning::with_env(
+                dev,
+                StrategyKind::Lora,
+                env(&[("FTB_MLX_CACHE_PERCENT", "10")]),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("FTB_MLX_CACHE_PERCENT") && e.contains("CUDA"),
                 "{e}"
             );
         }
