@@ -64,10 +64,10 @@ case ${1:-} in
    # a run that completes (phi-3-mini last-n).
   SKIP_TESTS=1 VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-100} bash "$here/$g" \
     q06_full_cache10 "FTB_MLX_CACHE_PERCENT=10 --device gpu $S --model qwen3-0.6b --strategy full" \
-    q06_full_cache0 "FTB_MLX_CACHE_PERCENT=0 --device gpu $S --model qwen3-0.6b --strategy full" \
-    q06_full_chunk1k "FTB_MLX_HEAD_CHUNK=1024 --device gpu $S --model qwen3-0.6b --strategy full" \
     q06_lora_cache10 "FTB_MLX_CACHE_PERCENT=10 --device gpu $S --model qwen3-0.6b --strategy lora" \
+    mlx_lastn_cache10 "FTB_MLX_CACHE_PERCENT=10 --device gpu $S" \
     mlx_lastn "--device gpu $S" \
-    mlx_lastn_cache10 "FTB_MLX_CACHE_PERCENT=10 --device gpu $S" ;;
+    q06_full_chunk1k "FTB_MLX_HEAD_CHUNK=1024 --device gpu $S --model qwen3-0.6b --strategy full" \
+    q06_full_cache0 "FTB_MLX_CACHE_PERCENT=0 --device gpu $S --model qwen3-0.6b --strategy full" ;;
 *) echo "usage: bash benchmarks/next_calls.sh 1|2|3|4|5|6|7|8 (RESULTS.md, \"What the next device calls should run\")" >&2; exit 2 ;;
 esac
