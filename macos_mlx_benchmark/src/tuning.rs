@@ -140,8 +140,12 @@ pub struct Tuning {
     /// only under its own limit: with a cache as large as the limit the process held 79 GiB on an
     /// 80 GB H100 (2026-12-06, qwen3-0.6b full and LoRA) while MLX counted 63 GiB active + cached
     /// and 38-41 allocated, and a request for a new buffer failed. A smaller cache hands freed
-    /// buffers back to CUDA's pool, which reuses them for any size. CUDA only
-    /// (`FTB_MLX_CACHE_PERCENT`).
+    /// buffers back to CUDA's pool, which reuses them for any size. Measured on that H100
+    /// (2026-12-06, `benchmarks/h100-2026-12-06-2/`, 4,096 records): at 10 % qwen3-0.6b full and
+    /// LoRA complete (process 61 GiB), phi-3-mini last-n holds 33.3 GiB instead of 70.6 at 1.7 %
+    /// less throughput (30,591 against 31,109 input tokens/s); at 0 % qwen3-0.6b full held 48.8
+    /// GiB at 1.1 % less than at 10 %. The head in chunks with the cache at 80 % still failed.
+    /// CUDA only (`FTB_MLX_CACHE_PERCENT`).
     pub cache_percent: usize,
     /// The LM head and the loss over this many loss positions at a time, each chunk computing
     /// its gradients before the next chunk's logits (`decoder::head_loss_chunked`); 0 keeps the
@@ -186,7 +190,7 @@ impl Tuning {
                 cuda_graphs: true,
                 fused_adamw: true,
                 memory_percent: 80,
-                cache_percent: 80,
+                cache_percent: 10,
                 head_chunk: HEAD_CHUNK_CUDA,
             },
             MlxDevice::Metal => Tuning {
@@ -327,7 +331,7 @@ impl Tuning {
         if device == MlxDevice::Cuda {
             whole("MLX_MAX_MB_PER_BUFFER", 1, 1 << 20, &mut t.queue_mb)?;
             whole("FTB_MLX_MEMORY_PERCENT", 10, 95, &mut t.memory_percent)?;
-            // Unset, the cache follows the memory limit down (never above it).
+            // Never above the memory limit: unset, the cache follows it down.
             t.cache_percent = t.cache_percent.min(t.memory_percent);
             whole(
                 "FTB_MLX_CACHE_PERCENT",
@@ -511,14 +515,16 @@ mod tests {
             env(&[("FTB_MLX_MEMORY_PERCENT", "90")]),
         );
         assert_eq!(set.unwrap().memory_percent, 90);
-        // The buffer cache: as large as the memory limit unless set, never above it.
+        // The buffer cache: 10 % of the card unless set, never above the memory limit.
         let cache = |pairs: &[(&str, &str)]| {
             Tuning::with_env(MlxDevice::Cuda, StrategyKind::Full, env(pairs))
                 .map(|t| (t.memory_percent, t.cache_percent))
                 .map_err(|e| e.to_string())
         };
-        assert_eq!(cache(&[]), Ok((80, 80)));
-        assert_eq!(cache(&[("FTB_MLX_MEMORY_PERCENT", "60")]), Ok((60, 60)));
+        assert_eq!(cache(&[]), Ok((80, 10)));
+        assert_eq!(cache(&[("FTB_MLX_MEMORY_PERCENT", "60")]), Ok((60, 10)));
+        assert_eq!(cache(&[("FTB_MLX_MEMORY_PERCENT", "10")]), Ok((10, 10)));
+        assert_eq!(cache(&[("FTB_MLX_CACHE_PERCENT", "80")]), Ok((80, 80)));
         assert_eq!(cache(&[("FTB_MLX_CACHE_PERCENT", "0")]), Ok((80, 0)));
         assert_eq!(cache(&[("FTB_MLX_CACHE_PERCENT", "10")]), Ok((80, 10)));
         for pairs in [
