@@ -27,7 +27,7 @@ while (($# >= 2)); do
   prof=""; [[ $name == *_prof ]] && prof=1
   envs=(); read -ra words <<<"$flags"
   while ((${#words[@]})) && [[ ${words[0]} =~ ^[A-Z_][A-Z0-9_]*= ]]; do envs+=("${words[0]}"); words=("${words[@]:1}"); done
-  timeout -s INT "${VARIANT_TIMEOUT:-240}" env FTB_PROFILE=$prof "${envs[@]}" "$bin" "${words[@]}" --quiet --output-dir "$out/runs/$name" >>"$out/log.txt" 2>&1
+  timeout --foreground -k 60 -s INT "${VARIANT_TIMEOUT:-240}" env FTB_PROFILE=$prof "${envs[@]}" "$bin" "${words[@]}" --quiet --output-dir "$out/runs/$name" >>"$out/log.txt" 2>&1
   echo "exit $?" | tee -a "$out/log.txt"
   tar czf "$out/results.tar.gz" -C "$out" runs log.txt machine.txt  # partial results survive a cut-off call
   tail -2 "$out/log.txt"

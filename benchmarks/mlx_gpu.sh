@@ -66,7 +66,10 @@ while (($# >= 2)); do
       "${envs[@]}" -- "${words[@]}" | tee -a "$out/log.txt"
     continue
   fi
-  timeout -s INT "${VARIANT_TIMEOUT:-240}" env "${envs[@]}" "$bin" "${words[@]}" --quiet --output-dir "$out/runs/$name" >>"$out/log.txt" 2>&1
+  # --foreground: the signal to the binary alone (without it coreutils' timeout sends it to the
+  # process and again to its process group, which binaries before 2026-12-06 took for a second
+  # Ctrl-C and ended without a summary); -k: KILL a minute later if the step never ends.
+  timeout --foreground -k 60 -s INT "${VARIANT_TIMEOUT:-240}" env "${envs[@]}" "$bin" "${words[@]}" --quiet --output-dir "$out/runs/$name" >>"$out/log.txt" 2>&1
   echo "exit $?" | tee -a "$out/log.txt"
   tar czf "$out/results.tar.gz" -C "$out" runs log.txt machine.txt # partial results survive a cut-off call
   tail -2 "$out/log.txt"

@@ -6,7 +6,11 @@
 //! - **loading the model**, before the first step: the run folder holds only the load phase's
 //!   telemetry; it is removed and the process exits at once with 130.
 //! - **training**: the first signal asks the loop to stop after the current step and write the
-//!   `interrupted` summary; a second one exits at once, without a summary.
+//!   `interrupted` summary; a second one exits at once, without a summary. A second signal within
+//!   [`SAME_SIGNAL`] of the first is the same one delivered twice, not a second press: coreutils'
+//!   `timeout` sends its signal to the process and then to the process group it made, so a run
+//!   under `timeout -s INT` got two at once and ended without a summary (measured on the device,
+//!   2026-12-06). No person presses Ctrl-C twice within that window.
 //!
 //! Exiting "at once" happens on the signal-handling thread while the main thread may be inside
 //! libtorch or MLX. `std::process::exit` would run `atexit` handlers and C++ static destructors
@@ -34,6 +38,11 @@ enum Stage {
 
 static STAGE: Mutex<Stage> = Mutex::new(Stage::Prepare);
 static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+/// When the first signal of the run stage was handled.
+static FIRST_AT: Mutex<Option<std::time::Instant>> = Mutex::new(None);
+
+/// Signals handled this close together are one signal delivered twice (see the module's notes).
+pub const SAME_SIGNAL: std::time::Duration = std::time::Duration::from_millis(50);
 static SUMMARY_WRITES: Mutex<()> = Mutex::new(());
 
 fn lock<T>(m: &'static Mutex<T>) -> MutexGuard<'static, T> {
@@ -71,8 +80,13 @@ fn on_signal(flag: &AtomicBool) {
             exit_now();
         }
         (Stage::Run, 1) => {
+            *lock(&FIRST_AT) = Some(std::time::Instant::now());
             eprintln!("\ninterrupt: finishing the current step and writing the summary (press again to exit now)");
             flag.store(true, Ordering::SeqCst);
+        }
+        (Stage::Run, _) if lock(&FIRST_AT).is_some_and(|t| t.elapsed() < SAME_SIGNAL) => {
+            // The first signal again (e.g. from `timeout`): it counts once.
+            SIGNALS.fetch_sub(1, Ordering::SeqCst);
         }
         (Stage::Run, _) => {
             eprintln!("\nsecond interrupt: exiting now, without a summary");

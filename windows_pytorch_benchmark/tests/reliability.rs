@@ -476,7 +476,7 @@ fn sigterm_writes_an_interrupted_summary() {
 /// process used to exit from the signal thread through `exit()`, running libtorch's static
 /// destructors under the main thread: 2 of 5 tries crashed with SIGSEGV, 2 wrote a `failed`
 /// summary with a bogus libtorch error). 20 tries: the first press as soon as step 0 is logged,
-/// the second 100 ms later, while the next step (about half a second of libtorch on 2 cores, more
+/// the second 150 ms later, while the next step (about half a second of libtorch on 2 cores, more
 /// under load) runs.
 #[cfg(unix)]
 #[test]
@@ -513,7 +513,8 @@ fn second_ctrl_c_exits_at_once_without_a_summary_20_times() {
             .unwrap();
         wait_for_first_step(d.path());
         signal(&child, "-INT");
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        // Later than `shared::interrupt::SAME_SIGNAL` (sooner is the first signal delivered twice).
+        std::thread::sleep(std::time::Duration::from_millis(150));
         let t = std::time::Instant::now();
         signal(&child, "-INT");
         let o = child.wait_with_output().unwrap();
