@@ -55,4 +55,6 @@ for name in sorted(os.listdir(root)):
     if msg:
         print(f"   error: {msg[:300]}")
     if "load_breakdown_s" in det:
-        print(f"   load: {det['load_breakdown_s']}  tuning: {det.get('tuning')}")
+        kc = det.get("mlx_cuda_kernel_cache")
+        kernels = "" if kc is None else f"  kernel cache at start: {kc.get('files_at_start')} files"
+        print(f"   load: {det['load_breakdown_s']}{kernels}  tuning: {det.get('tuning')}")

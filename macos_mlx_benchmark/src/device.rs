@@ -118,3 +118,54 @@ pub fn resolve(choice: DeviceChoice) -> Result<MlxDevice, ConfigError> {
         DeviceKind::MlxGpu | DeviceKind::Mps => MlxDevice::Metal,
     })
 }
+
+/// MLX's CUDA kernel cache as this run finds it, before its first step. MLX's CUDA backend
+/// compiles its kernels with NVRTC on first use and keeps them in `MLX_PTX_CACHE_DIR`, else in
+/// `<temp dir>/mlx/<version>/ptx` (MLX 0.32, `backend/cuda/jit_module.cpp`). A fresh machine
+/// starts with it empty, and then the first steps include the compiling: measured on an H100
+/// (2026-12-06), 18.8 s to the first step against 3.9 s for a run that found the cache filled, so
+/// the end-to-end figure depends on it. `var` reads the environment.
+pub fn cuda_kernel_cache(version: &str, var: impl Fn(&str) -> Option<String>) -> serde_json::Value {
+    let dir = var("MLX_PTX_CACHE_DIR")
+        .filter(|d| !d.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("mlx").join(version).join("ptx"));
+    let files = std::fs::read_dir(&dir)
+        .map(|d| d.flatten().filter(|e| e.path().is_file()).count())
+        .unwrap_or(0);
+    serde_json::json!({
+        "dir": dir.display().to_string(),
+        "files_at_start": files,
+        "note": if files == 0 {
+            "empty when the run started: its first steps include NVRTC compiling MLX's CUDA kernels (time to first step and the end-to-end figure with them)"
+        } else {
+            "MLX's compiled CUDA kernels from earlier runs were there; kernels this run needs and no earlier run did are compiled in its steps"
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    /// The folder MLX reads (its variable, else the temp folder by version) and the files in it.
+    #[test]
+    fn the_kernel_cache_is_counted_where_mlx_keeps_it() {
+        let d = tempfile::tempdir().unwrap();
+        let at = d.path().display().to_string();
+        let var = |k: &str| (k == "MLX_PTX_CACHE_DIR").then(|| at.clone());
+        let empty = super::cuda_kernel_cache("0.32.2", var);
+        assert_eq!(empty["dir"], at.as_str());
+        assert_eq!(empty["files_at_start"], 0);
+        assert!(empty["note"].as_str().unwrap().contains("NVRTC"));
+        for n in ["a.ptx", "b.ptx", "c.cubin"] {
+            std::fs::write(d.path().join(n), b"x").unwrap();
+        }
+        std::fs::create_dir(d.path().join("sub")).unwrap();
+        let filled = super::cuda_kernel_cache("0.32.2", var);
+        assert_eq!(filled["files_at_start"], 3);
+        assert!(filled["note"].as_str().unwrap().contains("earlier runs"));
+        let default = super::cuda_kernel_cache("9.9.9", |_| None);
+        let want = std::env::temp_dir().join("mlx/9.9.9/ptx");
+        assert_eq!(default["dir"], want.display().to_string().as_str());
+        assert_eq!(default["files_at_start"], 0);
+    }
+}

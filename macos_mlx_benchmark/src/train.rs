@@ -65,6 +65,8 @@ pub struct MlxBackend {
     dense_tokens: usize,
     /// The MLX library loaded (`/proc/self/maps`), for the summary.
     libmlx: Option<String>,
+    /// On CUDA, MLX's compiled-kernel cache as the run found it (`device::cuda_kernel_cache`).
+    kernel_cache: Option<serde_json::Value>,
     /// `FTB_PROFILE=1`: host seconds per phase of the step, summed over the run (the summary's
     /// `backend.details.profile_by_phase_total_s`). MLX encodes GPU work on the calling thread
     /// when an evaluation starts, so these say where the host's time goes: building the graph,
@@ -104,6 +106,9 @@ impl MlxBackend {
 
     fn build(cfg: &Config, prepared: &Prepared) -> Result<Self> {
         let (device, tuning) = check_device(cfg)?;
+        // Before anything runs on the GPU (the random initialisation compiles kernels too).
+        let kernel_cache = (device == MlxDevice::Cuda)
+            .then(|| device::cuda_kernel_cache(MLX_VERSION, |k| std::env::var(k).ok()));
         let precision = Precision::resolve(cfg.run.dtype, device.is_gpu());
         Device::set_default(&if device.is_gpu() {
             Device::gpu()
@@ -206,6 +211,7 @@ impl MlxBackend {
             attention_tokens: 0,
             dense_tokens: 0,
             libmlx: device::loaded_libmlx(),
+            kernel_cache,
             profile: shared::hooks::flag("FTB_PROFILE")?.then(Default::default),
             profile_peaks: Default::default(),
             graph_ops: None,
@@ -620,6 +626,9 @@ impl Backend for MlxBackend {
             details.insert("libmlx".into(), lib.clone().into());
         }
         details.insert("tuning".into(), self.tuning.to_json());
+        if let Some(cache) = &self.kernel_cache {
+            details.insert("mlx_cuda_kernel_cache".into(), cache.clone());
+        }
         if self.model.grad_checkpoint {
             details.insert(
                 "activation_checkpointing".into(),
