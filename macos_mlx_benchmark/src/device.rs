@@ -149,17 +149,20 @@ mod tests {
     /// The folder MLX reads (its variable, else the temp folder by version) and the files in it.
     #[test]
     fn the_kernel_cache_is_counted_where_mlx_keeps_it() {
-        let d = tempfile::tempdir().unwrap();
-        let at = d.path().display().to_string();
+        // No tempfile here: scripts/test.sh compiles this binary's tests without dev-dependencies
+        // (the macOS cfg check).
+        let dir = std::env::temp_dir().join(format!("ftb-kernel-cache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let at = dir.display().to_string();
         let var = |k: &str| (k == "MLX_PTX_CACHE_DIR").then(|| at.clone());
         let empty = super::cuda_kernel_cache("0.32.2", var);
         assert_eq!(empty["dir"], at.as_str());
         assert_eq!(empty["files_at_start"], 0);
         assert!(empty["note"].as_str().unwrap().contains("NVRTC"));
         for n in ["a.ptx", "b.ptx", "c.cubin"] {
-            std::fs::write(d.path().join(n), b"x").unwrap();
+            std::fs::write(dir.join(n), b"x").unwrap();
         }
-        std::fs::create_dir(d.path().join("sub")).unwrap();
+        std::fs::create_dir(dir.join("sub")).unwrap();
         let filled = super::cuda_kernel_cache("0.32.2", var);
         assert_eq!(filled["files_at_start"], 3);
         assert!(filled["note"].as_str().unwrap().contains("earlier runs"));
@@ -167,5 +170,6 @@ mod tests {
         let want = std::env::temp_dir().join("mlx/9.9.9/ptx");
         assert_eq!(default["dir"], want.display().to_string().as_str());
         assert_eq!(default["files_at_start"], 0);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
