@@ -571,7 +571,8 @@ fn catch_mlx<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 /// messages seen on an 80 GB H100 come from memory MLX's allocator does not count against its
 /// limit: `cudaGraphInstantiate ... out of memory` (2026-12-05, the CUDA graphs) and
 /// `cudaMallocAsync ... out of memory` with the process at 79 GiB and MLX's allocated peak at 38-41
-/// (2026-12-06, at an 80 % limit: CUDA's stream-ordered pool keeps what MLX frees).
+/// (2026-12-06, at an 80 % limit with the cache as large: MLX's cache kept buffers of earlier
+/// sizes while CUDA's pool needed new memory beside them; `Tuning::cache_percent`, now 10 %).
 fn cuda_oom_hint(message: &str, percent: usize, cache_percent: usize) -> Option<String> {
     let graph = message.contains("cudaGraphInstantiate");
     if !(graph || (message.contains("cudaMalloc") && message.contains("out of memory"))) {
