@@ -28,7 +28,9 @@ case ${1:-} in
     bash "$here/$g" \
     pt_lastn "--device cuda $S" mlx_lastn "--device gpu $S" \
     pt_lora "--device cuda $S --strategy lora" mlx_lora "--device gpu $S --strategy lora" \
-    pt_full "--device cuda $S --strategy full" mlx_full "--device gpu $S --strategy full --grad-checkpoint" ;;
+    pt_full "--device cuda $S --strategy full" mlx_full "--device gpu $S --strategy full ${MLX_FULL_FLAGS---grad-checkpoint}" ;;
+   # (On an H200, MLX_FULL_FLAGS= runs MLX's full fine-tuning without checkpointing, as PyTorch's:
+   # it held 79.3 GiB there on 2026-12-04.)
 4) # The PyTorch head in chunks without checkpointing (the default since aa4820c) against one chunk;
    # qwen3-0.6b full (22.7 % MFU, issue 14 asks 30) once more with its time by phase (FTB_PROFILE).
   SKIP_TESTS=1 VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-90} bash "$here/$g" \
@@ -66,5 +68,14 @@ case ${1:-} in
     mlx_lastn "--device gpu $S" \
     q06_full_chunk1k "FTB_MLX_HEAD_CHUNK=1024 --device gpu $S --model qwen3-0.6b --strategy full" \
     q06_full_cache0 "FTB_MLX_CACHE_PERCENT=0 --device gpu $S --model qwen3-0.6b --strategy full" ;;
-*) echo "usage: bash benchmarks/next_calls.sh 1|2|3|4|5|6|7|8 (RESULTS.md, \"What the next device calls should run\")" >&2; exit 2 ;;
+9) # Issue 13: where LoRA's GPU time goes in each binary (the strategy where MLX trails most, 0.46
+   # on the H100), kernel by kernel under Nsight Compute. PyTorch: a window past its random
+   # initialisation (about 10,000 kernels) and the first steps; MLX: from the start (with graph
+   # nodes profiled one by one, ncu's launch count is not certain to count nodes), so its load and
+   # first step, which kernel_profile.py puts apart / divides by the steps. Shares, not totals.
+  (OUT=${OUT:-/tmp/out}/pt SKIP_TESTS=1 VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-170} NCU_ARGS="--launch-skip 40000 --launch-count 8000" \
+    bash "$here/$g" ncu_pt_lora "--device cuda --weights random --dataset synthetic --samples 512 --strategy lora")
+  (OUT=${OUT:-/tmp/out}/mlx SKIP_TESTS=1 VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-170} NCU_ARGS="--launch-count 8000" \
+    bash "$here/$g" ncu_mlx_lora "--device gpu --weights random --dataset synthetic --samples 128 --strategy lora") ;;
+*) echo "usage: bash benchmarks/next_calls.sh 1|2|3|4|5|6|7|8|9 (RESULTS.md, \"What the next device calls should run\")" >&2; exit 2 ;;
 esac
