@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls RESULTS.md lists under "What the next device calls should run", by number, so a
 # session with a device runs them without retyping (each fits one 10-minute call; still to run
-# after 2026-12-06: 1, 2, 5; 6 fits beside any). On the device machine, after `bash benchmarks/pack_device.sh` here and with
+# after 2026-12-06: 5, and 3 on an H200 with MLX_FULL_FLAGS=; 6 fits beside any). On the device machine, after `bash benchmarks/pack_device.sh` here and with
 # carry [".device"]:   bash benchmarks/next_calls.sh N
 set -uo pipefail
 S="--weights random --dataset synthetic --samples 4096"
