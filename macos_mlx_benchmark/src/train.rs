@@ -588,9 +588,9 @@ fn cuda_oom_hint(message: &str, percent: usize, cache_percent: usize) -> Option<
     Some(format!(
         "MLX's CUDA backend ran out of device memory {} while its allocator may hold {limit}; \
          the CUDA graphs and CUDA's memory pool are outside that count. Set \
-         FTB_MLX_CACHE_PERCENT or FTB_MLX_MEMORY_PERCENT lower, or \
-         --max-tokens-per-micro-batch smaller (known open fault \
-         of MLX 0.32.2 on CUDA: benchmarks/RESULTS.md)",
+         FTB_MLX_CACHE_PERCENT or FTB_MLX_MEMORY_PERCENT lower, \
+         --max-tokens-per-micro-batch smaller, or --grad-checkpoint where it is off (what MLX 0.32.2 on \
+         CUDA holds outside its count: benchmarks/RESULTS.md, \"MLX's buffer cache\")",
         if graph {
             "for a CUDA graph"
         } else {
@@ -790,6 +790,7 @@ mod tests {
             h.contains("FTB_MLX_MEMORY_PERCENT")
                 && h.contains("FTB_MLX_CACHE_PERCENT")
                 && h.contains("--max-tokens-per-micro-batch")
+                && h.contains("--grad-checkpoint")
         );
         assert_eq!(
             cuda_oom_hint("[broadcast_shapes] shapes cannot be broadcast", 80, 80),
