@@ -144,6 +144,17 @@ pub fn cuda_kernel_cache(version: &str, var: impl Fn(&str) -> Option<String>) ->
     })
 }
 
+/// The summary note for a run that found MLX's CUDA kernel cache empty ([`cuda_kernel_cache`]'s
+/// value): its first steps compiled MLX's kernels, a cost a later run on the machine does not pay.
+pub fn cold_kernel_cache_note(cache: &serde_json::Value) -> Option<String> {
+    (cache["files_at_start"].as_u64() == Some(0)).then(|| {
+        format!(
+            "time_to_first_step_s: includes NVRTC compiling MLX's CUDA kernels, once per machine and MLX version: MLX's kernel cache ({}) was empty when the run started, so its time to first step and end-to-end figures carry a cost that a later run on this machine does not (backend.details.mlx_cuda_kernel_cache)",
+            cache["dir"].as_str().unwrap_or("?")
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     /// The folder MLX reads (its variable, else the temp folder by version) and the files in it.
@@ -159,6 +170,11 @@ mod tests {
         assert_eq!(empty["dir"], at.as_str());
         assert_eq!(empty["files_at_start"], 0);
         assert!(empty["note"].as_str().unwrap().contains("NVRTC"));
+        let note = super::cold_kernel_cache_note(&empty).expect("a note for an empty cache");
+        assert!(
+            note.starts_with("time_to_first_step_s:") && note.contains(&at),
+            "{note}"
+        );
         for n in ["a.ptx", "b.ptx", "c.cubin"] {
             std::fs::write(dir.join(n), b"x").unwrap();
         }
@@ -166,6 +182,7 @@ mod tests {
         let filled = super::cuda_kernel_cache("0.32.2", var);
         assert_eq!(filled["files_at_start"], 3);
         assert!(filled["note"].as_str().unwrap().contains("earlier runs"));
+        assert_eq!(super::cold_kernel_cache_note(&filled), None);
         let default = super::cuda_kernel_cache("9.9.9", |_| None);
         let want = std::env::temp_dir().join("mlx/9.9.9/ptx");
         assert_eq!(default["dir"], want.display().to_string().as_str());

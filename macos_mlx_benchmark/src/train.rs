@@ -619,6 +619,14 @@ impl Backend for MlxBackend {
         crate::memory::reading(self.device.is_gpu())
     }
 
+    fn notes(&self) -> Vec<String> {
+        self.kernel_cache
+            .as_ref()
+            .and_then(device::cold_kernel_cache_note)
+            .into_iter()
+            .collect()
+    }
+
     fn info(&self) -> BackendInfo {
         let mut details = serde_json::Map::new();
         details.insert("mlx_version".into(), MLX_VERSION.into());

@@ -150,6 +150,11 @@ pub trait Backend {
     fn agree_stop(&mut self, stop: bool) -> bool {
         stop
     }
+    /// What the backend knows about this run's figures that the figures cannot say (e.g. a
+    /// one-off cost inside them), added to the summary's notes; none by default.
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Whether an error is the device running out of memory (for the failure hint). The default
     /// knows CUDA's and MPS's messages ("CUDA out of memory", "MPS backend out of memory") and
     /// Metal's as MLX reports them (`kIOGPUCommandBufferCallbackErrorOutOfMemory`, "Insufficient
@@ -1495,6 +1500,7 @@ impl Recorder {
             sum(|s| s.samples),
         );
         let total_s = clock.elapsed_s();
+        let backend_notes = backend.as_ref().map(|(b, _)| b.notes()).unwrap_or_default();
         let (info, params, software, mem) = match backend {
             Some((b, m)) => (b.info(), b.parameter_counts(), b.software(), m),
             None => (
@@ -1521,6 +1527,7 @@ impl Recorder {
         let hardware = probe::probe_hardware();
         let low_precision = info.dtype != "float32";
         let mut notes = p.notes.clone();
+        notes.extend(backend_notes);
         let pk = match info.device.as_str() {
             // No CPU has a row: on a Mac the CPU's name is the chip's, whose row is its GPU's.
             "cpu" | "unknown" => Err(format!(

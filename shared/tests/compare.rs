@@ -1064,3 +1064,39 @@ fn checkpointed_runs_show_hfu_and_say_so() {
     assert!(!md.lines().any(|l| l.starts_with("| HFU")), "{md}");
     assert!(!strategy(&md).contains("activation checkpointing"));
 }
+
+/// A backend's note on the time to first step (MLX compiling its CUDA kernels in a fresh
+/// machine's first run) is pointed to from the figure; without such a note the cell is the figure
+/// alone, and a note is never taken for the reason of a missing figure.
+#[test]
+fn a_note_on_the_time_to_first_step_is_pointed_to_from_the_figure() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_run(dir.path(), "run-a", &fixture(), Some(STEPS));
+    let mut cold = fixture();
+    cold["run"]["run_id"] = json!("20261206T000000Z-mlx-cold");
+    let note = "time_to_first_step_s: includes NVRTC compiling MLX's CUDA kernels";
+    cold["notes"] = json!([note]);
+    let b = write_run(dir.path(), "run-b", &cold, None);
+    let mut none = cold.clone();
+    none["run"]["run_id"] = json!("20261206T000001Z-mlx-none");
+    none["metrics"]["time_to_first_step_s"] = json!(null);
+    let c = write_run(dir.path(), "run-c", &none, None);
+    let out = compare(&[&a, &b, &c], &["--output-dir", "out"], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let md = std::fs::read_to_string(dir.path().join("out/report.md")).unwrap();
+    let row = md
+        .lines()
+        .find(|l| l.starts_with("| time to first step"))
+        .unwrap_or_else(|| panic!("no time-to-first-step row:\n{md}"));
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    assert!(!cells[2].contains("see the notes"), "{row}");
+    assert!(cells[3].ends_with("(see the notes)"), "{row}");
+    assert!(
+        cells[4].contains("n/a") && cells[4].contains("no step completed"),
+        "{row}"
+    );
+    assert!(
+        md.contains("includes NVRTC compiling"),
+        "the note itself:\n{md}"
+    );
+}

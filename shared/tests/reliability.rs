@@ -67,6 +67,9 @@ impl Backend for Fake {
             size: 1,
         })
     }
+    fn notes(&self) -> Vec<String> {
+        vec!["fake: the backend's own note".into()]
+    }
     fn synchronize(&mut self) {
         std::thread::sleep(std::time::Duration::from_millis(self.queued_ms));
         self.queued_ms = 0;
@@ -141,6 +144,22 @@ fn the_load_time_includes_the_work_the_device_still_had_queued() {
     let steps = shared::files::read_steps(&d.path().join(&s.run.run_dir)).unwrap();
     let first = steps[0]["step_time_s"].as_f64().unwrap();
     assert!(first < 0.3, "the first step took {first} s");
+}
+
+/// What a backend notes about its figures (`Backend::notes`, e.g. MLX's kernels compiled in the
+/// first steps) is in the summary's notes, of a completed run and of a failed one.
+#[test]
+fn the_backends_notes_reach_the_summary() {
+    for fail_at in [None, Some(2)] {
+        let d = tempfile::tempdir().unwrap();
+        run_fake(d.path(), fail_at, "boom", false);
+        let s = Summary::read(&d.path().join("benchmark_summary.json")).unwrap();
+        assert!(
+            s.notes.iter().any(|n| n == "fake: the backend's own note"),
+            "{fail_at:?}: {:?}",
+            s.notes
+        );
+    }
 }
 
 const CUDA_OOM: &str =

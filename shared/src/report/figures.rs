@@ -258,6 +258,14 @@ pub fn ratio(x: f64) -> String {
     format!("{x:.2}×")
 }
 
+/// A note on a figure that is not null (`"<field>: <what to know>"` in the summary's `notes`).
+pub fn field_note<'a>(run: &'a Run, field: &str) -> Option<&'a str> {
+    run.summary.notes.iter().find_map(|n| {
+        let rest = n.strip_prefix(field)?.strip_prefix(':')?.trim_start();
+        (!rest.starts_with("null:")).then_some(rest)
+    })
+}
+
 /// Why a figure is null, from the summary's `notes` (`"<field>: null: <why>"`), else `fallback`.
 pub fn null_reason(run: &Run, fields: &[&str], fallback: &str) -> String {
     run.summary
@@ -454,13 +462,20 @@ pub fn headline_rows(runs: &[Run], baseline: usize) -> Vec<Row> {
         "time to first step",
         Some("time-to-first-step"),
         per_run(&|r| {
-            opt_cell(
+            let cell = opt_cell(
                 r.summary.metrics.time_to_first_step_s,
                 |x| format!("{} s", sig(x, 3)),
                 r,
-                &["time_to_first_step_s"],
+                // Null only when no step completed: a note on the field is not a reason.
+                &[],
                 "no step completed",
-            )
+            );
+            // A backend's note on the figure (MLX compiling its CUDA kernels in a fresh
+            // machine's first run) is pointed to where the figure is read.
+            match field_note(r, "time_to_first_step_s") {
+                Some(_) if !cell.missing => Cell::with_detail(cell.text, "see the notes"),
+                _ => cell,
+            }
         }),
     ));
     rows.push(Row::new(
