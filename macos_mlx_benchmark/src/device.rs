@@ -124,35 +124,51 @@ pub fn resolve(choice: DeviceChoice) -> Result<MlxDevice, ConfigError> {
 /// `<temp dir>/mlx/<version>/ptx` (MLX 0.32, `backend/cuda/jit_module.cpp`). A fresh machine
 /// starts with it empty, and then the first steps include the compiling: measured on an H100
 /// (2026-12-06), 18.8 s to the first step against 3.9 s for a run that found the cache filled, so
-/// the end-to-end figure depends on it. `var` reads the environment.
-pub fn cuda_kernel_cache(version: &str, var: impl Fn(&str) -> Option<String>) -> serde_json::Value {
-    let dir = var("MLX_PTX_CACHE_DIR")
-        .filter(|d| !d.is_empty())
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::env::temp_dir().join("mlx").join(version).join("ptx"));
-    let files = std::fs::read_dir(&dir)
-        .map(|d| d.flatten().filter(|e| e.path().is_file()).count())
-        .unwrap_or(0);
-    serde_json::json!({
-        "dir": dir.display().to_string(),
-        "files_at_start": files,
-        "note": if files == 0 {
-            "empty when the run started: its first steps include NVRTC compiling MLX's CUDA kernels (time to first step and the end-to-end figure with them)"
-        } else {
-            "MLX's compiled CUDA kernels from earlier runs were there; kernels this run needs and no earlier run did are compiled in its steps"
-        },
-    })
+/// the end-to-end figure depends on it.
+#[derive(Debug, Clone)]
+pub struct KernelCache {
+    pub dir: std::path::PathBuf,
+    /// Files in `dir` when the run started.
+    pub files: usize,
 }
 
-/// The summary note for a run that found MLX's CUDA kernel cache empty ([`cuda_kernel_cache`]'s
-/// value): its first steps compiled MLX's kernels, a cost a later run on the machine does not pay.
-pub fn cold_kernel_cache_note(cache: &serde_json::Value) -> Option<String> {
-    (cache["files_at_start"].as_u64() == Some(0)).then(|| {
-        format!(
-            "time_to_first_step_s: includes NVRTC compiling MLX's CUDA kernels, once per machine and MLX version: MLX's kernel cache ({}) was empty when the run started, so its time to first step and end-to-end figures carry a cost that a later run on this machine does not (backend.details.mlx_cuda_kernel_cache)",
-            cache["dir"].as_str().unwrap_or("?")
-        )
-    })
+impl KernelCache {
+    /// Where MLX keeps its compiled kernels for `version`, and how many are there; `var` reads
+    /// the environment.
+    pub fn find(version: &str, var: impl Fn(&str) -> Option<String>) -> Self {
+        let dir = var("MLX_PTX_CACHE_DIR")
+            .filter(|d| !d.is_empty())
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::env::temp_dir().join("mlx").join(version).join("ptx"));
+        let files = std::fs::read_dir(&dir)
+            .map(|d| d.flatten().filter(|e| e.path().is_file()).count())
+            .unwrap_or(0);
+        Self { dir, files }
+    }
+
+    /// The summary's `backend.details.mlx_cuda_kernel_cache`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "dir": self.dir.display().to_string(),
+            "files_at_start": self.files,
+            "note": if self.files == 0 {
+                "empty when the run started: its first steps include NVRTC compiling MLX's CUDA kernels (time to first step and the end-to-end figure with them)"
+            } else {
+                "MLX's compiled CUDA kernels from earlier runs were there; kernels this run needs and no earlier run did are compiled in its steps"
+            },
+        })
+    }
+
+    /// The summary note for a run that found the cache empty: its first steps compiled MLX's
+    /// kernels, a cost a later run on the machine does not pay.
+    pub fn cold_note(&self) -> Option<String> {
+        (self.files == 0).then(|| {
+            format!(
+                "time_to_first_step_s: includes NVRTC compiling MLX's CUDA kernels, once per machine and MLX version: MLX's kernel cache ({}) was empty when the run started, so its time to first step and end-to-end figures carry a cost that a later run on this machine does not (backend.details.mlx_cuda_kernel_cache)",
+                self.dir.display()
+            )
+        })
+    }
 }
 
 #[cfg(test)]
@@ -166,11 +182,12 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let at = dir.display().to_string();
         let var = |k: &str| (k == "MLX_PTX_CACHE_DIR").then(|| at.clone());
-        let empty = super::cuda_kernel_cache("0.32.2", var);
+        let cache = super::KernelCache::find("0.32.2", var);
+        let empty = cache.to_json();
         assert_eq!(empty["dir"], at.as_str());
         assert_eq!(empty["files_at_start"], 0);
         assert!(empty["note"].as_str().unwrap().contains("NVRTC"));
-        let note = super::cold_kernel_cache_note(&empty).expect("a note for an empty cache");
+        let note = cache.cold_note().expect("a note for an empty cache");
         assert!(
             note.starts_with("time_to_first_step_s:") && note.contains(&at),
             "{note}"
@@ -179,11 +196,12 @@ mod tests {
             std::fs::write(dir.join(n), b"x").unwrap();
         }
         std::fs::create_dir(dir.join("sub")).unwrap();
-        let filled = super::cuda_kernel_cache("0.32.2", var);
+        let cache = super::KernelCache::find("0.32.2", var);
+        let filled = cache.to_json();
         assert_eq!(filled["files_at_start"], 3);
         assert!(filled["note"].as_str().unwrap().contains("earlier runs"));
-        assert_eq!(super::cold_kernel_cache_note(&filled), None);
-        let default = super::cuda_kernel_cache("9.9.9", |_| None);
+        assert_eq!(cache.cold_note(), None);
+        let default = super::KernelCache::find("9.9.9", |_| None).to_json();
         let want = std::env::temp_dir().join("mlx/9.9.9/ptx");
         assert_eq!(default["dir"], want.display().to_string().as_str());
         assert_eq!(default["files_at_start"], 0);

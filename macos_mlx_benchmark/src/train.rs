@@ -65,8 +65,8 @@ pub struct MlxBackend {
     dense_tokens: usize,
     /// The MLX library loaded (`/proc/self/maps`), for the summary.
     libmlx: Option<String>,
-    /// On CUDA, MLX's compiled-kernel cache as the run found it (`device::cuda_kernel_cache`).
-    kernel_cache: Option<serde_json::Value>,
+    /// On CUDA, MLX's compiled-kernel cache as the run found it.
+    kernel_cache: Option<device::KernelCache>,
     /// `FTB_PROFILE=1`: host seconds per phase of the step, summed over the run (the summary's
     /// `backend.details.profile_by_phase_total_s`). MLX encodes GPU work on the calling thread
     /// when an evaluation starts, so these say where the host's time goes: building the graph,
@@ -108,7 +108,7 @@ impl MlxBackend {
         let (device, tuning) = check_device(cfg)?;
         // Before anything runs on the GPU (the random initialisation compiles kernels too).
         let kernel_cache = (device == MlxDevice::Cuda)
-            .then(|| device::cuda_kernel_cache(MLX_VERSION, |k| std::env::var(k).ok()));
+            .then(|| device::KernelCache::find(MLX_VERSION, |k| std::env::var(k).ok()));
         let precision = Precision::resolve(cfg.run.dtype, device.is_gpu());
         Device::set_default(&if device.is_gpu() {
             Device::gpu()
@@ -622,7 +622,7 @@ impl Backend for MlxBackend {
     fn notes(&self) -> Vec<String> {
         self.kernel_cache
             .as_ref()
-            .and_then(device::cold_kernel_cache_note)
+            .and_then(device::KernelCache::cold_note)
             .into_iter()
             .collect()
     }
@@ -636,7 +636,7 @@ impl Backend for MlxBackend {
         }
         details.insert("tuning".into(), self.tuning.to_json());
         if let Some(cache) = &self.kernel_cache {
-            details.insert("mlx_cuda_kernel_cache".into(), cache.clone());
+            details.insert("mlx_cuda_kernel_cache".into(), cache.to_json());
         }
         if self.model.grad_checkpoint {
             details.insert(

@@ -258,10 +258,15 @@ pub fn ratio(x: f64) -> String {
     format!("{x:.2}×")
 }
 
+/// What a summary note (`"<field>: ..."`) says about `field`, if it is about that field.
+fn about<'a>(note: &'a str, field: &str) -> Option<&'a str> {
+    Some(note.strip_prefix(field)?.strip_prefix(':')?.trim_start())
+}
+
 /// A note on a figure that is not null (`"<field>: <what to know>"` in the summary's `notes`).
 pub fn field_note<'a>(run: &'a Run, field: &str) -> Option<&'a str> {
     run.summary.notes.iter().find_map(|n| {
-        let rest = n.strip_prefix(field)?.strip_prefix(':')?.trim_start();
+        let rest = about(n, field)?;
         (!rest.starts_with("null:")).then_some(rest)
     })
 }
@@ -273,7 +278,7 @@ pub fn null_reason(run: &Run, fields: &[&str], fallback: &str) -> String {
         .iter()
         .find_map(|n| {
             fields.iter().find_map(|f| {
-                let rest = n.strip_prefix(f)?.strip_prefix(':')?.trim_start();
+                let rest = about(n, f)?;
                 Some(
                     rest.strip_prefix("null:")
                         .unwrap_or(rest)
